@@ -1,0 +1,5 @@
+"""Low-level ops with named implementations, each checked against a `*_reference`."""
+
+from jaxnet.ops.conv import DEFAULT_IMPL, IMPLS, conv2d, conv2d_reference
+
+__all__ = ["DEFAULT_IMPL", "IMPLS", "conv2d", "conv2d_reference"]
