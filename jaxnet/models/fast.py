@@ -1,0 +1,104 @@
+"""FastNet: the airbench94-class CIFAR-10 net (Jordan 2024), in Flax with the convolution injected.
+
+Stem: a 2×2 VALID "patch-whitening" conv of 2·3·2² = 24 channels + GELU; then three conv-pool-BN-GELU
+blocks; a max-pool to 1×1; a bias-free linear head times `scale`. (N, 32, 32, 3) → (N, num_classes) float32.
+The recipe (experiments/configs/default.py) sets the stem kernel from data with `whitening_kernel` and
+freezes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnet.layers import Conv
+
+ModuleDef = Callable[..., nn.Module]
+
+# PyTorch's default conv init (kaiming-uniform, a=√5), which the airbench recipe was tuned with.
+torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def dirac_init(base: Callable = torch_conv_init) -> Callable:
+    """`base`, then the identity on the first C_in output channels (torch.nn.init.dirac_): blocks start near identity."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        kh, kw, cin, cout = shape
+        w = base(key, shape, dtype)
+        eye = jnp.zeros((kh, kw, cin, min(cin, cout)), dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, min(cin, cout)))
+        return w.at[..., : min(cin, cout)].set(eye)
+
+    return init
+
+
+class ConvGroup(nn.Module):
+    """conv3×3 → max-pool 2 → BN → GELU → conv3×3 → BN → GELU; halves H and W."""
+
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(self.features, (3, 3))(x)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.gelu(self.norm()(x), approximate=False)
+        x = self.conv(self.features, (3, 3))(x)
+        return nn.gelu(self.norm()(x), approximate=False)
+
+
+class FastNet(nn.Module):
+    """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
+    BN `bn_momentum` (Flax convention: weight of the running value), head `scale`, compute `dtype`."""
+
+    num_classes: int = 10
+    widths: Sequence[int] = (64, 256, 256)
+    stem_width: int = 24
+    bn_momentum: float = 0.6
+    scale: float = 1 / 9
+    conv: ModuleDef = Conv
+    norm: ModuleDef = nn.BatchNorm
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=dirac_init())
+        # airbench's BN: no learnable scale, eps 1e-12, fast-moving running statistics.
+        norm = partial(self.norm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-12,
+                       use_scale=False, dtype=self.dtype)
+        x = self.conv(self.stem_width, (2, 2), padding="VALID", use_bias=True, dtype=self.dtype,
+                      kernel_init=torch_conv_init, name="stem")(x)
+        x = nn.gelu(x, approximate=False)
+        for width in self.widths:
+            x = ConvGroup(width, conv=conv, norm=norm)(x)
+        x = nn.max_pool(x, x.shape[1:3], strides=x.shape[1:3])
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name="head")(x)
+        return (x * self.scale).astype(jnp.float32)
+
+
+def whitening_kernel(images: np.ndarray, *, patch_size: int = 2, eps: float = 5e-4) -> np.ndarray:
+    """The stem kernel that whitens `patch_size`² patches: (p, p, C, 2·p²·C) float32, HWIO.
+
+    Eigenvectors of the patch covariance of `images` (N, H, W, C float, already normalised), largest
+    eigenvalue first, each scaled by 1/√(λ + eps), then the same filters negated (so GELU keeps both
+    signs). Computed in float64 on the host; call once before training.
+    """
+    x = np.asarray(images, np.float64)
+    n, h, w, c = x.shape
+    p = patch_size
+    patches = np.stack([x[:, i: h - p + 1 + i, j: w - p + 1 + j] for i in range(p) for j in range(p)], axis=3)
+    flat = patches.reshape(-1, p * p * c)  # (h, w, c) order within a patch, matching HWIO
+    eigenvalues, eigenvectors = np.linalg.eigh(flat.T @ flat / flat.shape[0])
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    filters = (eigenvectors / np.sqrt(eigenvalues + eps)).reshape(p, p, c, p * p * c)
+    return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
+
+
+FastNetTiny = partial(FastNet, widths=(8, 16, 16))

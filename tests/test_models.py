@@ -1,0 +1,109 @@
+"""Model shapes, parameter counts against the published references, and that the injected conv is used."""
+
+from functools import partial
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnet import layers, models
+
+TINY = {
+    "resnet_cifar": partial(models.ResNetTiny, stem="cifar"),
+    "resnet_imagenet": partial(models.ResNetTiny, stem="imagenet"),
+    "resnet_bottleneck": partial(models.ResNet, stage_sizes=(1, 1), block_cls=models.Bottleneck, num_filters=4),
+    "fastnet": models.FastNetTiny,
+    "plain": models.PlainCNNTiny,
+}
+
+
+def _param_count(model, shape):
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+    return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("model,shape,expected", [
+    (models.ResNet18(num_classes=10), (1, 32, 32, 3), 11_173_962),       # kuangliu/pytorch-cifar ResNet18
+    (models.ResNet20(num_classes=10), (1, 32, 32, 3), 272_474),          # He et al.: 0.27 M
+    (models.ResNet56(num_classes=10), (1, 32, 32, 3), 855_770),          # He et al.: 0.85 M
+    (models.ResNet18(num_classes=1000, stem="imagenet"), (1, 224, 224, 3), 11_689_512),  # torchvision
+    (models.ResNet34(num_classes=1000, stem="imagenet"), (1, 224, 224, 3), 21_797_672),  # torchvision
+    (models.ResNet50(num_classes=1000, stem="imagenet"), (1, 224, 224, 3), 25_557_032),  # torchvision
+    (models.FastNet(), (1, 32, 32, 3), 1_971_640),                        # airbench94 (all its tensors)
+], ids=["resnet18", "resnet20", "resnet56", "resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet",
+        "fastnet"])
+def test_parameter_counts_match_references(model, shape, expected):
+    assert _param_count(model, shape) == expected
+
+
+@pytest.mark.parametrize("name,size", [(n, s) for n in TINY for s in (32,)] + [("resnet_imagenet", 64)])
+def test_output_shapes_and_dtype(name, size):
+    model = TINY[name](num_classes=7)
+    x = jnp.ones((2, size, size, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits = model.apply(variables, x, train=False)
+    chex.assert_shape(logits, (2, 7))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bf16_compute_keeps_fp32_params(name):
+    model = TINY[name](dtype=jnp.bfloat16)
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+    chex.assert_type(model.apply(variables, x, train=False), jnp.float32)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_injected_conv_is_the_one_used(name):
+    calls = []
+
+    class CountingConv(layers.Conv):
+        @nn.compact
+        def __call__(self, x):
+            calls.append(self.kernel_size)
+            return super().__call__(x)
+
+    model = TINY[name](conv=CountingConv)
+    params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)["params"]
+    n_convs = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if path[-1].key == "kernel" and path[0].key != "head")
+    assert len(calls) == n_convs > 0
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_eval_mode_leaves_batch_stats_unchanged(name):
+    model = TINY[name]()
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 3 + 1
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, updated = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(updated["batch_stats"], variables["batch_stats"])
+    _, trained = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(jax.tree.leaves(trained["batch_stats"])[0], jax.tree.leaves(variables["batch_stats"])[0])
+
+
+def test_conv_layer_matches_flax_conv():
+    """Same parameter names, shapes and initial values as nn.Conv, and the same output."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+    kwargs = dict(features=6, kernel_size=(3, 3), strides=2, padding="SAME", feature_group_count=2)
+    ours, ref = layers.Conv(**kwargs), nn.Conv(**kwargs)
+    v_ours, v_ref = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal(v_ours, v_ref)
+    chex.assert_trees_all_close(ours.apply(v_ours, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_kernel_whitens_patches():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(12, 12))
+    patches = rng.normal(size=(4000, 12)) @ mix  # correlated 2×2×3 patches
+    images = patches.reshape(-1, 2, 2, 3)
+    kernel = models.whitening_kernel(images, eps=0.0)
+    chex.assert_shape(kernel, (2, 2, 3, 24))
+    out = images.reshape(-1, 12) @ kernel.reshape(12, 24)[:, :12]
+    np.testing.assert_allclose(out.T @ out / len(out), np.eye(12), atol=1e-5)  # uncentred, as airbench
+    np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
