@@ -1,0 +1,293 @@
+"""CIFAR-10 as uint8 arrays (a local copy in any of three layouts, or tensorflow-datasets), a validation
+split, and the device-side augmentation and epoch order of the training loop.
+
+Host side: `load_cifar10` decodes once and caches `.npz` arrays. Device side: `augment(key, images)` and
+`epoch_indices(key, n, batch_size)` are pure functions for jit (`jaxnet.parallel` compiles them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import socket
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+SPLITS = ("train", "test")
+ENV_VAR = "JAXNET_CIFAR10"
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+Split = dict[str, np.ndarray]  # {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as CIFAR-10; the message is one line naming the source."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxnet"
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
+                 tfds_data_dir: str | None = None) -> dict[str, Split]:
+    """CIFAR-10 as {"train": split, "test": split}, each {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}.
+
+    Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10; tensorflow-datasets'
+    prepared `cifar10`. A local source is a directory or a .tar/.tar.gz archive in one of three layouts:
+    image folders `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`.
+    Decoded arrays are cached in `cache_dir` (default ~/.cache/jaxnet) under a key of the source's path,
+    sizes and mtimes, so later loads read one .npz.
+
+    Raises:
+      DataError: a missing path, unknown layout, corrupt archive or image, wrong image size, missing or
+        extra class folders, mismatched counts, or no source at all. Nothing is written in that case.
+    """
+    source = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
+    if source is None:
+        return _load_tfds(tfds_data_dir)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"CIFAR-10 source {path} does not exist")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = cache / f"cifar10-{_fingerprint(path)}.npz"
+    if cached.exists():
+        with np.load(cached) as f:
+            return {s: {"image": f[f"{s}_image"], "label": f[f"{s}_label"]} for s in SPLITS}
+    data = _read_local(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **{f"{s}_{k}": v for s in SPLITS for k, v in data[s].items()})
+    os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a cache file
+    return data
+
+
+def _fingerprint(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+# ---- local layouts: a tree of named byte blobs, from a directory or an archive ----
+
+def _read_local(path: Path) -> dict[str, Split]:
+    files = _archive_files(path) if path.is_file() else _dir_files(path)
+    names = list(files)
+    for layout, reader in (("cifar-10-batches-py", _read_pickles), ("cifar-10-batches-bin", _read_binary),
+                           ("image folders", _read_image_folders)):
+        root = _find_root(names, layout)
+        if root is not None:
+            return reader(files, root, path)
+    raise DataError(f"{path}: unknown layout; expected train|test/<class>/*.jpg|png, cifar-10-batches-py or "
+                    f"cifar-10-batches-bin")
+
+
+class _Files(dict):
+    """Relative posix name → zero-argument function returning the file's bytes."""
+
+
+def _dir_files(path: Path) -> _Files:
+    return _Files({p.relative_to(path).as_posix(): p.read_bytes for p in path.rglob("*") if p.is_file()})
+
+
+def _archive_files(path: Path) -> _Files:
+    try:
+        with tarfile.open(path) as tar:
+            blobs = {m.name.lstrip("./"): tar.extractfile(m).read() for m in tar if m.isfile()}
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable tar archive ({type(e).__name__}: {e})".replace("\n", " ")) from None
+    return _Files({name: (lambda b=blob: b) for name, blob in blobs.items()})
+
+
+def _find_root(names: list[str], layout: str) -> str | None:
+    """The directory prefix under which `layout`'s marker files sit, or None."""
+    match layout:
+        case "cifar-10-batches-py":
+            markers = [n for n in names if n.endswith("data_batch_1") or n == "data_batch_1"]
+        case "cifar-10-batches-bin":
+            markers = [n for n in names if n.endswith("data_batch_1.bin")]
+        case _:
+            markers = [n[: n.index("train/") + len("train/")] for n in names
+                       if "train/" in n and (n.startswith("train/") or "/train/" in n)]
+            return min((m[: -len("train/")] for m in markers), key=len, default=None)
+    return min((m.rsplit("/", 1)[0] + "/" if "/" in m else "" for m in markers), key=len, default=None)
+
+
+def _read_pickles(files: _Files, root: str, source: Path) -> dict[str, Split]:
+    def batch(name: str) -> Split:
+        key = root + name
+        if key not in files:
+            raise DataError(f"{source}: cifar-10-batches-py is missing {name}")
+        try:
+            d = pickle.loads(files[key](), encoding="bytes")
+            data, labels = np.asarray(d[b"data"], np.uint8), np.asarray(d[b"labels"], np.int32)
+        except Exception as e:  # any unpickling failure means a corrupt file
+            raise DataError(f"{source}: {name} is not a CIFAR-10 pickle ({type(e).__name__})") from None
+        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+            raise DataError(f"{source}: {name} holds {data.shape} pixels for {len(labels)} labels, "
+                            f"expected (N, 3072) for N labels")
+        return {"image": data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), "label": labels}
+
+    train = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    return {"train": {k: np.concatenate([b[k] for b in train]) for k in ("image", "label")},
+            "test": batch("test_batch")}
+
+
+def _read_binary(files: _Files, root: str, source: Path) -> dict[str, Split]:
+    def batch(name: str) -> Split:
+        key = root + name
+        if key not in files:
+            raise DataError(f"{source}: cifar-10-batches-bin is missing {name}")
+        raw = np.frombuffer(files[key](), np.uint8)
+        if raw.size == 0 or raw.size % 3073:
+            raise DataError(f"{source}: {name} has {raw.size} bytes, not a whole number of 3073-byte records")
+        records = raw.reshape(-1, 3073)
+        return {"image": records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
+                "label": records[:, 0].astype(np.int32)}
+
+    train = [batch(f"data_batch_{i}.bin") for i in range(1, 6)]
+    return {"train": {k: np.concatenate([b[k] for b in train]) for k in ("image", "label")},
+            "test": batch("test_batch.bin")}
+
+
+def _read_image_folders(files: _Files, root: str, source: Path) -> dict[str, Split]:
+    from PIL import Image
+
+    out = {}
+    for split in SPLITS:
+        prefix = f"{root}{split}/"
+        entries = [n[len(prefix):] for n in files if n.startswith(prefix)]
+        classes = {e.split("/", 1)[0] for e in entries if "/" in e}
+        if classes != set(CLASSES):
+            missing, extra = sorted(set(CLASSES) - classes), sorted(classes - set(CLASSES))
+            raise DataError(f"{source}: {split}/ class folders do not match CIFAR-10 (missing {missing}, extra {extra})")
+        images, labels = [], []
+        for label, cls in enumerate(CLASSES):
+            names = sorted(e for e in entries if e.startswith(cls + "/") and e.lower().endswith(_IMAGE_SUFFIXES))
+            if not names:
+                raise DataError(f"{source}: {split}/{cls}/ holds no .jpg or .png images")
+            for name in names:
+                try:
+                    with Image.open(io.BytesIO(files[prefix + name]())) as im:
+                        im.load()
+                        if im.size != (32, 32):
+                            raise DataError(f"{source}: {split}/{name} is {im.size[0]}×{im.size[1]}, expected 32×32")
+                        images.append(np.asarray(im.convert("RGB"), np.uint8))
+                except DataError:
+                    raise
+                except Exception as e:  # PIL raises several types for a corrupt or truncated file
+                    raise DataError(f"{source}: {split}/{name} is not a readable image ({type(e).__name__})") from None
+            labels += [label] * len(names)
+        out[split] = {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+    return out
+
+
+# ---- tensorflow-datasets ----
+
+def _load_tfds(data_dir: str | None) -> dict[str, Split]:
+    hint = f"pass --data-dir PATH or set {ENV_VAR} to a local copy of CIFAR-10"
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(f"no local CIFAR-10 and tensorflow-datasets cannot be imported ({e}); {hint}") from None
+    builder = tfds.builder("cifar10", data_dir=data_dir)
+    if not builder.is_prepared():
+        try:
+            import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
+        except ImportError:
+            raise DataError(f"tensorflow-datasets has no prepared cifar10 in {builder.data_dir} and preparing it "
+                            f"needs TensorFlow; {hint}") from None
+        try:  # fail fast rather than sit in urllib's retry loop
+            socket.create_connection(("www.cs.toronto.edu", 443), timeout=5).close()
+        except OSError:
+            raise DataError(f"tensorflow-datasets cannot download cifar10 (no network); {hint}") from None
+        builder.download_and_prepare()
+    out = {}
+    for split in SPLITS:
+        source = builder.as_data_source(split=split)
+        records = [source[i] for i in range(len(source))]
+        out[split] = {"image": np.stack([r["image"] for r in records]).astype(np.uint8),
+                      "label": np.asarray([r["label"] for r in records], np.int32)}
+    return out
+
+
+def subset(split: Split, size: int, seed: int) -> Split:
+    """`size` examples drawn without replacement (deterministic in `seed`); the local layouts are sorted
+    by class, so a prefix would hold one class only."""
+    n = len(split["label"])
+    if not 0 < size <= n:
+        raise DataError(f"subset size must be in [1, {n}], got {size}")
+    chosen = np.sort(np.random.default_rng(seed).permutation(n)[:size])
+    return {k: v[chosen] for k, v in split.items()}
+
+
+def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """(train minus val, val): `val_size` examples drawn without replacement, deterministic in `seed`."""
+    n = len(train["label"])
+    if not 0 <= val_size < n:
+        raise DataError(f"val_size must be in [0, {n}), got {val_size}")
+    order = np.random.default_rng(seed).permutation(n)
+    return ({k: v[order[val_size:]] for k, v in train.items()}, {k: v[order[:val_size]] for k, v in train.items()})
+
+
+# ---- device side: pure functions for jit ----
+
+def normalize(images: jax.Array, mean=MEAN, std=STD, dtype=jnp.float32) -> jax.Array:
+    """uint8 (..., C) → (x/255 − mean)/std in `dtype`."""
+    x = images.astype(jnp.float32) / 255.0
+    return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
+def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool = True,
+            cutout: int = 0) -> jax.Array:
+    """Random translation by up to ±`translate` px (reflect-pad, then a random crop), horizontal flip with
+    p = 1/2, and an optional `cutout`×`cutout` zeroed square. (N, H, W, C) uint8 → same shape and dtype,
+    each image with its own draws from `key`."""
+    n, h, w, _ = images.shape
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    if translate:
+        padded = jnp.pad(images, ((0, 0), (translate, translate), (translate, translate), (0, 0)), mode="reflect")
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * translate + 1)
+        images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
+            padded, offsets)
+    if flip:
+        flips = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+        images = jnp.where(flips, images[:, :, ::-1], images)
+    if cutout:
+        k_row, k_col = jax.random.split(k_cut)
+        row = jax.random.randint(k_row, (n, 1, 1), 0, h)
+        col = jax.random.randint(k_col, (n, 1, 1), 0, w)
+        rows, cols = jnp.arange(h)[None, :, None] - row + cutout // 2, jnp.arange(w)[None, None, :] - col + cutout // 2
+        inside = (rows >= 0) & (rows < cutout) & (cols >= 0) & (cols < cutout)  # centred square, clipped
+        images = jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
+    return images
+
+
+def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped."""
+    steps = num_examples // batch_size
+    return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches of exactly `batch_size` rows (the last one padded, with "mask" False on the padding)."""
+    n = len(split["label"])
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pad = batch_size - (stop - start)
+        yield {"image": np.pad(split["image"][start:stop], ((0, pad), (0, 0), (0, 0), (0, 0))),
+               "label": np.pad(split["label"][start:stop], (0, pad)),
+               "mask": np.arange(batch_size) < stop - start}

@@ -1,0 +1,75 @@
+"""Tiny CIFAR-10 copies in each local layout, built from synthetic arrays (never the real data)."""
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from jaxnet.data import CLASSES
+
+
+def synthetic(n_train: int = 40, n_test: int = 20, seed: int = 0) -> dict:
+    """Random uint8 images whose labels cycle through the 10 classes (every class present)."""
+    rng = np.random.default_rng(seed)
+    return {split: {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                    "label": (np.arange(n) % 10).astype(np.int32)}
+            for split, n in (("train", n_train), ("test", n_test))}
+
+
+def write_pickles(root: Path, data: dict) -> Path:
+    out = root / "cifar-10-batches-py"
+    out.mkdir(parents=True)
+    train = np.array_split(np.arange(len(data["train"]["label"])), 5)
+    files = [(f"data_batch_{i + 1}", data["train"], idx) for i, idx in enumerate(train)]
+    files.append(("test_batch", data["test"], np.arange(len(data["test"]["label"]))))
+    for name, split, idx in files:
+        flat = split["image"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
+        (out / name).write_bytes(pickle.dumps({b"data": flat, b"labels": split["label"][idx].tolist()}))
+    return root
+
+
+def write_binary(root: Path, data: dict) -> Path:
+    out = root / "cifar-10-batches-bin"
+    out.mkdir(parents=True)
+    train = np.array_split(np.arange(len(data["train"]["label"])), 5)
+    files = [(f"data_batch_{i + 1}.bin", data["train"], idx) for i, idx in enumerate(train)]
+    files.append(("test_batch.bin", data["test"], np.arange(len(data["test"]["label"]))))
+    for name, split, idx in files:
+        flat = split["image"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
+        (out / name).write_bytes(np.concatenate([split["label"][idx, None].astype(np.uint8), flat], 1).tobytes())
+    return root
+
+
+def write_folders(root: Path, data: dict) -> Path:
+    """train|test/<class>/NNNN.png (lossless, so pixels round-trip exactly); files sorted by class."""
+    for split, arrays in data.items():
+        for cls in CLASSES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(arrays["image"], arrays["label"])):
+            Image.fromarray(image).save(root / split / CLASSES[label] / f"{i:04d}.png")
+    return root
+
+
+def sorted_by_class(data: dict) -> dict:
+    """The order the image-folder layout yields: by class, then by file name."""
+    out = {}
+    for split, arrays in data.items():
+        order = np.lexsort((np.arange(len(arrays["label"])), arrays["label"]))
+        out[split] = {k: v[order] for k, v in arrays.items()}
+    return out
+
+
+def tar_gz(directory: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
+    return archive
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,201 @@
+"""CIFAR-10 readers (three local layouts, archives, cache), their errors, the shared copy, and augmentation."""
+
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fixtures import png_bytes, sorted_by_class, synthetic, tar_gz, write_binary, write_folders, write_pickles
+
+from jaxnet import data
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return synthetic()
+
+
+def _assert_same(loaded, expected):
+    for split in data.SPLITS:
+        chex.assert_trees_all_equal(loaded[split], expected[split])
+        assert loaded[split]["image"].dtype == np.uint8 and loaded[split]["label"].dtype == np.int32
+
+
+@pytest.mark.parametrize("layout", ["pickles", "binary", "folders", "folders_tar_gz", "pickles_tar_gz"])
+def test_each_layout_reads_back_the_arrays(tmp_path, arrays, layout):
+    writer = {"pickles": write_pickles, "binary": write_binary}.get(layout.removesuffix("_tar_gz"), write_folders)
+    source = writer(tmp_path / "src", arrays)
+    if layout.endswith("tar_gz"):
+        source = tar_gz(source, tmp_path / "cifar.tar.gz")
+    expected = sorted_by_class(arrays) if layout.startswith("folders") else arrays
+    _assert_same(data.load_cifar10(source, cache_dir=tmp_path / "cache"), expected)
+
+
+def test_second_load_comes_from_the_cache(tmp_path, arrays, monkeypatch):
+    source = write_binary(tmp_path / "src", arrays)
+    first = data.load_cifar10(source, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 1
+
+    def fail(_):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(data, "_read_local", fail)
+    _assert_same(data.load_cifar10(source, cache_dir=tmp_path / "cache"), first)
+
+
+def test_environment_variable_is_a_source(tmp_path, arrays, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(write_pickles(tmp_path / "src", arrays)))
+    _assert_same(data.load_cifar10(cache_dir=tmp_path / "cache"), arrays)
+
+
+def _corrupt_image(root):
+    next((root / "train" / "cat").glob("*.png")).write_bytes(b"not a png")
+
+
+def _wrong_size(root):
+    from PIL import Image
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(next((root / "test" / "dog").glob("*.png")))
+
+
+def _truncated_png(root):
+    path = next((root / "train" / "ship").glob("*.png"))
+    path.write_bytes(png_bytes(np.full((32, 32, 3), 7, np.uint8))[:60])
+
+
+BAD_FOLDERS = {
+    "corrupt image": (_corrupt_image, r"train/cat/\d+\.png is not a readable image"),
+    "truncated image": (_truncated_png, r"train/ship/\d+\.png is not a readable image"),
+    "wrong size": (_wrong_size, r"test/dog/\d+\.png is 28×28, expected 32×32"),
+    "missing class": (lambda r: [p.unlink() for p in (r / "train" / "frog").iterdir()] and (r / "train" / "frog").rmdir(),
+                      r"train/ class folders do not match CIFAR-10 \(missing \['frog'\], extra \[\]\)"),
+    "extra class": (lambda r: (r / "test" / "unicorn").mkdir() or (r / "test" / "unicorn" / "x.png").write_bytes(b""),
+                    r"extra \['unicorn'\]"),
+    "class without images": (lambda r: [p.unlink() for p in (r / "test" / "bird").iterdir()]
+                             and (r / "test" / "bird" / "notes.txt").write_text("x"), r"test/bird/ holds no"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_image_folders_raise_one_line_and_write_nothing(tmp_path, arrays, case):
+    damage, message = BAD_FOLDERS[case]
+    root = write_folders(tmp_path / "src", arrays)
+    damage(root)
+    with pytest.raises(data.DataError, match=message) as err:
+        data.load_cifar10(root, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(err.value) and str(root) in str(err.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_sources_raise(tmp_path, arrays):
+    cache = tmp_path / "cache"
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_cifar10(tmp_path / "nope", cache_dir=cache)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="unknown layout"):
+        data.load_cifar10(tmp_path / "empty", cache_dir=cache)
+    archive = tar_gz(write_folders(tmp_path / "src", arrays), tmp_path / "a.tar.gz")
+    (tmp_path / "cut.tar.gz").write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(data.DataError, match="not a readable tar archive"):
+        data.load_cifar10(tmp_path / "cut.tar.gz", cache_dir=cache)
+    binary = write_binary(tmp_path / "bin", arrays) / "cifar-10-batches-bin" / "test_batch.bin"
+    binary.write_bytes(binary.read_bytes()[:-5])
+    with pytest.raises(data.DataError, match="not a whole number of 3073-byte records"):
+        data.load_cifar10(tmp_path / "bin", cache_dir=cache)
+    pickles = write_pickles(tmp_path / "pk", arrays) / "cifar-10-batches-py"
+    (pickles / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="data_batch_3 is not a CIFAR-10 pickle"):
+        data.load_cifar10(tmp_path / "pk", cache_dir=cache)
+    (write_pickles(tmp_path / "pk2", arrays) / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(data.DataError, match="cifar-10-batches-py is missing test_batch"):
+        data.load_cifar10(tmp_path / "pk2", cache_dir=cache)
+    assert not cache.exists()
+
+
+def test_no_source_names_the_options_quickly(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    start = time.monotonic()
+    with pytest.raises(data.DataError, match=r"--data-dir.*JAXNET_CIFAR10"):
+        data.load_cifar10(tfds_data_dir=str(tmp_path / "tfds"), cache_dir=tmp_path / "cache")
+    assert time.monotonic() - start < 10
+
+
+def test_validation_split_and_subset_are_deterministic_and_disjoint(arrays):
+    train, val = data.split_validation(arrays["train"], 10, seed=3)
+    train2, val2 = data.split_validation(arrays["train"], 10, seed=3)
+    chex.assert_trees_all_equal((train, val), (train2, val2))
+    assert len(val["label"]) == 10 and len(train["label"]) == 30
+    rows = {im.tobytes() for im in train["image"]}
+    assert not rows & {im.tobytes() for im in val["image"]}
+    assert not np.array_equal(data.split_validation(arrays["train"], 10, seed=4)[1]["label"], val["label"]) or \
+        not np.array_equal(data.split_validation(arrays["train"], 10, seed=4)[1]["image"], val["image"])
+    sub = data.subset(arrays["train"], 20, seed=0)
+    assert len(set(sub["label"].tolist())) > 1  # not a class-sorted prefix
+    with pytest.raises(data.DataError, match="val_size"):
+        data.split_validation(arrays["train"], 40, seed=0)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED}")
+def test_shared_copy_counts_and_class_order(tmp_path_factory):
+    cifar = data.load_cifar10(SHARED, cache_dir=tmp_path_factory.getbasetemp() / "cifar-cache")
+    assert cifar["train"]["image"].shape == (50_000, 32, 32, 3)
+    assert cifar["test"]["image"].shape == (10_000, 32, 32, 3)
+    np.testing.assert_array_equal(np.bincount(cifar["train"]["label"]), [5000] * 10)
+    np.testing.assert_array_equal(np.bincount(cifar["test"]["label"]), [1000] * 10)
+    assert data.CLASSES[cifar["train"]["label"][0]] == "airplane" and data.CLASSES[cifar["test"]["label"][-1]] == "truck"
+    np.testing.assert_allclose(cifar["train"]["image"].mean((0, 1, 2)) / 255, [0.4913, 0.4821, 0.4465], atol=2e-4)
+
+
+# ---- augmentation ----
+
+@pytest.fixture(scope="module")
+def images():
+    return jax.random.randint(jax.random.key(0), (16, 8, 8, 3), 0, 256).astype(jnp.uint8)
+
+
+def test_augment_shapes_dtypes_and_determinism(images):
+    f = jax.jit(lambda k, x: data.augment(k, x, translate=2, flip=True, cutout=3))
+    a, b = f(jax.random.key(1), images), f(jax.random.key(1), images)
+    chex.assert_shape(a, images.shape)
+    chex.assert_type(a, jnp.uint8)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.array_equal(a, f(jax.random.key(2), images))
+
+
+def test_crop_is_a_translation_of_the_padded_image(images):
+    out = np.asarray(data.augment(jax.random.key(5), images, translate=2, flip=False))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    shifts = set()
+    for img, pad in zip(out, padded):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5) if np.array_equal(pad[dy:dy + 8, dx:dx + 8], img)]
+        assert hits, "augmented image is not a crop of the padded image"
+        shifts.add(hits[0])
+    assert len(shifts) > 1
+
+
+def test_flip_mirrors_about_half(images):
+    out = np.asarray(data.augment(jax.random.key(7), images, translate=0, flip=True))
+    flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, images)]
+    same = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, images)]
+    assert all(f or s for f, s in zip(flipped, same)) and 0 < sum(flipped) < len(out)
+
+
+def test_cutout_zeroes_a_square(images):
+    out = np.asarray(data.augment(jax.random.key(3), images + 1, translate=0, flip=False, cutout=4))
+    zeros = (out == 0).all(-1).sum((1, 2))
+    assert zeros.max() == 16 and zeros.min() >= 4  # a 4×4 square, clipped at the border
+
+
+def test_epoch_indices_are_a_permutation_without_the_tail():
+    idx = np.asarray(data.epoch_indices(jax.random.key(0), 103, 10))
+    assert idx.shape == (10, 10) and len(set(idx.ravel().tolist())) == 100 and idx.max() < 103
+
+
+def test_eval_batches_pad_and_mask(arrays):
+    batches = list(data.eval_batches(arrays["test"], 8))
+    assert [b["mask"].sum() for b in batches] == [8, 8, 4]
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
