@@ -248,7 +248,8 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
 def normalize(images: jax.Array, mean=MEAN, std=STD, dtype=jnp.float32) -> jax.Array:
     """uint8 (..., C) → (x/255 − mean)/std in `dtype`."""
     x = images.astype(jnp.float32) / 255.0
-    return ((x - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+    per_channel = (1,) * (x.ndim - 1) + (-1,)
+    return ((x - jnp.reshape(jnp.asarray(mean), per_channel)) / jnp.reshape(jnp.asarray(std), per_channel)).astype(dtype)
 
 
 def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool = True,

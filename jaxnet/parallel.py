@@ -38,3 +38,9 @@ def jit_eval_step(step_fn: Callable = train.eval_step, *, num_classes: int | Non
                   image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], Metrics]:
     """Compile `step_fn(state, batch)` once (no donation: the state lives on); the batch is validated first."""
     return _checked(jax.jit(step_fn), num_classes, image_shape)
+
+
+def jit_batch_fn(fn: Callable) -> Callable:
+    """Compile a device-side data function (gather + augmentation of a batch). Kept here so that the
+    batch's sharding is decided where the step's is."""
+    return jax.jit(fn)

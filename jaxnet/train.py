@@ -8,7 +8,7 @@ without BatchNorm (`batch_stats`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -89,16 +89,45 @@ def train_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.0,
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> Metrics:
+def predict_logits(state: TrainState, images: jax.Array, *, tta: int = 0) -> jax.Array:
+    """Inference-mode logits (N, K) float32, averaged over test-time augmentations.
+
+    tta=0: the images as given; 1: mean with the horizontal mirror; 2: (airbench's) half that, half the
+    mean of the mirrored pair at ±1 px diagonal translations (reflect padding).
+    """
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+
+    def logits(x):
+        return state.apply_fn(variables, x, train=False).astype(jnp.float32)
+
+    def mirrored(x):
+        return 0.5 * (logits(x) + logits(x[:, :, ::-1]))
+
+    images = _as_float(images)
+    match tta:
+        case 0:
+            return logits(images)
+        case 1:
+            return mirrored(images)
+        case 2:
+            h, w = images.shape[1:3]
+            padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+            shifted = 0.5 * (mirrored(padded[:, :h, :w]) + mirrored(padded[:, 2:h + 2, 2:w + 2]))
+            return 0.5 * mirrored(images) + 0.5 * shifted
+        case _:
+            raise ValueError(f"tta must be 0, 1 or 2, got {tta!r}")
+
+
+def eval_step(state: TrainState, batch: Batch, *, tta: int = 0) -> Metrics:
     """Loss and accuracy of the model in inference mode (running BN statistics) on `batch`.
 
     `batch` may carry "mask": (N,) bool, False for padding rows, so the last, short batch of a split can be
     padded to the common size (no recompile) and still count exactly: "count" is the number of real rows.
+    `tta` as in `predict_logits`.
     """
-    images, labels = _as_float(batch["image"]), batch["label"]
+    labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape, bool))
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    logits = state.apply_fn(variables, images, train=False)
+    logits = predict_logits(state, batch["image"], tta=tta)
     return _metrics(cross_entropy(logits, labels), logits, labels, mask)
 
 
@@ -146,6 +175,35 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
 
 
 # ---- optimizers and schedules ----
+
+class LookaheadState(NamedTuple):
+    inner: optax.OptState
+    ema: Any
+    count: jax.Array
+
+
+def lookahead_ema(inner: optax.GradientTransformation, *, every: int,
+                  decay_fn: Schedule) -> optax.GradientTransformation:
+    """airbench's lookahead: every `every` steps, ema ← ema + (1 − decay)(params − ema) and params ← ema.
+
+    `decay_fn(step)` in [0, 1] (0: no smoothing). The EMA lives in the optimizer state, so checkpoints
+    carry it and resuming is exact.
+    """
+
+    def init(params):
+        return LookaheadState(inner.init(params), jax.tree.map(jnp.copy, params), jnp.zeros([], jnp.int32))
+
+    def update(grads, state, params):
+        updates, inner_state = inner.update(grads, state.inner, params)
+        count = state.count + 1
+        sync, decay = count % every == 0, decay_fn(count)
+        new_params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: jnp.where(sync, e + (1 - decay) * (p - e), e), state.ema, new_params)
+        updates = jax.tree.map(lambda u, p, e: jnp.where(sync, e - p, u), updates, params, ema)
+        return updates, LookaheadState(inner_state, ema, count)
+
+    return optax.GradientTransformation(init, update)
+
 
 def decay_mask(params: Any) -> Any:
     """True for weights that get weight decay: kernels (ndim > 1); False for biases and BN scales/offsets."""

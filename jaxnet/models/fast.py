@@ -79,7 +79,7 @@ class FastNet(nn.Module):
             x = ConvGroup(width, conv=conv, norm=norm)(x)
         x = nn.max_pool(x, x.shape[1:3], strides=x.shape[1:3])
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name="head")(x)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_conv_init, name="head")(x)
         return (x * self.scale).astype(jnp.float32)
 
 

@@ -1,0 +1,1 @@
+"""Experiments built on jaxnet: thin command-line entry points over the library."""

@@ -1,0 +1,360 @@
+"""CIFAR-10 end to end: data, on-device augmentation, training, evaluation, checkpoints, export, predict.
+
+    python -m experiments.cifar10 --config default [key=value ...] [--workdir W] [--data-dir D] [--resume]
+    python -m experiments.cifar10 predict --workdir W image.png [image.jpg ...]
+
+Exit codes: 0 done; 1 training diverged or some images could not be classified; 2 bad input (data,
+config, checkpoint, arguments); 130/143 interrupted by Ctrl-C/SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+from experiments import configs
+
+XLA_CPU_CONV_FLAGS = {
+    # XLA's default: convolutions through YNNPACK.
+    "ynnpack": "",
+    # Convolutions through Eigen (XLA's older CPU path): 2-3x faster training steps on the CPUs measured here.
+    "eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def apply_overrides(config, overrides: list[str]):
+    """`key=value` pairs onto `config`, each value parsed as a Python literal of the field's type."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in config:
+            raise UsageError(f"override {item!r} is not key=value with a known key; keys: {', '.join(config)}")
+        old = config[key]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(old, bool) != isinstance(value, bool) or (
+                isinstance(old, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(old, str) and not isinstance(value, str)):
+            raise UsageError(f"override {key}={text}: expected a {type(old).__name__}")
+        config[key] = type(old)(value) if isinstance(old, (float, tuple)) else value
+    return config
+
+
+def set_xla_flags(xla_cpu_conv: str) -> None:
+    """Put the CPU-conv choice into XLA_FLAGS; must run before JAX initialises its backends."""
+    if xla_cpu_conv not in XLA_CPU_CONV_FLAGS:
+        raise UsageError(f"xla_cpu_conv must be one of {', '.join(XLA_CPU_CONV_FLAGS)}, got {xla_cpu_conv!r}")
+    flags = XLA_CPU_CONV_FLAGS[xla_cpu_conv]
+    if flags and flags not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+
+
+# ---- from config to library objects (JAX is imported from here on) ----
+
+def build_model(config):
+    import jax.numpy as jnp
+
+    from jaxnet import layers, models
+
+    conv = partial(layers.Conv, impl=config.conv_impl)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
+    if dtype is None:
+        raise UsageError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    constructors = {"fastnet": models.FastNet, "fastnet_tiny": models.FastNetTiny, "resnet18": models.ResNet18,
+                    "resnet20": models.ResNet20, "resnet56": models.ResNet56, "resnet_tiny": models.ResNetTiny,
+                    "plain": models.PlainCNN, "plain_tiny": models.PlainCNNTiny}
+    if config.model not in constructors:
+        raise UsageError(f"unknown model {config.model!r}; valid: {', '.join(constructors)}")
+    return constructors[config.model](num_classes=10, conv=conv, dtype=dtype)
+
+
+def make_schedule(config, total_steps: int):
+    """LR multiplier per step (peak 1): piecewise-linear points, cosine with warmup, or constant."""
+    from jaxnet import train
+
+    match config.schedule:
+        case "piecewise":
+            fractions, values = zip(*config.schedule_points)
+            return train.piecewise_linear([f * total_steps for f in fractions], values)
+        case "cosine":
+            return train.warmup_cosine(1.0, total_steps, int(config.warmup_fraction * total_steps))
+        case "constant":
+            return train.constant(1.0)
+        case other:
+            raise UsageError(f"unknown schedule {other!r}; valid: piecewise, cosine, constant")
+
+
+def make_optimizer(config, total_steps: int, steps_per_epoch: int):
+    """(optax transformation, lr_fn for the metrics) for `config.optimizer`.
+
+    "airbench" reproduces airbench94's PyTorch SGD on a *summed* loss with our mean loss: gradients are
+    scaled by the batch size, lr and weight decay are per 1024 examples, BN biases get `bias_lr_mult`×
+    the lr, the whitening stem's kernel is frozen and its bias trains for `whiten_bias_epochs`, and a
+    lookahead EMA syncs every `lookahead_every` steps.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxnet import train
+
+    multiplier = make_schedule(config, total_steps)
+    match config.optimizer:
+        case "sgd":
+            lr_fn = lambda step: config.lr * multiplier(step)  # noqa: E731
+            tx = train.sgd(lr_fn, momentum=config.momentum, weight_decay=config.weight_decay)
+        case "adam":
+            lr_fn = lambda step: config.lr * multiplier(step)  # noqa: E731
+            tx = train.adamw(lr_fn, weight_decay=config.weight_decay)
+        case "airbench":
+            kilostep = 1024 * (1 + 1 / (1 - config.momentum))
+            lr, wd = config.lr / kilostep, config.weight_decay * config.batch_size / kilostep
+            lr_bias = lr * config.bias_lr_mult
+            whiten_steps = config.whiten_bias_epochs * steps_per_epoch
+
+            def group(lr_g, active=lambda step: 1.0):
+                # PyTorch SGD: buf = m·buf + (g_sum + (wd/lr_g)·p); p -= lr_g·s(t)·(g + m·buf) (Nesterov).
+                return optax.chain(optax.scale(config.batch_size), optax.add_decayed_weights(wd / lr_g),
+                                   optax.trace(decay=config.momentum, nesterov=True),
+                                   optax.scale_by_schedule(lambda step: -lr_g * multiplier(step) * active(step)))
+
+            def label(params):
+                def one(path, _):
+                    names = [getattr(k, "key", "") for k in path]
+                    if names[0] == "stem":
+                        return "frozen" if names[-1] == "kernel" else "whiten_bias"
+                    return "bn_bias" if any(n.startswith("BatchNorm") for n in names) else "other"
+                return jax.tree_util.tree_map_with_path(one, params)
+
+            tx = optax.multi_transform(
+                {"other": group(lr), "bn_bias": group(lr_bias), "frozen": optax.set_to_zero(),
+                 "whiten_bias": group(lr_bias, lambda step: jnp.where(step < whiten_steps, 1.0, 0.0))}, label)
+            lr_fn = lambda step: lr * config.batch_size * multiplier(step)  # noqa: E731  (per-mean-loss lr)
+        case other:
+            raise UsageError(f"unknown optimizer {other!r}; valid: airbench, sgd, adam")
+    if config.lookahead_every:
+        tx = train.lookahead_ema(tx, every=config.lookahead_every,
+                                 decay_fn=lambda step: 0.95 ** 5 * (step / total_steps) ** 3)
+    return tx, lr_fn
+
+
+def _make_batch(key, images, labels, indices, *, translate, flip, cutout, mean, std):
+    from jaxnet import data as data_lib
+
+    images = data_lib.augment(key, images[indices], translate=translate, flip=flip, cutout=cutout)
+    return {"image": data_lib.normalize(images, mean, std), "label": labels[indices]}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")} | {
+        "python": platform.python_version()}
+
+
+def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
+                       export: tuple[str, ...] = (), should_stop=lambda: False, show_progress: bool = True) -> dict:
+    """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxnet
+    from jaxnet import checkpoint, data as data_lib, export as export_lib, loop, models, parallel
+    from jaxnet.metrics import MetricWriter, plot_curves
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise UsageError(f"{workdir} already holds checkpoints: pass --resume to continue, or another --workdir")
+    if resume and not ckpt_dir.exists():
+        raise UsageError(f"--resume: no checkpoints in {ckpt_dir}")
+    cifar = data_lib.load_cifar10(data_dir)
+    train_set, test_set = cifar["train"], cifar["test"]
+    if config.train_subset:
+        train_set = data_lib.subset(train_set, config.train_subset, seed)
+    if config.test_subset:
+        test_set = data_lib.subset(test_set, config.test_subset, seed)
+    train_set, val_set = data_lib.split_validation(train_set, config.val_size, seed)
+
+    model = build_model(config)
+    steps_per_epoch = len(train_set["label"]) // config.batch_size
+    if steps_per_epoch < 1:
+        raise UsageError(f"batch_size {config.batch_size} exceeds the {len(train_set['label'])} training images")
+    total_steps = round(config.epochs * steps_per_epoch)
+    tx, lr_fn = make_optimizer(config, total_steps, steps_per_epoch)
+    init_key, data_key = jax.random.split(jax.random.key(seed))
+    state = jaxnet.create_train_state(model, init_key, jnp.zeros((1, 32, 32, 3)), tx)
+    if config.whiten_stem and "stem" in state.params:
+        sample = np.asarray(data_lib.normalize(train_set["image"][:5000], config.mean, config.std))
+        params = {**state.params, "stem": {**state.params["stem"], "kernel": jnp.asarray(models.whitening_kernel(sample))}}
+        state = state.replace(params=params, opt_state=tx.init(params))
+
+    def normalized(split):
+        return {"image": np.asarray(data_lib.normalize(split["image"], config.mean, config.std)),
+                "label": split["label"]}
+
+    val_norm, test_norm = normalized(val_set), normalized(test_set)
+    eval_step = parallel.jit_eval_step(jaxnet.eval_step, num_classes=10)
+    config_dict = config.to_dict()
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    writer = MetricWriter(workdir)
+    try:
+        result = loop.fit(
+            state, train_images=jax.device_put(train_set["image"]), train_labels=jax.device_put(train_set["label"]),
+            make_batch=parallel.jit_batch_fn(partial(_make_batch, translate=config.translate, flip=config.flip,
+                                                     cutout=config.cutout, mean=config.mean, std=config.std)),
+            train_step=parallel.jit_train_step(label_smoothing=config.label_smoothing, lr_fn=lr_fn, num_classes=10),
+            batch_size=config.batch_size, total_steps=total_steps, key=data_key, eval_step=eval_step,
+            val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
+            checkpointer=checkpointer, writer=writer, meta={"config": config_dict, "seed": seed}, resume=resume,
+            patience=config.patience or None, min_delta=config.min_delta, log_every=config.log_every,
+            should_stop=should_stop, show_progress=show_progress)
+        if result.interrupted:
+            return {"interrupted": True, "step": int(result.state.step)}
+        final = result.state
+        if config.val_size:
+            final, _ = checkpointer.restore(result.state, "best")
+        tta_step = parallel.jit_eval_step(partial(jaxnet.eval_step, tta=config.tta_level), num_classes=10)
+        test = loop.evaluate(eval_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
+        test_tta = loop.evaluate(tta_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
+    finally:
+        checkpointer.close()
+        writer.close()
+    plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    exported = {}
+    if export:
+        fn = export_lib.inference_fn(final, mean=config.mean, std=config.std)
+        for fmt in export:
+            match fmt:
+                case "jax":
+                    exported["jax"] = str(export_lib.export_jax(fn, workdir / "model.jaxexport"))
+                case "onnx":
+                    exported["onnx"] = str(export_lib.export_onnx(fn, workdir / "model.onnx"))
+    steady = result.steady_step_seconds
+    summary = {
+        "test_accuracy": test["accuracy"], "test_accuracy_tta": test_tta["accuracy"], "tta_level": config.tta_level,
+        "best_val_accuracy": result.best_val_accuracy, "epochs_completed": result.epochs_completed,
+        "steps": int(final.step), "stopped_early": result.stopped_early,
+        "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
+        "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
+        "steady_step_seconds": steady,
+        "images_per_second": config.batch_size / steady if steady else None,
+        "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "exported": exported, "config": config_dict, "seed": seed, "versions": _versions(),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ---- command line ----
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.cifar10",
+        description="Train and evaluate on CIFAR-10. Subcommand: `predict --workdir W IMAGE...` classifies "
+                    "images with a run's exported model.",
+        epilog="Overrides: any config field as key=value, e.g. epochs=2 batch_size=256 dtype=bfloat16.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
+    p.add_argument("--config", default="default", choices=configs.NAMES, help="recipe (default: %(default)s)")
+    p.add_argument("--workdir", help="where checkpoints, logs, plots and the summary go (default: runs/CONFIG)")
+    p.add_argument("--data-dir", help="local CIFAR-10 (directory or .tar.gz; default: $JAXNET_CIFAR10, then tfds)")
+    p.add_argument("--seed", type=int, default=0, help="the one seed all randomness derives from")
+    p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
+    p.add_argument("--export", default="", metavar="FORMATS",
+                   help="comma-separated: jax (jax.export StableHLO), onnx (needs the onnx extra)")
+    return p
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.cifar10 predict",
+                                description="Top-3 classes of each image, from WORKDIR/model.jaxexport.")
+    p.add_argument("--workdir", required=True, help="a run's workdir, trained with --export jax")
+    p.add_argument("images", nargs="+", help="image files (any size; resized to 32×32)")
+    return p
+
+
+def predict(workdir: str, paths: list[str]) -> int:
+    """Print the top-3 classes of each image; a bad file is one line on stderr. 1 if any failed, else 0."""
+    import numpy as np
+    from PIL import Image
+
+    from jaxnet import data as data_lib, export as export_lib
+
+    model_path = Path(workdir) / "model.jaxexport"
+    if not model_path.exists():
+        raise UsageError(f"{model_path} does not exist: train with --export jax first")
+    fn = export_lib.load_jax(model_path)
+    images, names, failed = [], [], 0
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), np.uint8))
+                names.append(path)
+        except Exception as e:  # unreadable, missing or not an image: report and go on
+            print(f"{path}: cannot read image ({type(e).__name__})", file=sys.stderr)
+            failed += 1
+    if images:
+        probs = np.asarray(fn(np.stack(images)))
+        for name, p in zip(names, probs):
+            top = np.argsort(-p)[:3]
+            print(f"{name}: " + ", ".join(f"{data_lib.CLASSES[i]} {p[i]:.3f}" for i in top))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["predict"]:
+            args = _predict_parser().parse_args(argv[1:])
+            return predict(args.workdir, args.images)
+        args = _train_parser().parse_args(argv)
+        config = apply_overrides(configs.get_config(args.config), args.overrides)
+        set_xla_flags(config.xla_cpu_conv)
+        export = tuple(f for f in args.export.split(",") if f)
+        if set(export) - {"jax", "onnx"}:
+            raise UsageError(f"--export takes jax and/or onnx, got {args.export!r}")
+        stop = {"signal": None}
+
+        def on_signal(signum, _frame):
+            stop["signal"] = signum
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        workdir = args.workdir or f"runs/{args.config}"
+        summary = train_and_evaluate(config, workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
+                                     export=export, should_stop=lambda: stop["signal"] is not None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError, CheckpointError, bad config values from the library
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # TrainingDiverged, a missing optional extra
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if summary.get("interrupted"):
+        print(f"interrupted at step {summary['step']}; checkpoint saved in {workdir}/checkpoints; "
+              f"continue with --resume", file=sys.stderr)
+        return 128 + stop["signal"]
+    print(f"test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['tta_level']}: "
+          f"{summary['test_accuracy_tta']:.4f}); {summary['wall_seconds']:.0f} s; summary in {workdir}/summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The default recipe: FastNet with airbench94's training recipe (Jordan 2024), on CIFAR-10.
+
+airbench94 trains 9.9 epochs of the full 50 000 images at batch 1024 (484 steps). Here 5 000 images are
+held out for validation, so the epoch count is raised to keep the same number of steps on 45 000 images.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "fastnet"                 # fastnet | fastnet_tiny | resnet18 | resnet20 | resnet56 | plain | plain_tiny | resnet_tiny
+    c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
+    c.conv_impl = "xla"                 # jaxnet.ops.conv impl name
+    c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
+    c.batch_size = 1024                 # images per step
+    c.eval_batch_size = 1000            # images per eval step
+    c.epochs = 9.9 * 50_000 / 45_000    # epochs of the train split (= airbench's 484 steps)
+    c.optimizer = "airbench"            # airbench | sgd | adam
+    c.lr = 11.5                         # airbench: per 1024 examples, for a summed loss (see make_optimizer)
+    c.momentum = 0.85                   # Nesterov momentum
+    c.weight_decay = 0.0153             # airbench: per 1024 examples, decoupled from lr
+    c.bias_lr_mult = 64.0               # lr multiplier of BatchNorm biases (not their weight decay)
+    c.whiten_bias_epochs = 3.0          # epochs in which the whitening stem's bias trains, then frozen
+    c.lookahead_every = 5               # steps between lookahead-EMA syncs; 0 turns it off
+    c.schedule = "piecewise"            # piecewise | cosine | constant
+    c.schedule_points = ((0.0, 0.2), (0.23, 1.0), (1.0, 0.07))  # (fraction of steps, lr multiplier)
+    c.warmup_fraction = 0.0             # cosine only: fraction of steps of linear warmup
+    c.label_smoothing = 0.2
+    c.mean = (0.4914, 0.4822, 0.4465)  # per-channel input normalisation, [0, 1] units
+    c.std = (0.2470, 0.2435, 0.2616)
+    c.translate = 2                     # pixels of random translation (reflect padding)
+    c.flip = True                       # random horizontal flip
+    c.cutout = 0                        # side of the zeroed square, pixels; 0 = off
+    c.tta_level = 2                     # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
+    c.val_size = 5000                   # images carved from train for validation / early stopping
+    c.train_subset = 0                  # use only this many train images (0 = all)
+    c.test_subset = 0                   # use only this many test images (0 = all)
+    c.patience = 0                      # epochs without val gain before stopping; 0 = never stop early
+    c.min_delta = 0.0                   # val accuracy gain (fraction) that counts as a gain
+    c.keep_checkpoints = 2              # newest checkpoints kept (the best is kept besides)
+    c.log_every = 10                    # steps between metric fetches (host syncs)
+    c.xla_cpu_conv = "eigen"            # CPU convolutions: eigen | ynnpack (XLA's default); set before JAX starts
+    return c

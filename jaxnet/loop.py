@@ -1,0 +1,146 @@
+"""`fit`: the reusable training loop — epochs over a device-resident training set, evaluation, early
+stopping, checkpoints and exact resume, metric writing. Explicit arguments only; no config objects.
+
+Randomness is a pure function of (key, step, epoch): the epoch order is `fold_in(order_key, epoch)`, the
+augmentation of step s `fold_in(aug_key, s)`, dropout `fold_in(state.rng, s)`. A checkpoint therefore
+needs only the state and the position (epoch, step in epoch) to resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnet import data as data_lib
+from jaxnet.checkpoint import Checkpointer
+from jaxnet.metrics import MetricWriter, progress
+from jaxnet.train import TrainState, merge_metrics
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: TrainState
+    best_val_accuracy: float | None
+    epochs_completed: int
+    stopped_early: bool
+    interrupted: bool
+    first_step_seconds: float | None
+    steady_step_seconds: float | None
+    train_seconds: float
+    images_per_second: float | None
+
+
+def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Exact count-weighted loss and accuracy of `eval_step` over host `batches` (one fetch at the end)."""
+    return merge_metrics(jax.device_get([eval_step(state, b) for b in batches]))
+
+
+def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, make_batch: Callable,
+        train_step: Callable, batch_size: int, total_steps: int, key: jax.Array,
+        eval_step: Callable | None = None, val_batches: Callable[[], Iterable] | None = None,
+        checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
+        meta: dict[str, Any] | None = None, resume: bool = False, patience: int | None = None,
+        min_delta: float = 0.0, log_every: int = 50, should_stop: Callable[[], bool] = lambda: False,
+        show_progress: bool = True) -> FitResult:
+    """Train `state` for `total_steps` steps of `batch_size` (epochs of `len(train_labels) // batch_size`).
+
+    Args:
+      train_images, train_labels: the training set, on device (uint8 images).
+      make_batch: compiled `(key, images, labels, indices) -> batch` (gather + augmentation).
+      train_step: compiled `(state, batch) -> (state, metrics)`; eval_step: compiled `(state, batch) -> metrics`.
+      key: the data key; split here into epoch-order and augmentation keys.
+      val_batches: zero-argument function giving an iterable of host eval batches, evaluated after every
+        epoch for early stopping (`patience` epochs without a gain of more than `min_delta` in accuracy).
+      checkpointer: saves after each epoch (the best epoch also as "best"), and when `should_stop()` turns
+        True between steps; with `resume`, training continues from its latest checkpoint.
+      meta: JSON-able dict saved with each checkpoint (e.g. the config; compared on resume).
+      log_every: steps between metric fetches (the only host syncs of the loop, with evaluation).
+
+    Raises:
+      TrainingDiverged: the training loss is not finite at a log point.
+      CheckpointError: `resume` with no usable checkpoint.
+    """
+    n = int(train_labels.shape[0])
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
+    order_key, aug_key = jax.random.split(key)
+    meta = dict(meta or {})
+    epoch, offset, best, bad = 0, 0, None, 0
+    if resume:
+        state, saved = checkpointer.restore(state, config=meta.get("config"))
+        epoch, offset, best, bad = saved["epoch"], saved["step_in_epoch"], saved["best"], saved["bad_epochs"]
+
+    def position(epoch, offset):
+        return {**meta, "epoch": epoch, "step_in_epoch": offset, "best": best, "bad_epochs": bad}
+
+    step = int(state.step)
+    first_step = None
+    stopped_early = interrupted = False
+    t_start, images_seen, step_times = time.perf_counter(), 0, []
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+    while step < total_steps and not (stopped_early or interrupted):
+        order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
+        last = min(steps_per_epoch, offset + total_steps - step)
+        bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
+        pending, t_window = [], time.perf_counter()
+        for i in range(offset, last):
+            batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i])
+            state, metrics = train_step(state, batch)
+            step += 1
+            images_seen += batch_size
+            if first_step is None:  # compile + one step; kept out of the steady-state timing
+                jax.block_until_ready(metrics)
+                first_step = time.perf_counter() - t_window
+                t_window = time.perf_counter()
+            else:
+                pending.append(metrics)
+            bar.update(batch_size)
+            stop = should_stop() and i < last - 1
+            if pending and (len(pending) == log_every or i == last - 1 or stop):
+                fetched = jax.device_get(pending)
+                step_times.append((time.perf_counter() - t_window) / len(pending))
+                scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "count"}
+                if not math.isfinite(scalars["loss"]):
+                    raise TrainingDiverged(f"training loss is {scalars['loss']} at step {step}")
+                if writer:
+                    writer.write("train", step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
+                pending, t_window = [], time.perf_counter()
+            if stop:
+                interrupted = True
+                if checkpointer:
+                    checkpointer.save(state, position(epoch, i + 1))
+                break
+        bar.close()
+        if interrupted:
+            break
+        # A run of fractional epochs ends inside its last epoch: the position stays in that epoch.
+        epoch, offset = (epoch + 1, 0) if last == steps_per_epoch else (epoch, last)
+        improved = False
+        if val_batches is not None:
+            val = evaluate(eval_step, state, val_batches())
+            if writer:
+                writer.write("val", step, {"loss": val["loss"], "accuracy": val["accuracy"], "epoch": epoch})
+            improved = best is None or val["accuracy"] > best + min_delta
+            best, bad = (val["accuracy"], 0) if improved else (best, bad + 1)
+            stopped_early = patience is not None and bad >= patience
+        if checkpointer:
+            checkpointer.save(state, position(epoch, offset), best=improved)
+        interrupted = should_stop() and step < total_steps
+    train_seconds = time.perf_counter() - t_start
+    return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
+                     interrupted=interrupted, first_step_seconds=first_step,
+                     steady_step_seconds=float(np.median(step_times)) if step_times else None,
+                     train_seconds=train_seconds,
+                     images_per_second=images_seen / train_seconds if train_seconds > 0 else None)

@@ -1,0 +1,168 @@
+"""The CIFAR-10 experiment end to end: CLI smoke run, exact resume, early stopping, checkpoints, export,
+predict, and every bad-input path (one line, exit code 2, nothing lost)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from fixtures import synthetic, write_binary
+from PIL import Image
+
+from experiments import cifar10, configs
+from jaxnet import checkpoint, export
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_binary(tmp_path_factory.mktemp("cifar"), synthetic(n_train=600, n_test=200))
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+def smoke(**overrides):
+    config = configs.get_config("smoke")
+    config.update(overrides)
+    return config
+
+
+def _run_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.cifar10", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def _last_arrays(workdir):
+    ckpt = workdir / "checkpoints" / "last"
+    step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    return step, ocp.StandardCheckpointer().restore(ckpt / str(step) / "state")
+
+
+def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
+    workdir = tmp_path / "run"
+    result = _run_cli("--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset), "--export", "jax")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test accuracy" in result.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    for key in ("test_accuracy", "test_accuracy_tta", "wall_seconds", "compile_seconds", "images_per_second",
+                "config", "versions"):
+        assert summary[key] is not None, key
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["config"]["model"] == "fastnet_tiny"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"train", "val"} and all(np.isfinite(r["loss"]) for r in rows)
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    good = tmp_path / "plane.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    result = _run_cli("predict", "--workdir", str(workdir), str(good), str(bad), str(tmp_path / "missing.png"))
+    assert result.returncode == 1
+    line = next(l for l in result.stdout.splitlines() if l.startswith(str(good)))
+    probs = [float(tok) for tok in line.replace(",", " ").split()[2::2]]
+    assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+    assert len([l for l in result.stderr.splitlines() if "cannot read image" in l]) == 2
+
+
+def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
+    config = smoke(epochs=3.0)
+    cifar10.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+    calls = {"n": 0}
+
+    def stop_after_8_steps():
+        calls["n"] += 1
+        return calls["n"] >= 8  # 6 steps per epoch: this lands inside the second epoch
+
+    out = cifar10.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, should_stop=stop_after_8_steps,
+                                     show_progress=False)
+    assert out["interrupted"] and 6 < out["step"] < 12, out  # stopped inside the second epoch
+    cifar10.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, resume=True, show_progress=False)
+    step_a, a = _last_arrays(tmp_path / "straight")
+    step_b, b = _last_arrays(tmp_path / "stopped")
+    assert step_a == step_b == 18
+    chex.assert_trees_all_equal(a, b)  # bit-identical: params, batch stats, optimizer state, step, rng
+
+
+def test_early_stopping_stops_and_keeps_the_best(tmp_path, dataset):
+    config = smoke(epochs=20.0, patience=1, min_delta=1.0)  # no epoch can gain 100 points
+    summary = cifar10.train_and_evaluate(config, tmp_path / "es", data_dir=dataset, show_progress=False)
+    assert summary["stopped_early"] and summary["epochs_completed"] == 2
+    best = sorted(p.name for p in (tmp_path / "es" / "checkpoints" / "best").iterdir() if p.name.isdigit())
+    assert best == ["6"]  # the first epoch's, since nothing after it counted as a gain
+
+
+def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path, dataset):
+    workdir = tmp_path / "run"
+    cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    ckpt = workdir / "checkpoints"
+    before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}/last/6 was made with another config.*model"):
+        cifar10.train_and_evaluate(smoke(epochs=1.0, model="resnet_tiny", whiten_stem=False), workdir,
+                                   data_dir=dataset, resume=True, show_progress=False)
+    (ckpt / "last" / "6" / "state" / "_METADATA").write_text("{broken")
+    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}/last/6 cannot be restored"):
+        cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=True, show_progress=False)
+    assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "nope"], "invalid choice"),
+    (["epochs"], "not key=value"),
+    (["widths=3"], "not key=value with a known key"),
+    (["epochs=fast"], "expected a float"),
+    (["model=vgg"], "unknown model 'vgg'"),
+    (["--data-dir", "/nonexistent/cifar"], "does not exist"),
+    (["--export", "tflite"], "--export takes jax and/or onnx"),
+    (["--resume"], "no checkpoints"),
+])
+def test_bad_cli_input_is_one_line_exit_2_and_writes_nothing(tmp_path, dataset, args, message):
+    workdir = tmp_path / "w"
+    base = ["--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset)]
+    result = _run_cli(*base, *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, dataset):
+    workdir = tmp_path / "run"
+    cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    stamp = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
+    with pytest.raises(cifar10.UsageError, match="already holds checkpoints"):
+        cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")} == stamp
+
+
+def test_help_is_complete_and_exits_0():
+    result = _run_cli("--help", timeout=60)
+    assert result.returncode == 0
+    for flag in ("--config", "--workdir", "--data-dir", "--seed", "--resume", "--export", "predict", "key=value"):
+        assert flag in result.stdout
+
+
+def test_jax_export_round_trip_equals_the_live_model(tmp_path, dataset):
+    import jax.numpy as jnp
+
+    import jaxnet
+    from jaxnet import models
+
+    model = models.FastNetTiny()
+    state = jaxnet.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jaxnet.sgd(0.1))
+    fn = export.inference_fn(state, mean=(0.5,) * 3, std=(0.25,) * 3, tta=2)
+    path = export.export_jax(fn, tmp_path / "m.jaxexport")
+    loaded = export.load_jax(path)
+    for n in (1, 5):  # the batch size is symbolic
+        images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        chex.assert_trees_all_close(loaded(images), fn(jnp.asarray(images)), rtol=1e-5, atol=1e-6)
