@@ -48,6 +48,10 @@ def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int
         from jax2onnx import to_onnx
     except ImportError as e:
         raise RuntimeError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
-    model = to_onnx(fn, [("B", *image_shape)], input_params=None, model_name="jaxnet")
-    Path(path).write_bytes(model.SerializeToString())
-    return Path(path)
+    spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("B")[0], *image_shape), jnp.uint8)
+    model = to_onnx(fn, [spec], model_name="jaxnet")
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    os.replace(tmp, path)
+    return path

@@ -95,6 +95,27 @@ def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
     chex.assert_trees_all_equal(a, b)  # bit-identical: params, batch stats, optimizer state, step, rng
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "epochs=100.0",
+                             "--workdir", str(workdir), "--data-dir", str(dataset)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    step = int(stderr.split("interrupted at step ")[1].split(";")[0])
+    assert _last_arrays(workdir)[0] == step
+
+
 def test_early_stopping_stops_and_keeps_the_best(tmp_path, dataset):
     config = smoke(epochs=20.0, patience=1, min_delta=1.0)  # no epoch can gain 100 points
     summary = cifar10.train_and_evaluate(config, tmp_path / "es", data_dir=dataset, show_progress=False)
@@ -166,3 +187,20 @@ def test_jax_export_round_trip_equals_the_live_model(tmp_path, dataset):
     for n in (1, 5):  # the batch size is symbolic
         images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         chex.assert_trees_all_close(loaded(images), fn(jnp.asarray(images)), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_matches_the_live_model(tmp_path):
+    import jax.numpy as jnp
+
+    ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
+    pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra")
+    import jaxnet
+    from jaxnet import models
+
+    state = jaxnet.create_train_state(models.FastNetTiny(), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                      jaxnet.sgd(0.1))
+    fn = export.inference_fn(state, mean=(0.5,) * 3, std=(0.25,) * 3)
+    session = ort.InferenceSession(str(export.export_onnx(fn, tmp_path / "m.onnx")))
+    images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    out = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(out, np.asarray(fn(jnp.asarray(images))), atol=1e-4)

@@ -91,7 +91,7 @@ class ResNet(nn.Module):
             case "imagenet":
                 x = conv(self.num_filters, (7, 7), 2, padding=((3, 3), (3, 3)), name="conv_init")(x)
                 x = self.act(norm(name="norm_init")(x))
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+                x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
             case other:
                 raise ValueError(f"unknown stem {other!r}; valid: 'cifar', 'imagenet'")
         for i, size in enumerate(self.stage_sizes):
