@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= smoke
 ARGS   ?=
+# The shared CIFAR-10 copy beside the checkout, if present (else $$JAXNET_CIFAR10, then tensorflow-datasets).
+DATA   ?= $(wildcard ../shared/data/cifar10/cifar10-jpeg.tar.gz)
+# A new workdir per run, so that a second `make run` never meets the first one's checkpoints.
+WORKDIR ?= runs/$(CONFIG)-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: run test clean
 
@@ -13,7 +17,7 @@ $(BIN)/python:
 
 run: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m experiments.cifar10 --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m experiments.cifar10 --config $(CONFIG) --workdir $(WORKDIR) $(if $(DATA),--data-dir $(DATA)) $(ARGS)
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
