@@ -1,46 +1,264 @@
-"""Where jit is applied: the compiled train and eval steps, with their input checks outside jit."""
+"""Where jit, shardings and pmap are applied: compiled train/eval/data steps on one device or many, and
+multi-process start-up through `jax.distributed`.
+
+Main path: `jit` over a 1-D `Mesh` with axis "data": the batch is sharded `P("data")`, the state
+replicated `P()`. The step bodies stay single-device code; XLA inserts the all-reduces, and BatchNorm
+statistics are computed over the *global* batch (SyncBN) with no change to the model.
+
+Compatibility path: `pmap_train_step` / `pmap_eval_step` (pmap is in maintenance mode since JAX 0.8 and
+much slower per step here). Gradients and metrics are `pmean`ed over the axis; for global BatchNorm the
+model must be built with `norm=partial(nn.BatchNorm, axis_name=AXIS)`. It gives the jit path's numbers.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import socket
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxnet import train
 from jaxnet.train import Batch, Metrics, Schedule, TrainState
 
+AXIS = "data"
 
-def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None) -> Callable:
-    """`compiled(state, batch)` behind `train.validate_batch`: a user mistake is a one-line ValueError."""
+
+class ParallelError(ValueError):
+    """A device, process or batch layout that cannot work; one line, naming what was asked and what exists."""
+
+
+# ---- meshes and shardings ----
+
+def make_mesh(num_devices: int | None = None, axis: str = AXIS) -> Mesh:
+    """A 1-D mesh over the first `num_devices` devices of all processes (default: all of them)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ParallelError(f"{n} devices asked for, but {len(devices)} are available")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ParallelError(f"with {jax.process_count()} processes every device takes part: "
+                            f"num_devices must be {len(devices)}, got {n}")
+    return jax.make_mesh((n,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the mesh axis, the rest whole."""
+    return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """This process's rows of a global batch → global arrays sharded over `mesh` (`P("data")`)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def process_rows(batch: Any) -> Any:
+    """The rows of a host batch (present in full on every process) that this process contributes."""
+    i, n = jax.process_index(), jax.process_count()
+    return jax.tree.map(lambda x: x[i * (len(x) // n): (i + 1) * (len(x) // n)], batch)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host or device arrays (the same on every process) → global arrays replicated on `mesh`."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        if jnp.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):  # typed keys travel as raw data
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
+# ---- compiled steps ----
+
+def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None,
+             mesh: Mesh | None) -> Callable:
+    """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
+    host batches placed on the mesh: every process passes the same global host batch, or global arrays."""
 
     def step(state: TrainState, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        if mesh is not None:
+            n = len(batch["label"])
+            if n % mesh.size:
+                raise ParallelError(f"global batch of {n} does not divide over {mesh.size} devices")
+            if isinstance(batch["label"], np.ndarray):
+                batch = shard_batch(process_rows(batch), mesh)
         return compiled(state, batch)
 
     step.compiled = compiled  # the jitted function, for lower()/cost analysis
     return step
 
 
-def jit_train_step(step_fn: Callable = train.train_step, *, label_smoothing: float = 0.0,
+def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = None, label_smoothing: float = 0.0,
                    lr_fn: Schedule | None = None, num_classes: int | None = None,
                    image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Compile `step_fn(state, batch, label_smoothing=..., lr_fn=...)` once, donating the input state.
 
-    The returned `step(state, batch)` validates the batch first. The state passed in is donated: its
-    buffers are reused for the new state and must not be used again.
+    With `mesh`: batch `P("data")`, state and metrics replicated (pass the state through
+    `put_replicated` first). The returned `step(state, batch)` validates the batch first. The state passed
+    in is donated: its buffers are reused for the new state and must not be used again.
     """
-    compiled = jax.jit(partial(step_fn, label_smoothing=label_smoothing, lr_fn=lr_fn), donate_argnums=(0,))
-    return _checked(compiled, num_classes, image_shape)
+    fn = partial(step_fn, label_smoothing=label_smoothing, lr_fn=lr_fn)
+    if mesh is None:
+        compiled = jax.jit(fn, donate_argnums=(0,))
+    else:
+        compiled = jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                           out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+    return _checked(compiled, num_classes, image_shape, mesh)
 
 
-def jit_eval_step(step_fn: Callable = train.eval_step, *, num_classes: int | None = None,
+def jit_eval_step(step_fn: Callable = train.eval_step, *, mesh: Mesh | None = None, num_classes: int | None = None,
                   image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], Metrics]:
     """Compile `step_fn(state, batch)` once (no donation: the state lives on); the batch is validated first."""
-    return _checked(jax.jit(step_fn), num_classes, image_shape)
+    if mesh is None:
+        compiled = jax.jit(step_fn)
+    else:
+        compiled = jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                           out_shardings=replicated(mesh))
+    return _checked(compiled, num_classes, image_shape, mesh)
 
 
-def jit_batch_fn(fn: Callable) -> Callable:
-    """Compile a device-side data function (gather + augmentation of a batch). Kept here so that the
-    batch's sharding is decided where the step's is."""
-    return jax.jit(fn)
+def jit_batch_fn(fn: Callable, *, mesh: Mesh | None = None) -> Callable:
+    """Compile a device-side data function (gather + augmentation of a batch). With `mesh`, its output is
+    sharded like a batch, so each device computes (and each process holds) only its own rows."""
+    return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=batch_sharding(mesh))
+
+
+# ---- the pmap path ----
+
+def _pmap_sharding(devices: Sequence, axis_name: str) -> NamedSharding:
+    """The layout pmap (jit over shard_map since JAX 0.8) expects: leading axis split over `devices`."""
+    return NamedSharding(Mesh(np.asarray(devices), (axis_name,)), P(axis_name))
+
+
+def replicate(tree: Any, devices: Sequence, axis_name: str = AXIS) -> Any:
+    """One copy of every leaf per device, stacked on a new leading axis and placed as pmap expects."""
+    sharding = _pmap_sharding(devices, axis_name)
+    return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), sharding), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first copy of every leaf of a pmapped output."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _split_batch(batch: Batch, devices: Sequence, axis_name: str) -> Batch:
+    n = len(devices)
+    if len(batch["label"]) % n:
+        raise ParallelError(f"global batch of {len(batch['label'])} does not divide over {n} devices")
+    sharding = _pmap_sharding(devices, axis_name)
+    return jax.tree.map(lambda x: jax.device_put(jnp.reshape(x, (n, -1, *x.shape[1:])), sharding), batch)
+
+
+def _pmap_devices(num_devices: int | None) -> list:
+    devices = jax.local_devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ParallelError(f"{n} devices asked for, but {len(devices)} are available")
+    return devices[:n]
+
+
+def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | None = None, axis_name: str = AXIS,
+                    label_smoothing: float = 0.0, lr_fn: Schedule | None = None, num_classes: int | None = None,
+                    image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
+    ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
+    first copy taken out on every call — a per-step copy this compatibility path accepts."""
+    devices = _pmap_devices(num_devices)
+    compiled = jax.pmap(partial(step_fn, label_smoothing=label_smoothing, lr_fn=lr_fn, axis_name=axis_name),
+                        axis_name=axis_name, devices=devices, donate_argnums=(0,))
+
+    def step(state: TrainState, batch: Batch):
+        train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        new_state, metrics = compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name))
+        return unreplicate(new_state), unreplicate(metrics)
+
+    return step
+
+
+def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | None = None, axis_name: str = AXIS,
+                   num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
+    """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
+    devices = _pmap_devices(num_devices)
+    compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
+
+    def step(state: TrainState, batch: Batch):
+        train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        return unreplicate(compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name)))
+
+    return step
+
+
+# ---- many processes ----
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, *, timeout_s: int = 60) -> None:
+    """Start JAX's multi-process runtime (`jax.distributed.initialize`); call before any other JAX call.
+
+    With no arguments the cluster is detected (Slurm, Kubernetes/JobSet, ...); otherwise all three are
+    needed. On CPU the collectives go through gloo. A coordinator that cannot be reached within
+    `timeout_s` seconds is a ParallelError (one line), not a hang.
+    """
+    given = [a is not None for a in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ParallelError("coordinator address, number of processes and process id go together: give all three")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ParallelError(f"process id {process_id} is not in [0, {num_processes})")
+    if process_id:  # not the coordinator: JAX aborts the process if it cannot connect, so look first
+        _wait_for_coordinator(coordinator_address, timeout_s)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) from the coordination service
+        raise ParallelError(f"cannot join the JAX cluster at {coordinator_address or '(auto-detected)'} within "
+                            f"{timeout_s} s: {str(e).splitlines()[0][:200]}") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ParallelError(f"coordinator address must be HOST:PORT, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ParallelError(f"cannot reach the coordinator at {address} within {timeout_s} s ({e.strerror or e})") from None
+            time.sleep(0.5)
+
+
+def assert_same_across_processes(config: dict, what: str = "config") -> None:
+    """ParallelError unless every process passes an equal `config` (compared by a hash, gathered)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).digest()[:8]
+    mine = np.frombuffer(digest, np.uint32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    differing = [i for i, h in enumerate(everyone) if not np.array_equal(h, everyone[0])]
+    if differing:
+        raise ParallelError(f"the {what} differs between processes (process 0 vs {differing}); start all with the same one")
+
+
+def is_main_process() -> bool:
+    """Process 0 logs, writes TensorBoard/plots and prints progress; the others stay quiet."""
+    return jax.process_index() == 0
+

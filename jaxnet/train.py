@@ -54,19 +54,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
-    count = mask.sum()
-    correct = (jnp.argmax(logits, -1) == labels) & mask
-    return {"loss": jnp.sum(losses * mask) / jnp.maximum(count, 1),
-            "accuracy": correct.sum() / jnp.maximum(count, 1), "count": count}
+def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array,
+             axis_name: str | None = None) -> Metrics:
+    """Masked means over the batch — over all devices of `axis_name` when given (inside pmap)."""
+    sums = {"loss": jnp.sum(losses * mask), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
+            "count": mask.sum()}
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    count = jnp.maximum(sums["count"], 1)
+    return {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, "count": sums["count"]}
 
 
 def train_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.0,
-               lr_fn: Schedule | None = None) -> tuple[TrainState, Metrics]:
+               lr_fn: Schedule | None = None, axis_name: str | None = None) -> tuple[TrainState, Metrics]:
     """One SGD step on the mean loss of `batch` = {"image": (N, H, W, C) float or uint8, "label": (N,) int}.
 
     Returns the new state and {"loss", "accuracy", "count"} (plus "lr" = lr_fn(step) when given), all
     scalars on device. BatchNorm statistics, if the model has them, are updated from this batch.
+    `axis_name` (pmap only): gradients and metrics are averaged over that axis; under jit with shardings
+    leave it None — the batch is already global.
     """
     images, labels = _as_float(batch["image"]), batch["label"]
     has_bn = bool(state.batch_stats)
@@ -80,10 +86,12 @@ def train_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.0,
         return losses.mean(), (losses, logits, updates)
 
     grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
     new_state = state.apply_gradients(grads=grads)
     if has_bn:
         new_state = new_state.replace(batch_stats=updates["batch_stats"])
-    metrics = _metrics(losses, logits, labels, jnp.ones(labels.shape, bool))
+    metrics = _metrics(losses, logits, labels, jnp.ones(labels.shape, bool), axis_name)
     if lr_fn is not None:
         metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
     return new_state, metrics
@@ -118,17 +126,17 @@ def predict_logits(state: TrainState, images: jax.Array, *, tta: int = 0) -> jax
             raise ValueError(f"tta must be 0, 1 or 2, got {tta!r}")
 
 
-def eval_step(state: TrainState, batch: Batch, *, tta: int = 0) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, *, tta: int = 0, axis_name: str | None = None) -> Metrics:
     """Loss and accuracy of the model in inference mode (running BN statistics) on `batch`.
 
     `batch` may carry "mask": (N,) bool, False for padding rows, so the last, short batch of a split can be
     padded to the common size (no recompile) and still count exactly: "count" is the number of real rows.
-    `tta` as in `predict_logits`.
+    `tta` as in `predict_logits`; `axis_name` (pmap only): metrics over all devices of that axis.
     """
     labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape, bool))
     logits = predict_logits(state, batch["image"], tta=tta)
-    return _metrics(cross_entropy(logits, labels), logits, labels, mask)
+    return _metrics(cross_entropy(logits, labels), logits, labels, mask, axis_name)
 
 
 def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:

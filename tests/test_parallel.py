@@ -1,0 +1,189 @@
+"""Data parallelism: one device, jit over an 8-device mesh and pmap over 8 devices give the same numbers;
+BatchNorm statistics are global; two processes equal one; checkpoints move between device counts."""
+
+import os
+import socket
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+from parallel_case import global_batch, initial_state
+
+from jaxnet import checkpoint, models, parallel, train
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _three_steps(kind: str, model=None, batch=None):
+    batch = global_batch() if batch is None else batch
+    match kind:
+        case "one":
+            state, step = initial_state(model), parallel.jit_train_step()
+        case "jit8":
+            mesh = parallel.make_mesh(8)
+            state, step = parallel.put_replicated(initial_state(model), mesh), parallel.jit_train_step(mesh=mesh)
+        case "pmap8":
+            state, step = initial_state(model), parallel.pmap_train_step(num_devices=8)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+@pytest.fixture(scope="module")
+def runs():
+    pmap_model = models.ResNetTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS))
+    return {"one": _three_steps("one"), "jit8": _three_steps("jit8"), "pmap8": _three_steps("pmap8", pmap_model)}
+
+
+@pytest.mark.parametrize("kind", ["jit8", "pmap8"])
+def test_many_devices_match_one(runs, kind):
+    (state, metrics), (ref, ref_metrics) = runs[kind], runs["one"]
+    chex.assert_trees_all_close((state.params, state.batch_stats), (ref.params, ref.batch_stats), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-5, rtol=1e-5)
+    assert int(state.step) == 3
+
+
+def test_jit_path_shardings_are_as_documented(runs):
+    state, metrics = runs["jit8"]
+    mesh = parallel.make_mesh(8)
+    for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state, metrics)):
+        assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim), leaf.sharding
+    make_batch = parallel.jit_batch_fn(lambda images, idx: images[idx], mesh=mesh)
+    out = make_batch(jnp.zeros((32, 4, 4, 3)), jnp.arange(16))
+    assert out.sharding.spec == P(parallel.AXIS) and len(out.addressable_shards) == 8
+    assert out.addressable_shards[0].data.shape == (2, 4, 4, 3)
+
+
+class InputNorm(nn.Module):
+    """BatchNorm straight on the inputs, so its batch statistics are those of the images."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.0, axis_name=self.axis_name)(x)
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("kind", ["jit8", "pmap8"])
+def test_batchnorm_statistics_are_global_not_per_device(kind):
+    batch = global_batch()
+    batch["image"] = batch["image"] + 10.0 * np.repeat(np.arange(8), 2)[:, None, None, None]  # shard i sits at 10·i
+    model = InputNorm(axis_name=parallel.AXIS if kind == "pmap8" else None)
+    state = initial_state(model)
+    step = parallel.pmap_train_step(num_devices=8) if kind == "pmap8" else parallel.jit_train_step(
+        mesh=parallel.make_mesh(8))
+    if kind == "jit8":
+        state = parallel.put_replicated(state, parallel.make_mesh(8))
+    state, _ = step(state, batch)
+    var = np.asarray(state.batch_stats["BatchNorm_0"]["var"])  # momentum 0: exactly this batch's variance
+    global_var = batch["image"].reshape(-1, 3).var(0)
+    per_device_var = np.mean([s.reshape(-1, 3).var(0) for s in np.split(batch["image"], 8)], axis=0)
+    np.testing.assert_allclose(var, global_var, rtol=1e-4)
+    assert np.all(np.abs(var - per_device_var) > 10)
+
+
+def test_batch_not_divisible_and_too_many_devices_are_errors():
+    batch = {k: v[:12] for k, v in global_batch().items()}
+    with pytest.raises(parallel.ParallelError, match="global batch of 12 does not divide over 8 devices"):
+        parallel.jit_train_step(mesh=parallel.make_mesh(8))(parallel.put_replicated(initial_state(),
+                                                                                     parallel.make_mesh(8)), batch)
+    with pytest.raises(parallel.ParallelError, match="global batch of 12 does not divide over 8 devices"):
+        parallel.pmap_train_step(num_devices=8)(initial_state(), batch)
+    with pytest.raises(parallel.ParallelError, match="9 devices asked for, but 8 are available"):
+        parallel.make_mesh(9)
+    with pytest.raises(parallel.ParallelError, match="9 devices asked for"):
+        parallel.pmap_train_step(num_devices=9)
+    with pytest.raises(parallel.ParallelError, match="give all three"):
+        parallel.init_distributed("127.0.0.1:1234")
+
+
+@pytest.mark.parametrize("src,dst", [(8, 1), (1, 8)])
+def test_checkpoints_move_between_device_counts(tmp_path, src, dst):
+    def place(state, n):
+        return parallel.put_replicated(state, parallel.make_mesh(n)) if n > 1 else state
+
+    saved, _ = _three_steps("jit8" if src == 8 else "one")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(saved, {"epoch": 0})
+    restored, meta = ckpt.restore(place(initial_state(), dst))
+    ckpt.close()
+    chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(saved.params))
+    assert meta["epoch"] == 0 and int(restored.step) == 3
+    assert len(jax.tree.leaves(restored.params)[0].sharding.device_set) == dst
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _workers(out: Path, tags=("same", "same"), timeout=120):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "distributed_worker.py"), "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--out", str(out),
+                               "--tag", tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, tag in enumerate(tags)]
+    try:
+        return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+    results = _workers(tmp_path / "dist")
+    assert [r[0] for r in results] == [0, 0], [r[2][-1500:] for r in results]
+    assert "devices 4" in results[0][1]
+    mesh = parallel.make_mesh(4)
+    state, step = parallel.put_replicated(initial_state(), mesh), parallel.jit_train_step(mesh=mesh)
+    for _ in range(3):
+        state, _ = step(state, global_batch())
+    two = np.load(tmp_path / "dist.npz")
+    leaves = jax.tree_util.tree_flatten_with_path({"params": state.params, "batch_stats": state.batch_stats})[0]
+    assert len(leaves) == len(two.files)
+    for path, value in leaves:
+        np.testing.assert_allclose(two[jax.tree_util.keystr(path)], np.asarray(value), atol=1e-6, rtol=1e-6)
+    # ... and their checkpoint restores in this single process.
+    restored, _ = checkpoint.Checkpointer(tmp_path / "dist-ckpt").restore(initial_state())
+    chex.assert_trees_all_close(restored.params, jax.device_get(state.params), atol=1e-6, rtol=1e-6)
+
+
+def test_mismatched_configs_across_processes_are_detected(tmp_path):
+    results = _workers(tmp_path / "dist", tags=("a", "b"))
+    for code, _, stderr in results:
+        assert code == 2 and "differs between processes" in stderr, stderr[-1500:]
+
+
+def test_unreachable_coordinator_fails_fast_with_a_message():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    result = subprocess.run([sys.executable, str(TESTS / "distributed_worker.py"), "--coordinator",
+                             f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1", "--out", "x",
+                             "--timeout", "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "cannot reach the coordinator" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_step_axis_name_averages_gradients_not_sums():
+    """Under pmap each device's gradient is pmean-ed: with 8 equal shards the update equals one device's
+    on the global batch (a psum would give 8x the step)."""
+    batch = global_batch()
+    state = initial_state(models.PlainCNNTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS)))
+    ref_state = initial_state(models.PlainCNNTiny())
+    one, _ = train.train_step(ref_state, batch)
+    many, _ = parallel.pmap_train_step(num_devices=8)(state, batch)
+    delta = jax.tree.map(lambda a, b: a - b, many.params, state.params)
+    ref_delta = jax.tree.map(lambda a, b: a - b, one.params, ref_state.params)
+    chex.assert_trees_all_close(delta, ref_delta, atol=1e-5, rtol=1e-4)
+    assert optax.tree.norm(ref_delta) > 0
