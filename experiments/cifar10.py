@@ -64,12 +64,15 @@ def set_xla_flags(xla_cpu_conv: str) -> None:
 
 # ---- from config to library objects (JAX is imported from here on) ----
 
-def build_model(config):
+def build_model(config, *, bn_axis_name: str | None = None):
+    """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis."""
+    import flax.linen as nn
     import jax.numpy as jnp
 
     from jaxnet import layers, models
 
     conv = partial(layers.Conv, impl=config.conv_impl)
+    norm = partial(nn.BatchNorm, axis_name=bn_axis_name)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
         raise UsageError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
@@ -78,7 +81,7 @@ def build_model(config):
                     "plain": models.PlainCNN, "plain_tiny": models.PlainCNNTiny}
     if config.model not in constructors:
         raise UsageError(f"unknown model {config.model!r}; valid: {', '.join(constructors)}")
-    return constructors[config.model](num_classes=10, conv=conv, dtype=dtype)
+    return constructors[config.model](num_classes=10, conv=conv, norm=norm, dtype=dtype)
 
 
 def make_schedule(config, total_steps: int):
@@ -166,8 +169,13 @@ def _versions() -> dict[str, str]:
 
 
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
-                       export: tuple[str, ...] = (), should_stop=lambda: False, show_progress: bool = True) -> dict:
-    """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary."""
+                       export: tuple[str, ...] = (), should_stop=lambda: False, show_progress: bool = True,
+                       parallel_mode: str = "jit", num_devices: int | None = None) -> dict:
+    """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary.
+
+    `parallel_mode` "jit" (a Mesh over `num_devices` devices of all processes, default all) or "pmap"
+    (the compatibility path, local devices). Only process 0 writes logs, plots, the summary and exports.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -191,7 +199,19 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         test_set = data_lib.subset(test_set, config.test_subset, seed)
     train_set, val_set = data_lib.split_validation(train_set, config.val_size, seed)
 
-    model = build_model(config)
+    main_process = parallel.is_main_process()
+    match parallel_mode:
+        case "jit":
+            mesh = parallel.make_mesh(num_devices)
+            n_dev = mesh.size
+        case "pmap":
+            mesh, n_dev = None, len(jax.local_devices()) if num_devices is None else num_devices
+        case other:
+            raise UsageError(f"--parallel must be jit or pmap, got {other!r}")
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % n_dev:
+            raise UsageError(f"{name} {config[name]} does not divide over {n_dev} devices")
+    model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
     steps_per_epoch = len(train_set["label"]) // config.batch_size
     if steps_per_epoch < 1:
         raise UsageError(f"batch_size {config.batch_size} exceeds the {len(train_set['label'])} training images")
@@ -209,35 +229,51 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                 "label": split["label"]}
 
     val_norm, test_norm = normalized(val_set), normalized(test_set)
-    eval_step = parallel.jit_eval_step(jaxnet.eval_step, num_classes=10)
+    train_arrays = (train_set["image"], train_set["label"])
+    make_batch = partial(_make_batch, translate=config.translate, flip=config.flip, cutout=config.cutout,
+                         mean=config.mean, std=config.std)
+    if parallel_mode == "jit":
+        state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
+        train_step = parallel.jit_train_step(mesh=mesh, label_smoothing=config.label_smoothing, lr_fn=lr_fn,
+                                             num_classes=10)
+
+        def eval_step_for(tta):
+            return parallel.jit_eval_step(partial(jaxnet.eval_step, tta=tta), mesh=mesh, num_classes=10)
+    else:
+        train_arrays = jax.device_put(train_arrays)
+        train_step = parallel.pmap_train_step(num_devices=n_dev, label_smoothing=config.label_smoothing, lr_fn=lr_fn,
+                                              num_classes=10)
+
+        def eval_step_for(tta):
+            return parallel.pmap_eval_step(partial(jaxnet.eval_step, tta=tta), num_devices=n_dev, num_classes=10)
+    eval_step = eval_step_for(0)
     config_dict = config.to_dict()
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, enabled=main_process)
     try:
         result = loop.fit(
-            state, train_images=jax.device_put(train_set["image"]), train_labels=jax.device_put(train_set["label"]),
-            make_batch=parallel.jit_batch_fn(partial(_make_batch, translate=config.translate, flip=config.flip,
-                                                     cutout=config.cutout, mean=config.mean, std=config.std)),
-            train_step=parallel.jit_train_step(label_smoothing=config.label_smoothing, lr_fn=lr_fn, num_classes=10),
+            state, train_images=train_arrays[0], train_labels=train_arrays[1],
+            make_batch=parallel.jit_batch_fn(make_batch, mesh=mesh), train_step=train_step,
             batch_size=config.batch_size, total_steps=total_steps, key=data_key, eval_step=eval_step,
             val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
             checkpointer=checkpointer, writer=writer, meta={"config": config_dict, "seed": seed}, resume=resume,
             patience=config.patience or None, min_delta=config.min_delta, log_every=config.log_every,
-            should_stop=should_stop, show_progress=show_progress)
+            should_stop=should_stop, show_progress=show_progress and main_process)
         if result.interrupted:
             return {"interrupted": True, "step": int(result.state.step)}
         final = result.state
         if config.val_size:
             final, _ = checkpointer.restore(result.state, "best")
-        tta_step = parallel.jit_eval_step(partial(jaxnet.eval_step, tta=config.tta_level), num_classes=10)
         test = loop.evaluate(eval_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
-        test_tta = loop.evaluate(tta_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
+        test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
+                                 data_lib.eval_batches(test_norm, config.eval_batch_size))
     finally:
         checkpointer.close()
         writer.close()
-    plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     exported = {}
-    if export:
+    if main_process:
+        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+    if export and main_process:
         fn = export_lib.inference_fn(final, mean=config.mean, std=config.std)
         for fmt in export:
             match fmt:
@@ -254,10 +290,12 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
         "steady_step_seconds": steady,
         "images_per_second": config.batch_size / steady if steady else None,
-        "devices": [str(d) for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "parallel": parallel_mode, "devices": n_dev, "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "exported": exported, "config": config_dict, "seed": seed, "versions": _versions(),
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main_process:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -277,6 +315,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     p.add_argument("--export", default="", metavar="FORMATS",
                    help="comma-separated: jax (jax.export StableHLO), onnx (needs the onnx extra)")
+    p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
+                   help="data parallelism: jit over a device mesh (default) or pmap (compatibility path)")
+    p.add_argument("--num-devices", type=int, help="devices to train on (default: all)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: the coordinator (process 0)")
+    p.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process run: this process's index")
     return p
 
 
@@ -325,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         args = _train_parser().parse_args(argv)
         config = apply_overrides(configs.get_config(args.config), args.overrides)
         set_xla_flags(config.xla_cpu_conv)
+        from jaxnet import parallel  # JAX starts here, after XLA_FLAGS are set
+
+        if args.coordinator or args.num_processes or args.process_id is not None:
+            parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
+            parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})
         export = tuple(f for f in args.export.split(",") if f)
         if set(export) - {"jax", "onnx"}:
             raise UsageError(f"--export takes jax and/or onnx, got {args.export!r}")
@@ -337,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         workdir = args.workdir or f"runs/{args.config}"
         summary = train_and_evaluate(config, workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
-                                     export=export, should_stop=lambda: stop["signal"] is not None)
+                                     export=export, should_stop=lambda: stop["signal"] is not None,
+                                     parallel_mode=args.parallel, num_devices=args.num_devices)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

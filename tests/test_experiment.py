@@ -147,6 +147,9 @@ def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path
     (["--data-dir", "/nonexistent/cifar"], "does not exist"),
     (["--export", "tflite"], "--export takes jax and/or onnx"),
     (["--resume"], "no checkpoints"),
+    (["--num-devices", "9"], "9 devices asked for, but 8 are available"),  # conftest: 8 CPU devices
+    (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),
+    (["--coordinator", "127.0.0.1:1"], "give all three"),
 ])
 def test_bad_cli_input_is_one_line_exit_2_and_writes_nothing(tmp_path, dataset, args, message):
     workdir = tmp_path / "w"
@@ -204,3 +207,12 @@ def test_onnx_export_matches_the_live_model(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
     out = session.run(None, {session.get_inputs()[0].name: images})[0]
     np.testing.assert_allclose(out, np.asarray(fn(jnp.asarray(images))), atol=1e-4)
+
+
+def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
+    runs = {name: cifar10.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
+                                             parallel_mode=mode, num_devices=n)
+            for name, mode, n in (("one", "jit", 1), ("jit8", "jit", 8), ("pmap8", "pmap", 8))}
+    assert runs["one"]["devices"] == 1 and runs["jit8"]["devices"] == runs["pmap8"]["devices"] == 8
+    for name in ("jit8", "pmap8"):
+        assert abs(runs[name]["best_val_accuracy"] - runs["one"]["best_val_accuracy"]) <= 0.005, runs[name]
