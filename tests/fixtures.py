@@ -19,27 +19,28 @@ def synthetic(n_train: int = 40, n_test: int = 20, seed: int = 0) -> dict:
             for split, n in (("train", n_train), ("test", n_test))}
 
 
+def _batch_files(data: dict, suffix: str):
+    """(file name, flat (N, 3072) CHW pixels, labels) for the five train batches and the test batch."""
+    parts = [(f"data_batch_{i + 1}{suffix}", data["train"], idx)
+             for i, idx in enumerate(np.array_split(np.arange(len(data["train"]["label"])), 5))]
+    parts.append((f"test_batch{suffix}", data["test"], np.arange(len(data["test"]["label"]))))
+    for name, split, idx in parts:
+        yield name, split["image"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1), split["label"][idx]
+
+
 def write_pickles(root: Path, data: dict) -> Path:
     out = root / "cifar-10-batches-py"
     out.mkdir(parents=True)
-    train = np.array_split(np.arange(len(data["train"]["label"])), 5)
-    files = [(f"data_batch_{i + 1}", data["train"], idx) for i, idx in enumerate(train)]
-    files.append(("test_batch", data["test"], np.arange(len(data["test"]["label"]))))
-    for name, split, idx in files:
-        flat = split["image"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
-        (out / name).write_bytes(pickle.dumps({b"data": flat, b"labels": split["label"][idx].tolist()}))
+    for name, flat, labels in _batch_files(data, ""):
+        (out / name).write_bytes(pickle.dumps({b"data": flat, b"labels": labels.tolist()}))
     return root
 
 
 def write_binary(root: Path, data: dict) -> Path:
     out = root / "cifar-10-batches-bin"
     out.mkdir(parents=True)
-    train = np.array_split(np.arange(len(data["train"]["label"])), 5)
-    files = [(f"data_batch_{i + 1}.bin", data["train"], idx) for i, idx in enumerate(train)]
-    files.append(("test_batch.bin", data["test"], np.arange(len(data["test"]["label"]))))
-    for name, split, idx in files:
-        flat = split["image"][idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
-        (out / name).write_bytes(np.concatenate([split["label"][idx, None].astype(np.uint8), flat], 1).tobytes())
+    for name, flat, labels in _batch_files(data, ".bin"):
+        (out / name).write_bytes(np.concatenate([labels[:, None].astype(np.uint8), flat], 1).tobytes())
     return root
 
 

@@ -19,14 +19,16 @@ from jaxnet.layers import Conv
 ModuleDef = Callable[..., nn.Module]
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convs; a 1×1 projection on the shortcut when the shape changes. Output has `filters` channels."""
-
+class _Block(nn.Module):
     filters: int
     conv: ModuleDef
     norm: ModuleDef
     act: Callable[[jax.Array], jax.Array]
     strides: int = 1
+
+
+class BasicBlock(_Block):
+    """Two 3×3 convs; a 1×1 projection on the shortcut when the shape changes. Output has `filters` channels."""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -38,14 +40,8 @@ class BasicBlock(nn.Module):
         return self.act(x + y)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1×1 reduce, 3×3 (strided, as in torchvision's v1.5), 1×1 expand ×4. Output has 4·`filters` channels."""
-
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable[[jax.Array], jax.Array]
-    strides: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
