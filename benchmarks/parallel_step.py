@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
+    if args.batch % 8:
+        p.error(f"--batch must divide over 8 devices, got {args.batch}")
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 10, args.batch).astype(np.int32)}

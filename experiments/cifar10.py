@@ -170,18 +170,21 @@ def _versions() -> dict[str, str]:
 
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
                        export: tuple[str, ...] = (), should_stop=lambda: False, show_progress: bool = True,
-                       parallel_mode: str = "jit", num_devices: int | None = None) -> dict:
+                       parallel_mode: str = "jit", num_devices: int | None = None, dump_hlo: str | None = None,
+                       profile: str | None = None, peak_flops: float | None = None) -> dict:
     """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary.
 
     `parallel_mode` "jit" (a Mesh over `num_devices` devices of all processes, default all) or "pmap"
     (the compatibility path, local devices). Only process 0 writes logs, plots, the summary and exports.
+    `dump_hlo`: directory for StableHLO/HLO of the train and eval steps; `profile`: directory for a
+    profiler trace of 5 steps; `peak_flops`: device peak for the MFU in the summary (default per platform).
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import jaxnet
-    from jaxnet import checkpoint, data as data_lib, export as export_lib, loop, models, parallel
+    from jaxnet import checkpoint, data as data_lib, export as export_lib, loop, models, parallel, profiling
     from jaxnet.metrics import MetricWriter, plot_curves
 
     t0 = time.perf_counter()
@@ -208,6 +211,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             mesh, n_dev = None, len(jax.local_devices()) if num_devices is None else num_devices
         case other:
             raise UsageError(f"--parallel must be jit or pmap, got {other!r}")
+    if parallel_mode == "pmap" and (dump_hlo or profile):
+        raise UsageError("--dump-hlo and --profile work with --parallel jit only")
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % n_dev:
             raise UsageError(f"{name} {config[name]} does not divide over {n_dev} devices")
@@ -248,6 +253,15 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             return parallel.pmap_eval_step(partial(jaxnet.eval_step, tta=tta), num_devices=n_dev, num_classes=10)
     eval_step = eval_step_for(0)
     config_dict = config.to_dict()
+    step_flops = None
+    if parallel_mode == "jit":
+        example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size))
+        step_flops = (train_step.compiled.lower(state, example).cost_analysis() or {}).get("flops")
+        if dump_hlo and main_process:
+            eval_example = next(data_lib.eval_batches(val_norm if config.val_size else test_norm,
+                                                      config.eval_batch_size))
+            profiling.dump_hlo(dump_hlo, {"train_step": (train_step.compiled, (state, example)),
+                                          "eval_step": (eval_step.compiled, (state, eval_example))})
     checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     writer = MetricWriter(workdir, enabled=main_process)
     try:
@@ -258,7 +272,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
             checkpointer=checkpointer, writer=writer, meta={"config": config_dict, "seed": seed}, resume=resume,
             patience=config.patience or None, min_delta=config.min_delta, log_every=config.log_every,
-            should_stop=should_stop, show_progress=show_progress and main_process)
+            should_stop=should_stop, show_progress=show_progress and main_process,
+            profile_dir=profile if main_process else None)
         if result.interrupted:
             return {"interrupted": True, "step": int(result.state.step)}
         final = result.state
@@ -282,6 +297,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                 case "onnx":
                     exported["onnx"] = str(export_lib.export_onnx(fn, workdir / "model.onnx"))
     steady = result.steady_step_seconds
+    peak = peak_flops or profiling.DEFAULT_PEAK_FLOPS.get(jax.default_backend())
     summary = {
         "test_accuracy": test["accuracy"], "test_accuracy_tta": test_tta["accuracy"], "tta_level": config.tta_level,
         "best_val_accuracy": result.best_val_accuracy, "epochs_completed": result.epochs_completed,
@@ -290,6 +306,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
         "steady_step_seconds": steady,
         "images_per_second": config.batch_size / steady if steady else None,
+        "step_flops": step_flops, "peak_flops": peak,
+        "mfu": profiling.mfu(step_flops, steady, peak) if step_flops and steady else None,
         "parallel": parallel_mode, "devices": n_dev, "processes": jax.process_count(),
         "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "exported": exported, "config": config_dict, "seed": seed, "versions": _versions(),
@@ -321,6 +339,15 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: the coordinator (process 0)")
     p.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
     p.add_argument("--process-id", type=int, help="multi-process run: this process's index")
+    p.add_argument("--dump-hlo", metavar="DIR", help="write StableHLO and HLO (before/after optimisation) of the "
+                   "train and eval steps to DIR, with DIR/index.json")
+    p.add_argument("--profile", metavar="DIR", help="profiler trace of 5 steps after warm-up into DIR (open with "
+                   "xprof, extra 'profile', or summarize: python -m jaxnet.profiling summarize DIR)")
+    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for the MFU in the summary "
+                   "(default: 0.166 on CPU, 989 on GPU, 197 on TPU)")
+    p.add_argument("--compilation-cache", default=str(Path("~/.cache/jaxnet/xla").expanduser()), metavar="DIR",
+                   help="persistent XLA compilation cache, so a second run starts without compiling "
+                   "(default: %(default)s; '' turns it off)")
     return p
 
 
@@ -374,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.coordinator or args.num_processes or args.process_id is not None:
             parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
             parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})
+        if args.compilation_cache:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         export = tuple(f for f in args.export.split(",") if f)
         if set(export) - {"jax", "onnx"}:
             raise UsageError(f"--export takes jax and/or onnx, got {args.export!r}")
@@ -387,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = args.workdir or f"runs/{args.config}"
         summary = train_and_evaluate(config, workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
                                      export=export, should_stop=lambda: stop["signal"] is not None,
-                                     parallel_mode=args.parallel, num_devices=args.num_devices)
+                                     parallel_mode=args.parallel, num_devices=args.num_devices,
+                                     dump_hlo=args.dump_hlo, profile=args.profile,
+                                     peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

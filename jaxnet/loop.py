@@ -51,7 +51,7 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
         meta: dict[str, Any] | None = None, resume: bool = False, patience: int | None = None,
         min_delta: float = 0.0, log_every: int = 50, should_stop: Callable[[], bool] = lambda: False,
-        show_progress: bool = True) -> FitResult:
+        show_progress: bool = True, profile_dir: str | None = None, profile_steps: int = 5) -> FitResult:
     """Train `state` for `total_steps` steps of `batch_size` (epochs of `len(train_labels) // batch_size`).
 
     Args:
@@ -65,6 +65,8 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         True between steps; with `resume`, training continues from its latest checkpoint.
       meta: JSON-able dict saved with each checkpoint (e.g. the config; compared on resume).
       log_every: steps between metric fetches (the only host syncs of the loop, with evaluation).
+      profile_dir: if given, a `jax.profiler` trace (Perfetto trace included) of `profile_steps` steps,
+        starting after two warm-up steps, each step marked with a StepTraceAnnotation.
 
     Raises:
       TrainingDiverged: the training loss is not finite at a log point.
@@ -85,6 +87,7 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         return {**meta, "epoch": epoch, "step_in_epoch": offset, "best": best, "bad_epochs": bad}
 
     step = int(state.step)
+    trace_window = (step + 2, step + 2 + profile_steps) if profile_dir else (-1, -1)
     first_step = None
     stopped_early = interrupted = False
     t_start, images_seen, step_times = time.perf_counter(), 0, []
@@ -95,9 +98,15 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
         pending, t_window = [], time.perf_counter()
         for i in range(offset, last):
-            batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i])
-            state, metrics = train_step(state, batch)
+            if step == trace_window[0]:
+                jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i])
+                state, metrics = train_step(state, batch)
             step += 1
+            if step == trace_window[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
             images_seen += batch_size
             if first_step is None:  # compile + one step; kept out of the steady-state timing
                 jax.block_until_ready(metrics)
@@ -138,6 +147,8 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         if checkpointer:
             checkpointer.save(state, position(epoch, offset), best=improved)
         interrupted = should_stop() and step < total_steps
+    if trace_window[0] < step < trace_window[1]:  # the run ended inside the traced window
+        jax.profiler.stop_trace()
     train_seconds = time.perf_counter() - t_start
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
                      interrupted=interrupted, first_step_seconds=first_step,

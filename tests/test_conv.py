@@ -32,6 +32,10 @@ def test_impl_matches_reference_forward_and_gradient(impl, case):
     *_, strides, padding, dilation, groups = case
     x, w = _inputs(case)
     kwargs = dict(strides=strides, padding=padding, dilation=dilation, groups=groups)
+    if impl == "pallas" and (groups != 1 or dilation != 1):
+        with pytest.raises(ValueError, match="'pallas' supports groups=1 and dilation 1 only"):
+            conv2d(x, w, impl=impl, **kwargs)
+        return
     ref = conv2d_reference(x, w, **kwargs)
     out = conv2d(x, w, impl=impl, **kwargs)
     chex.assert_equal_shape([out, ref])
@@ -71,7 +75,17 @@ def test_mismatched_shapes_raise(bad):
         conv2d(x, jnp.zeros(bad["w_shape"]), groups=bad.get("groups", 1))
 
 
-def test_xla_impl_lowers_to_a_convolution():
+@pytest.mark.parametrize("impl,has_conv,has_dot", [("xla", True, False), ("im2col", False, True)])
+def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
+    """XLA's conv is a convolution op; im2col is slices + one dot, with no convolution, in both passes."""
+    x, w = _inputs(CASES[1])
+    fwd = jax.jit(lambda x, w: conv2d(x, w, strides=2, impl=impl)).lower(x, w).as_text()
+    assert ("stablehlo.convolution" in fwd) == has_conv and ("stablehlo.dot_general" in fwd) == has_dot
+    bwd = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=2, impl=impl).sum(), argnums=(0, 1))).lower(x, w)
+    assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
+
+
+def test_pallas_forward_is_a_pallas_kernel():
     x, w = _inputs(CASES[0])
-    text = jax.jit(lambda x, w: conv2d(x, w, impl="xla")).lower(x, w).as_text()
-    assert "stablehlo.convolution" in text
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="pallas"))(x, w))
+    assert "pallas_call" in jaxpr and "conv_general_dilated" not in jaxpr

@@ -51,14 +51,22 @@ def _last_arrays(workdir):
 
 def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
     workdir = tmp_path / "run"
-    result = _run_cli("--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset), "--export", "jax")
+    result = _run_cli("--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset), "--export", "jax",
+                      "--dump-hlo", str(tmp_path / "hlo"), "--profile", str(tmp_path / "profile"),
+                      "--compilation-cache", str(tmp_path / "xla-cache"))
     assert result.returncode == 0, result.stderr[-3000:]
+    index = json.loads((tmp_path / "hlo" / "index.json").read_text())
+    assert set(index) == {"train_step", "eval_step"}
+    assert "HloModule" in (tmp_path / "hlo" / index["train_step"]["hlo_after_optimizations"]).read_text()
+    assert list((tmp_path / "profile").rglob("*.trace.json.gz")) and list((tmp_path / "profile").rglob("perfetto*"))
+    assert any((tmp_path / "xla-cache").iterdir())
     assert "test accuracy" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
     for key in ("test_accuracy", "test_accuracy_tta", "wall_seconds", "compile_seconds", "images_per_second",
                 "config", "versions"):
         assert summary[key] is not None, key
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["config"]["model"] == "fastnet_tiny"
+    assert summary["step_flops"] > 0 and 0 < summary["mfu"] < 1
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"train", "val"} and all(np.isfinite(r["loss"]) for r in rows)

@@ -7,14 +7,15 @@ forward and in gradient. The implementation is chosen by name, outside traced co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl: TypeAlias = Literal["xla"]
-IMPLS: tuple[str, ...] = ("xla",)
+Impl: TypeAlias = Literal["xla", "im2col", "pallas"]
+IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas")
 DEFAULT_IMPL: Impl = "xla"
 
 Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
@@ -97,11 +98,92 @@ def conv2d(
     pads = resolve_padding(padding, w.shape[:2], strides, dilation, x.shape[1:3])
     match DEFAULT_IMPL if impl is None else impl:
         case "xla":
-            return lax.conv_general_dilated(
-                x, w, window_strides=strides, padding=pads, rhs_dilation=dilation,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+            return _xla(x, w, strides, pads, dilation, groups)
+        case "im2col":
+            return _im2col(x, w, strides, pads, dilation, groups)
+        case "pallas":
+            if groups != 1 or dilation != (1, 1):
+                raise ValueError(f"conv impl 'pallas' supports groups=1 and dilation 1 only, got groups={groups}, "
+                                 f"dilation={dilation}; use impl='xla'")
+            return _pallas(x, w, strides, pads)
         case other:
             raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
+
+
+def _xla(x, w, strides, pads, dilation, groups):
+    return lax.conv_general_dilated(x, w, window_strides=strides, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _taps(x, kernel_hw, strides, pads, dilation):
+    """The KH·KW shifted, strided views of the padded input, each (N, OH, OW, C), in (kh, kw) order."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out_h = (xp.shape[1] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (xp.shape[2] - (kw - 1) * dw - 1) // sw + 1
+    return [lax.slice(xp, (0, i * dh, j * dw, 0), (xp.shape[0], i * dh + (out_h - 1) * sh + 1,
+                                                    j * dw + (out_w - 1) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+def _im2col(x, w, strides, pads, dilation, groups):
+    """The seed's conv-as-matrix-product: patches (N·OH·OW, KH·KW·C) by slicing, then one dot_general
+    (batched over groups). Lowers to slices, a concatenate and a dot — no convolution op."""
+    kh, kw, cin_g, cout = w.shape
+    taps = _taps(x, (kh, kw), strides, pads, dilation)
+    n, oh, ow, _ = taps[0].shape
+    patches = jnp.stack(taps, axis=3).reshape(n * oh * ow, kh * kw, groups, cin_g)
+    kernel = w.reshape(kh * kw, cin_g, groups, cout // groups)
+    out = lax.dot_general(patches, kernel, (((1, 3), (0, 1)), ((2,), (2,))))  # (G, N·OH·OW, O/G)
+    return out.transpose(1, 0, 2).reshape(n, oh, ow, cout)
+
+
+# ---- Pallas: an implicit-GEMM kernel (one image per program; the taps accumulate in registers/VMEM) ----
+
+def _pallas_forward(x, w, strides, pads, *, interpret: bool):
+    from jax.experimental import pallas as pl
+
+    kh, kw, c, o = w.shape
+    sh, sw = strides
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    n, hp, wp, _ = xp.shape
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+
+    def kernel(x_ref, w_ref, o_ref):
+        image = x_ref[0]  # (HP, WP, C): the whole padded image of this program
+        acc = jnp.zeros((oh * ow, o), jnp.float32)
+        for i in range(kh):
+            for j in range(kw):
+                tap = lax.slice(image, (i, j, 0), (i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (sh, sw, 1))
+                acc += jnp.dot(tap.reshape(oh * ow, c), w_ref[i, j], preferred_element_type=jnp.float32)
+        o_ref[0] = acc.reshape(oh, ow, o).astype(o_ref.dtype)
+
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n, oh, ow, o), jnp.result_type(x, w)), grid=(n,),
+        in_specs=[pl.BlockSpec((1, hp, wp, c), lambda b: (b, 0, 0, 0)),
+                  pl.BlockSpec((kh, kw, c, o), lambda b: (0, 0, 0, 0))],
+        out_specs=pl.BlockSpec((1, oh, ow, o), lambda b: (b, 0, 0, 0)), interpret=interpret)(xp, w)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pallas(x, w, strides, pads):
+    # Interpret mode on CPU (Pallas has no CPU compiler), compiled elsewhere; chosen per platform at lowering.
+    return lax.platform_dependent(x, w, cpu=partial(_pallas_forward, strides=strides, pads=pads, interpret=True),
+                                  default=partial(_pallas_forward, strides=strides, pads=pads, interpret=False))
+
+
+def _pallas_fwd(x, w, strides, pads):
+    return _pallas(x, w, strides, pads), (x, w)
+
+
+def _pallas_bwd(strides, pads, residuals, g):
+    # pallas_call has no derivative of its own: the backward pass is XLA's, of the same function.
+    x, w = residuals
+    _, vjp = jax.vjp(lambda x, w: _xla(x, w, strides, pads, (1, 1), 1), x, w)
+    return vjp(g)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def conv2d_reference(

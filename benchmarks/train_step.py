@@ -1,0 +1,194 @@
+"""jaxnet vs PyTorch train steps on this machine, interleaved in one run, plus the fp32 GEMM peak for MFU.
+
+Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
+excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
+median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU against the
+GEMM peak measured in the same run. Needs the `bench` extra (PyTorch).
+
+    python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
+        [--xla-cpu-conv eigen|ynnpack] [--dtype float32|bfloat16] [--torch-threads 2] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+XLA_CPU_CONV = {"eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "ynnpack": ""}
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
+    p.add_argument("--xla-cpu-conv", default="eigen", choices=tuple(XLA_CPU_CONV))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of both (jaxnet: model dtype, fp32 params; PyTorch: autocast)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    return p.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:  # XLA reads its flags once, when JAX starts
+    if "jax" in sys.modules:
+        raise SystemExit("error: run this benchmark as a script; XLA flags must be set before JAX starts")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_CONV[ARGS.xla_cpu_conv]}".strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.common import append_results  # noqa: E402
+from jaxnet import models, parallel, train  # noqa: E402
+
+# name → (jaxnet constructor, batch)
+JAX_MODELS = {"resnet18": (models.ResNet18, 256), "fastnet": (models.FastNet, 512),
+              "plain32": (models.PlainCNN, 32), "plain256": (models.PlainCNN, 256)}
+
+
+def torch_model(name: str):
+    """The same architectures in PyTorch (NCHW modules, run channels_last)."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, stride=1, k=3):
+        return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Basic(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.body = nn.Sequential(*conv_bn(cin, cout, stride), nn.ReLU(), *conv_bn(cout, cout))
+            self.proj = nn.Sequential(*conv_bn(cin, cout, stride, 1)) if stride != 1 or cin != cout else nn.Identity()
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.proj(x))
+
+    class GroupFast(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                                     nn.BatchNorm2d(cout), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                                     nn.BatchNorm2d(cout), nn.GELU())
+
+        def forward(self, x):
+            return self.net(x)
+
+    match name:
+        case "resnet18":
+            layers, cin = [*conv_bn(3, 64), nn.ReLU()], 64
+            for i, width in enumerate((64, 128, 256, 512)):
+                for j in range(2):
+                    layers.append(Basic(cin, width, 2 if i > 0 and j == 0 else 1))
+                    cin = width
+            return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+        case "fastnet":
+            return nn.Sequential(nn.Conv2d(3, 24, 2, bias=True), nn.GELU(), GroupFast(24, 64), GroupFast(64, 256),
+                                 GroupFast(256, 256), nn.MaxPool2d(3), nn.Flatten(), nn.Linear(256, 10, bias=False))
+        case _:
+            layers, cin = [], 3
+            for width in (64, 64, 128, 256):
+                layers += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+                cin = width
+            return nn.Sequential(*layers, nn.Conv2d(256, 256, 3, padding=1), nn.BatchNorm2d(256), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
+
+
+def jax_runner(name: str, dtype):
+    cls, batch = JAX_MODELS[name]
+    state = train.create_train_state(cls(num_classes=10, dtype=dtype), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                     optax.sgd(0.01, momentum=0.9))
+    rng = np.random.default_rng(0)
+    data = jax.device_put({"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+                           "label": rng.integers(0, 10, batch).astype(np.int32)})
+    step = parallel.jit_train_step()
+    flops = (step.compiled.lower(state, data).cost_analysis() or {}).get("flops")
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], data)
+        jax.block_until_ready(metrics)
+
+    return run, batch, flops
+
+
+def torch_runner(name: str, bf16: bool):
+    import torch
+
+    batch = JAX_MODELS[name][1]
+    model = torch_model(name).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 GEMM FLOP/s (JAX, n×n @ n×n), the best of `repeats`."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    import torch
+
+    args = ARGS
+    torch.set_num_threads(args.torch_threads)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
+    peak = gemm_peak()
+    rows = [f"| model | batch | jaxnet ms | PyTorch ms | jaxnet img/s | PyTorch img/s | PyTorch/jaxnet time "
+            f"(paired median) | jaxnet compile+1st s | jaxnet MFU vs GEMM peak |", "|" + " --- |" * 9]
+    for name in args.models.split(","):
+        if name not in JAX_MODELS:
+            raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
+        jrun, batch, flops = jax_runner(name, dtype)
+        trun = torch_runner(name, args.dtype == "bfloat16")
+        first = _timed(jrun)  # compile + one step
+        for _ in range(2):  # warm-up both
+            jrun()
+            trun()
+        jt, tt = [], []
+        for i in range(args.steps):  # A B B A ...
+            order = (jrun, trun) if i % 2 == 0 else (trun, jrun)
+            for fn in order:
+                (jt if fn is jrun else tt).append(_timed(fn))
+        jm, tm = statistics.median(jt), statistics.median(tt)
+        ratio = statistics.median(t / j for j, t in zip(jt, tt))
+        mfu = f"{flops / jm / peak:.0%}" if flops else "n/a"
+        rows.append(f"| {name} | {batch} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | {batch / tm:.0f} | "
+                    f"{ratio:.2f}× | {first:.1f} | {mfu} |")
+        print(rows[-1], flush=True)
+    table = "\n".join(rows)
+    notes = (f"fp32 GEMM peak measured in this run: {peak / 1e9:.0f} GFLOP/s (JAX, 2048²). dtype {args.dtype}; "
+             f"XLA CPU convs: {args.xla_cpu_conv}; PyTorch {torch.__version__} eager, channels_last, "
+             f"{args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step.")
+    print(table)
+    print(notes)
+    if not args.no_record:
+        append_results(f"Train step, jaxnet vs PyTorch ({args.dtype}, {args.xla_cpu_conv})", table, notes)
+
+
+if __name__ == "__main__":
+    main()
