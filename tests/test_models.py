@@ -107,3 +107,17 @@ def test_whitening_kernel_whitens_patches():
     out = images.reshape(-1, 12) @ kernel.reshape(12, 24)[:, :12]
     np.testing.assert_allclose(out.T @ out / len(out), np.eye(12), atol=1e-5)  # uncentred, as airbench
     np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+
+
+@pytest.mark.parametrize("size,window", [(8, 2), (7, 2), (9, 3), (3, 3)])
+def test_max_pool_matches_flax_forward_and_gradient(size, window):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 5))  # no ties, so the gradients agree exactly
+
+    def ref(x):
+        return nn.max_pool(x, (window, window), strides=(window, window))
+
+    chex.assert_trees_all_equal(layers.max_pool(x, window), ref(x))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool(x, window))))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x))))(x)
+    chex.assert_trees_all_close(g, g_ref, atol=1e-6)
+    assert "select_and_scatter" not in str(jax.make_jaxpr(jax.grad(lambda x: layers.max_pool(x, window).sum()))(x))

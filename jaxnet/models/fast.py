@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.layers import Conv
+from jaxnet.layers import Conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -47,7 +47,7 @@ class ConvGroup(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv(self.features, (3, 3))(x)
-        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = max_pool(x, 2)
         x = nn.gelu(self.norm()(x), approximate=False)
         x = self.conv(self.features, (3, 3))(x)
         return nn.gelu(self.norm()(x), approximate=False)
@@ -77,7 +77,7 @@ class FastNet(nn.Module):
         x = nn.gelu(x, approximate=False)
         for width in self.widths:
             x = ConvGroup(width, conv=conv, norm=norm)(x)
-        x = nn.max_pool(x, window_shape=x.shape[1:3], strides=x.shape[1:3])
+        x = max_pool(x, x.shape[1])
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_conv_init, name="head")(x)
         return (x * self.scale).astype(jnp.float32)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.layers import Conv
+from jaxnet.layers import Conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -38,7 +38,7 @@ class PlainCNN(nn.Module):
         norm = partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
         for width in self.widths:
             x = nn.relu(norm()(conv(width)(x)))
-            x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+            x = max_pool(x, 2)
         x = nn.relu(norm()(conv(self.widths[-1])(x)))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
