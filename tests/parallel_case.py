@@ -10,12 +10,13 @@ from jaxnet import models, train
 
 def global_batch(n: int = 16) -> dict:
     rng = np.random.default_rng(0)
-    return {"image": rng.normal(size=(n, 16, 16, 3)).astype(np.float32),
+    return {"image": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
             "label": rng.integers(0, 10, n).astype(np.int32)}
 
 
 def initial_state(model=None):
-    return train.create_train_state(model or models.ResNetTiny(), jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
+    """The smoke config's model (FastNetTiny) unless another is given."""
+    return train.create_train_state(model or models.FastNetTiny(), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                     optax.sgd(0.1, momentum=0.9))
 
 

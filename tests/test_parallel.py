@@ -40,7 +40,7 @@ def _three_steps(kind: str, model=None, batch=None):
 
 @pytest.fixture(scope="module")
 def runs():
-    pmap_model = models.ResNetTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS))
+    pmap_model = models.FastNetTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS))
     return {"one": _three_steps("one"), "jit8": _three_steps("jit8"), "pmap8": _three_steps("pmap8", pmap_model)}
 
 
