@@ -3,17 +3,13 @@ op each impl lowered to (after XLA's optimisations). Pallas runs in interpret mo
 path, expected slow). The measured winners feed `jaxnet.ops.conv.AUTO_TABLE`.
 
     python -m benchmarks.conv_impls [--batch 64] [--repeats 5] [--impls xla,im2col,pallas]
-        [--xla-cpu-conv eigen|ynnpack] [--no-record]
+        [--layers 1x1] [--xla-cpu-conv eigen|ynnpack] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
-
-XLA_CPU_CONV = {"eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "ynnpack": ""}
 
 
 def _parse() -> argparse.Namespace:
@@ -21,16 +17,17 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default="xla,im2col,pallas")
-    p.add_argument("--xla-cpu-conv", default="eigen", choices=tuple(XLA_CPU_CONV))
+    p.add_argument("--layers", default="", help="only layers whose label contains this text, e.g. 1x1")
+    p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
     p.add_argument("--no-record", action="store_true")
     return p.parse_args()
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None:
-    if "jax" in sys.modules:
-        raise SystemExit("error: run this benchmark as a script; XLA flags must be set before JAX starts")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_CONV[ARGS.xla_cpu_conv]}".strip()
+if ARGS is not None:  # XLA reads its flags once, when JAX starts its backends
+    from jaxnet import compiler
+
+    compiler.set_cpu_conv(ARGS.xla_cpu_conv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -38,13 +35,15 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.common import append_results, median_seconds  # noqa: E402
 from jaxnet.ops import conv2d  # noqa: E402
 
-# (label, H=W, C_in, C_out, kernel, stride): the conv layers of ResNet-18 (CIFAR stem) and FastNet.
+# (label, H=W, C_in, C_out, kernel, stride): the conv layers of ResNet-18 (CIFAR stem) and FastNet, and
+# ResNet-50's bottleneck 1×1s.
 SHAPES = [
     ("resnet18 stage1 3x3", 32, 64, 64, 3, 1), ("resnet18 stage2 3x3/2", 32, 64, 128, 3, 2),
     ("resnet18 stage2 3x3", 16, 128, 128, 3, 1), ("resnet18 stage3 3x3", 8, 256, 256, 3, 1),
     ("resnet18 stage4 3x3", 4, 512, 512, 3, 1), ("resnet18 proj 1x1/2", 32, 64, 128, 1, 2),
     ("fastnet block1 3x3", 31, 24, 64, 3, 1), ("fastnet block2 3x3", 15, 64, 256, 3, 1),
     ("fastnet block3 3x3", 7, 256, 256, 3, 1),
+    ("resnet50 1x1 reduce", 16, 512, 128, 1, 1), ("resnet50 1x1 expand", 16, 128, 512, 1, 1),
 ]
 
 
@@ -62,7 +61,7 @@ def lowered_ops(fn, *args) -> str:
 def main() -> None:
     args = ARGS
     rows = ["| layer | shape (B,H,W,C→O) | impl | fwd+bwd ms | GFLOP/s | lowered to |", "|" + " --- |" * 6]
-    for label, hw, cin, cout, k, s in SHAPES:
+    for label, hw, cin, cout, k, s in (shape for shape in SHAPES if args.layers in shape[0]):
         x = jax.random.normal(jax.random.key(0), (args.batch, hw, hw, cin))
         w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
         out_hw = -(-hw // s)

@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-
-XLA_CPU_CONV = {"eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "ynnpack": ""}
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
-    p.add_argument("--xla-cpu-conv", default="eigen", choices=tuple(XLA_CPU_CONV))
+    p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of both (jaxnet: model dtype, fp32 params; PyTorch: autocast)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -33,10 +30,10 @@ def _parse() -> argparse.Namespace:
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None:  # XLA reads its flags once, when JAX starts
-    if "jax" in sys.modules:
-        raise SystemExit("error: run this benchmark as a script; XLA flags must be set before JAX starts")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_CPU_CONV[ARGS.xla_cpu_conv]}".strip()
+if ARGS is not None:  # XLA reads its flags once, when JAX starts its backends
+    from jaxnet import compiler
+
+    compiler.set_cpu_conv(ARGS.xla_cpu_conv)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -22,13 +22,6 @@ from pathlib import Path
 
 from experiments import configs
 
-XLA_CPU_CONV_FLAGS = {
-    # XLA's default: convolutions through YNNPACK.
-    "ynnpack": "",
-    # Convolutions through Eigen (XLA's older CPU path): 2-3x faster training steps on the CPUs measured here.
-    "eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
-}
-
 
 class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit code 2."""
@@ -51,15 +44,6 @@ def apply_overrides(config, overrides: list[str]):
             raise UsageError(f"override {key}={text}: expected a {type(old).__name__}")
         config[key] = type(old)(value) if isinstance(old, (float, tuple)) else value
     return config
-
-
-def set_xla_flags(xla_cpu_conv: str) -> None:
-    """Put the CPU-conv choice into XLA_FLAGS; must run before JAX initialises its backends."""
-    if xla_cpu_conv not in XLA_CPU_CONV_FLAGS:
-        raise UsageError(f"xla_cpu_conv must be one of {', '.join(XLA_CPU_CONV_FLAGS)}, got {xla_cpu_conv!r}")
-    flags = XLA_CPU_CONV_FLAGS[xla_cpu_conv]
-    if flags and flags not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
 
 # ---- from config to library objects (JAX is imported from here on) ----
@@ -395,17 +379,15 @@ def main(argv: list[str] | None = None) -> int:
             return predict(args.workdir, args.images)
         args = _train_parser().parse_args(argv)
         config = apply_overrides(configs.get_config(args.config), args.overrides)
-        set_xla_flags(config.xla_cpu_conv)
-        from jaxnet import parallel  # JAX starts here, after XLA_FLAGS are set
+        from jaxnet import compiler, parallel
+
+        compiler.set_cpu_conv(config.xla_cpu_conv)  # before anything starts JAX's backends
 
         if args.coordinator or args.num_processes or args.process_id is not None:
             parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
             parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})
         if args.compilation_cache:
-            import jax
-
-            jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            compiler.enable_compilation_cache(args.compilation_cache)
         export = tuple(f for f in args.export.split(",") if f)
         if set(export) - {"jax", "onnx"}:
             raise UsageError(f"--export takes jax and/or onnx, got {args.export!r}")

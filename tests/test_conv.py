@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxnet.ops import IMPLS, conv2d, conv2d_reference
+from jaxnet.ops import conv as conv_ops
 
 # (N, H, W, C, O, K, strides, padding, dilation, groups): stride, padding style, dilation and groups each vary.
 CASES = [
@@ -83,6 +84,25 @@ def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
     assert ("stablehlo.convolution" in fwd) == has_conv and ("stablehlo.dot_general" in fwd) == has_dot
     bwd = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=2, impl=impl).sum(), argnums=(0, 1))).lower(x, w)
     assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
+
+
+def test_auto_follows_the_measured_table_per_platform():
+    assert conv_ops.AUTO_TABLE["cpu"], "the CPU table has rows"
+    for kernel, strides, impl in conv_ops.AUTO_TABLE["cpu"]:
+        assert conv_ops.auto_impl("cpu", kernel, strides) == impl
+    assert conv_ops.auto_impl("cpu", (3, 3), (1, 1)) == "xla"
+    assert conv_ops.auto_impl("cuda", (1, 1), (2, 2)) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
+
+
+@pytest.mark.parametrize("kernel,strides", [(1, 2), (3, 1)])
+def test_auto_compiles_to_the_cpu_choice_only(kernel, strides):
+    """The platform switch is resolved at compilation: the CPU program holds the chosen impl's ops alone."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
+    grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=strides, impl="auto").sum(), argnums=(0, 1)))
+    hlo = grad.lower(x, w).compile().as_text()
+    chosen = conv_ops.auto_impl("cpu", (kernel, kernel), (strides, strides))
+    assert ("convolution(" in hlo) == (chosen == "xla") and "conditional(" not in hlo
 
 
 def test_pallas_forward_is_a_pallas_kernel():

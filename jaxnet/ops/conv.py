@@ -14,9 +14,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl: TypeAlias = Literal["xla", "im2col", "pallas"]
-IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas")
+Impl: TypeAlias = Literal["xla", "im2col", "pallas", "auto"]
+IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas", "auto")
 DEFAULT_IMPL: Impl = "xla"
+
+# What "auto" runs: per platform, the impl of the first row whose kernel size and strides match the layer,
+# else "xla". Rows are the measured winners of `python -m benchmarks.conv_impls` (forward + both gradients,
+# batch 64; benchmarks/RESULTS.md, "Conv implementations", 2026-11-26, 2-core AMD EPYC, eigen CPU convs).
+# A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
+AUTO_TABLE: dict[str, tuple[tuple[tuple[int, int], tuple[int, int], Impl], ...]] = {
+    # A strided 1×1 (ResNet projection) is a strided slice + one dot: 1.5× faster than XLA's conv there.
+    # Every 3×3 and the unstrided 1×1s measured went to XLA's conv (1.2–2.8× faster than im2col).
+    "cpu": (((1, 1), (2, 2), "im2col"),),
+}
 
 Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -85,7 +95,8 @@ def conv2d(
       strides, dilation: an int or (h, w) pair (dilation is of the kernel).
       padding: "SAME", "VALID", an int, (ph, pw), or ((top, bottom), (left, right)).
       groups: feature groups; C and O must divide by it.
-      impl: a name from `IMPLS`, or None for `DEFAULT_IMPL`.
+      impl: a name from `IMPLS`, or None for `DEFAULT_IMPL`. "auto" runs `auto_impl` of the platform the
+        program is lowered for (chosen at lowering by `lax.platform_dependent`, not in Python).
 
     Returns:
       (N, H', W', O) in the promoted dtype of x and w.
@@ -96,7 +107,19 @@ def conv2d(
     _check(x, w, groups)
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], strides, dilation, x.shape[1:3])
-    match DEFAULT_IMPL if impl is None else impl:
+    return _run(DEFAULT_IMPL if impl is None else impl, x, w, strides, pads, dilation, groups)
+
+
+def auto_impl(platform: str | None, kernel_hw: tuple[int, int], strides: tuple[int, int]) -> Impl:
+    """The impl "auto" runs on `platform` ("cpu", "cuda", ...) for a layer: the first matching `AUTO_TABLE` row."""
+    for kernel, row_strides, impl in AUTO_TABLE.get(platform, ()):
+        if tuple(kernel_hw) == kernel and tuple(strides) == row_strides:
+            return impl
+    return "xla"
+
+
+def _run(impl, x, w, strides, pads, dilation, groups):
+    match impl:
         case "xla":
             return _xla(x, w, strides, pads, dilation, groups)
         case "im2col":
@@ -106,6 +129,11 @@ def conv2d(
                 raise ValueError(f"conv impl 'pallas' supports groups=1 and dilation 1 only, got groups={groups}, "
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
+        case "auto":
+            def on(platform):
+                return partial(_run, auto_impl(platform, w.shape[:2], strides), strides=strides, pads=pads,
+                               dilation=dilation, groups=groups)
+            return lax.platform_dependent(x, w, default=on(None), **{p: on(p) for p in AUTO_TABLE})
         case other:
             raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
 

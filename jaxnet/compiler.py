@@ -1,0 +1,42 @@
+"""XLA compiler options chosen per run: the library behind XLA's CPU convolutions, and the persistent
+compilation cache. Both must be set before JAX starts its backends (the first array or device query)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent in jax 0.10
+
+CPU_CONV_FLAGS = {
+    # XLA's default: convolutions through YNNPACK.
+    "ynnpack": "",
+    # Convolutions through Eigen (XLA's older CPU path): 2-3x faster training steps on the CPUs measured here
+    # (benchmarks/RESULTS.md, "Train step"); the flag needs the full enum name.
+    "eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+def set_cpu_conv(name: str) -> None:
+    """Route XLA's CPU convolutions to `name` ("eigen" or "ynnpack") by adding its flag to XLA_FLAGS.
+
+    Raises:
+      ValueError: an unknown name.
+      RuntimeError: JAX's backends have started already, so the flag could no longer take effect.
+    """
+    if name not in CPU_CONV_FLAGS:
+        raise ValueError(f"xla_cpu_conv must be one of {', '.join(CPU_CONV_FLAGS)}, got {name!r}")
+    flags = CPU_CONV_FLAGS[name]
+    current = os.environ.get("XLA_FLAGS", "")
+    if not flags or flags in current:
+        return
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(f"xla_cpu_conv={name} must be chosen before JAX starts its backends; set it first")
+    os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> None:
+    """Keep compiled executables in `directory` (XLA's persistent cache), so a later run of the same
+    program skips compilation. Every compilation is cached, however short."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
