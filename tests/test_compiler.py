@@ -1,5 +1,5 @@
-"""Per-run XLA options: the CPU-conv choice reaches XLA_FLAGS before JAX starts (and XLA accepts the flag),
-is refused after, and names the valid choices when unknown."""
+"""Per-run XLA options: the CPU-conv choice reaches XLA before JAX starts and changes the compiled program, is
+refused after, and names the valid choices when unknown."""
 
 import os
 import subprocess
@@ -28,12 +28,23 @@ def test_cpu_conv_after_the_backends_started_is_refused(monkeypatch):
     compiler.set_cpu_conv("ynnpack")  # XLA's default needs no flag, so it is never refused
 
 
-def test_eigen_flag_is_set_before_start_and_accepted_by_xla():
-    """XLA aborts the process on a flag it does not know, so a started backend proves the name is right."""
-    code = ("import os; from jaxnet import compiler; compiler.set_cpu_conv('eigen'); import jax; "
-            "print(jax.devices()[0].platform, os.environ['XLA_FLAGS'])")
+PROBE = """
+import os, sys, jax, jax.numpy as jnp
+from jaxnet import compiler
+from jaxnet.ops import conv2d
+compiler.set_cpu_conv(sys.argv[1])
+grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w).sum(), argnums=(0, 1)))
+hlo = grad.lower(jnp.ones((8, 16, 16, 64)), jnp.ones((3, 3, 64, 64))).compile().as_text()
+print(os.environ.get("XLA_FLAGS", "") == compiler.CPU_CONV_FLAGS[sys.argv[1]], "__ynn_fusion" in hlo)
+"""
+
+
+@pytest.mark.parametrize("name,uses_ynnpack", [("eigen", False), ("ynnpack", True)])
+def test_cpu_conv_choice_reaches_the_compiled_program(name, uses_ynnpack):
+    """In a fresh process: the flag is set before JAX starts, XLA accepts it (it aborts on unknown flags), and
+    the compiled conv gradient uses YNNPACK fusions only when ynnpack is chosen."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", PROBE, name], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["cpu", compiler.CPU_CONV_FLAGS["eigen"]]
+    assert result.stdout.split() == ["True", str(uses_ynnpack)]
