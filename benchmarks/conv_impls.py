@@ -35,15 +35,16 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.common import append_results, median_seconds  # noqa: E402
 from jaxnet.ops import conv2d  # noqa: E402
 
-# (label, H=W, C_in, C_out, kernel, stride): the conv layers of ResNet-18 (CIFAR stem) and FastNet, and
-# ResNet-50's bottleneck 1×1s.
+# (label, H=W, C_in, C_out, kernel, stride): the conv layers of ResNet-18 (CIFAR stem) and FastNet, ResNet-50's
+# bottleneck 1×1s, and PlainCNN's last two (a 3×3 kernel larger than its 2×2 input).
 SHAPES = [
     ("resnet18 stage1 3x3", 32, 64, 64, 3, 1), ("resnet18 stage2 3x3/2", 32, 64, 128, 3, 2),
     ("resnet18 stage2 3x3", 16, 128, 128, 3, 1), ("resnet18 stage3 3x3", 8, 256, 256, 3, 1),
     ("resnet18 stage4 3x3", 4, 512, 512, 3, 1), ("resnet18 proj 1x1/2", 32, 64, 128, 1, 2),
     ("fastnet block1 3x3", 31, 24, 64, 3, 1), ("fastnet block2 3x3", 15, 64, 256, 3, 1),
-    ("fastnet block3 3x3", 7, 256, 256, 3, 1),
+    ("fastnet block3 3x3", 7, 256, 256, 3, 1), ("fastnet block3 3x3 on 3x3", 3, 256, 256, 3, 1),
     ("resnet50 1x1 reduce", 16, 512, 128, 1, 1), ("resnet50 1x1 expand", 16, 128, 512, 1, 1),
+    ("plain conv4 3x3", 4, 128, 256, 3, 1), ("plain conv5 3x3 on 2x2", 2, 256, 256, 3, 1),
 ]
 
 

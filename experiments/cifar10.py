@@ -48,14 +48,15 @@ def apply_overrides(config, overrides: list[str]):
 
 # ---- from config to library objects (JAX is imported from here on) ----
 
-def build_model(config, *, bn_axis_name: str | None = None):
-    """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis."""
+def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None):
+    """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
+    `conv_impl` replaces the config's (the parameters are the same for every impl)."""
     import flax.linen as nn
     import jax.numpy as jnp
 
     from jaxnet import layers, models
 
-    conv = partial(layers.Conv, impl=config.conv_impl)
+    conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
     norm = partial(nn.BatchNorm, axis_name=bn_axis_name)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
@@ -168,7 +169,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     import numpy as np
 
     import jaxnet
-    from jaxnet import checkpoint, data as data_lib, export as export_lib, loop, models, parallel, profiling
+    from jaxnet import checkpoint, data as data_lib, loop, models, parallel, profiling
     from jaxnet.metrics import MetricWriter, plot_curves
 
     t0 = time.perf_counter()
@@ -273,13 +274,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     if main_process:
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
     if export and main_process:
-        fn = export_lib.inference_fn(final, mean=config.mean, std=config.std)
-        for fmt in export:
-            match fmt:
-                case "jax":
-                    exported["jax"] = str(export_lib.export_jax(fn, workdir / "model.jaxexport"))
-                case "onnx":
-                    exported["onnx"] = str(export_lib.export_onnx(fn, workdir / "model.onnx"))
+        exported = export_model(final, config, workdir, export)
     steady = result.steady_step_seconds
     peak = peak_flops or profiling.DEFAULT_PEAK_FLOPS.get(jax.default_backend())
     summary = {
@@ -299,6 +294,27 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     if main_process:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def export_model(state, config, workdir, formats) -> dict[str, str]:
+    """Write the inference function of `state` (a model of `config`) in each of `formats` ("jax", "onnx") to
+    `workdir`; returns {format: path}. ONNX has no platform switch, so conv impl "auto" goes out there as
+    XLA's conv (the same function and parameters)."""
+    from jaxnet import export as export_lib
+
+    exported = {}
+    for fmt in formats:
+        match fmt:
+            case "jax":
+                fn = export_lib.inference_fn(state, mean=config.mean, std=config.std)
+                exported["jax"] = str(export_lib.export_jax(fn, Path(workdir) / "model.jaxexport"))
+            case "onnx":
+                fixed = state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
+                fn = export_lib.inference_fn(fixed, mean=config.mean, std=config.std)
+                exported["onnx"] = str(export_lib.export_onnx(fn, Path(workdir) / "model.onnx"))
+            case other:
+                raise UsageError(f"--export takes jax and/or onnx, got {other!r}")
+    return exported
 
 
 # ---- command line ----

@@ -43,13 +43,22 @@ def load_jax(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
 
 
 def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3)) -> Path:
-    """Convert `fn` to ONNX at `path` with a dynamic batch dimension (needs the `onnx` extra)."""
+    """Convert `fn` to ONNX at `path` with a dynamic batch dimension (needs the `onnx` extra).
+
+    Raises:
+      RuntimeError: the extra is missing, or `fn` holds an op jax2onnx cannot convert — among them the
+        platform switch of conv impl "auto": export a model built with a fixed impl (same parameters).
+    """
     try:
         from jax2onnx import to_onnx
     except ImportError as e:
         raise RuntimeError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
     spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("B")[0], *image_shape), jnp.uint8)
-    model = to_onnx(fn, [spec], model_name="jaxnet")
+    try:
+        model = to_onnx(fn, [spec], model_name="jaxnet")
+    except NotImplementedError as e:
+        raise RuntimeError(f"ONNX export: {str(e).splitlines()[0]} (conv impl 'auto' is a platform switch ONNX "
+                           f"cannot hold: build the model with a fixed impl, e.g. 'xla')") from None
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(model.SerializeToString())

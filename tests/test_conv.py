@@ -18,6 +18,7 @@ CASES = [
     (1, 7, 7, 6, 6, 3, (2, 1), ((1, 2), (0, 1)), 1, 3),
     (2, 8, 8, 2, 3, 2, 1, 1, (1, 2), 1),
     (1, 12, 12, 3, 4, 7, 2, 3, 1, 1),
+    (2, 2, 2, 4, 5, 3, 1, "SAME", 1, 1),  # kernel larger than the input (PlainCNN's last conv)
 ]
 
 
@@ -86,22 +87,26 @@ def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
     assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
 
 
-def test_auto_follows_the_measured_table_per_platform():
-    assert conv_ops.AUTO_TABLE["cpu"], "the CPU table has rows"
-    for kernel, strides, impl in conv_ops.AUTO_TABLE["cpu"]:
-        assert conv_ops.auto_impl("cpu", kernel, strides) == impl
-    assert conv_ops.auto_impl("cpu", (3, 3), (1, 1)) == "xla"
-    assert conv_ops.auto_impl("cuda", (1, 1), (2, 2)) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
+@pytest.mark.parametrize("in_hw,kernel,strides,cpu_impl", [
+    (2, 3, 1, "im2col"),   # PlainCNN's last conv: kernel larger than the input
+    (3, 3, 1, "xla"),      # FastNet's last: as large as the input
+    (32, 1, 2, "im2col"),  # ResNet projection: strided 1x1
+    (16, 1, 1, "xla"), (32, 3, 2, "xla"),
+])
+def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, cpu_impl):
+    layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides))
+    assert conv_ops.auto_impl("cpu", layer) == cpu_impl
+    assert conv_ops.auto_impl("cuda", layer) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
 
 
-@pytest.mark.parametrize("kernel,strides", [(1, 2), (3, 1)])
-def test_auto_compiles_to_the_cpu_choice_only(kernel, strides):
+@pytest.mark.parametrize("hw,kernel,strides", [(8, 1, 2), (8, 3, 1), (2, 3, 1)])
+def test_auto_compiles_to_the_cpu_choice_only(hw, kernel, strides):
     """The platform switch is resolved at compilation: the CPU program holds the chosen impl's ops alone."""
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw, 4))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
     grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=strides, impl="auto").sum(), argnums=(0, 1)))
     hlo = grad.lower(x, w).compile().as_text()
-    chosen = conv_ops.auto_impl("cpu", (kernel, kernel), (strides, strides))
+    chosen = conv_ops.auto_impl("cpu", conv_ops.Layer((hw, hw), (kernel, kernel), (strides, strides)))
     assert ("convolution(" in hlo) == (chosen == "xla") and "conditional(" not in hlo
 
 

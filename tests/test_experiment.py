@@ -200,21 +200,28 @@ def test_jax_export_round_trip_equals_the_live_model(tmp_path, dataset):
         chex.assert_trees_all_close(loaded(images), fn(jnp.asarray(images)), rtol=1e-5, atol=1e-6)
 
 
-def test_onnx_export_matches_the_live_model(tmp_path):
+def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
+    """PlainCNN's last conv (3x3 on 2x2) is one that "auto" runs as im2col on CPU, through a platform switch
+    ONNX cannot express: the jax export keeps it, the ONNX export writes the same function with XLA's conv."""
     import jax.numpy as jnp
 
     ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
     pytest.importorskip("jax2onnx", reason="ONNX export needs the onnx extra")
     import jaxnet
-    from jaxnet import models
 
-    state = jaxnet.create_train_state(models.FastNetTiny(), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    config = smoke(model="plain_tiny", conv_impl="auto")
+    state = jaxnet.create_train_state(cifar10.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                       jaxnet.sgd(0.1))
-    fn = export.inference_fn(state, mean=(0.5,) * 3, std=(0.25,) * 3)
-    session = ort.InferenceSession(str(export.export_onnx(fn, tmp_path / "m.onnx")))
+    paths = cifar10.export_model(state, config, tmp_path, ("jax", "onnx"))
+    live = export.inference_fn(state, mean=config.mean, std=config.std)
     images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
-    out = session.run(None, {session.get_inputs()[0].name: images})[0]
-    np.testing.assert_allclose(out, np.asarray(fn(jnp.asarray(images))), atol=1e-4)
+    expected = np.asarray(live(jnp.asarray(images)))
+    session = ort.InferenceSession(paths["onnx"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images})[0], expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(export.load_jax(paths["jax"])(images)), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="conv impl 'auto' is a platform switch"):
+        export.export_onnx(live, tmp_path / "auto.onnx")
+    assert not (tmp_path / "auto.onnx").exists()
 
 
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):

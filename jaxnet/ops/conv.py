@@ -1,14 +1,15 @@
 """2-D convolution over NHWC inputs and HWIO kernels, with named implementations and a plain reference.
 
 Every implementation in `IMPLS` computes the same function as `conv2d_reference`; tests compare them
-forward and in gradient. The implementation is chosen by name, outside traced code.
+forward and in gradient. The implementation is chosen by name, outside traced code; "auto" picks the
+measured winner for the layer's shape on the platform the program is lowered for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Literal, TypeAlias
+from typing import Literal, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +19,29 @@ Impl: TypeAlias = Literal["xla", "im2col", "pallas", "auto"]
 IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas", "auto")
 DEFAULT_IMPL: Impl = "xla"
 
-# What "auto" runs: per platform, the impl of the first row whose kernel size and strides match the layer,
-# else "xla". Rows are the measured winners of `python -m benchmarks.conv_impls` (forward + both gradients,
-# batch 64; benchmarks/RESULTS.md, "Conv implementations", 2026-11-26, 2-core AMD EPYC, eigen CPU convs).
-# A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
-AUTO_TABLE: dict[str, tuple[tuple[tuple[int, int], tuple[int, int], Impl], ...]] = {
-    # A strided 1×1 (ResNet projection) is a strided slice + one dot: 1.5× faster than XLA's conv there.
-    # Every 3×3 and the unstrided 1×1s measured went to XLA's conv (1.2–2.8× faster than im2col).
-    "cpu": (((1, 1), (2, 2), "im2col"),),
-}
 
+class Layer(NamedTuple):
+    """What "auto" looks at: the unpadded input's (H, W), the kernel's (KH, KW) and the strides."""
+
+    in_hw: tuple[int, int]
+    kernel_hw: tuple[int, int]
+    strides: tuple[int, int]
+
+
+# What "auto" runs: per platform, the impl of the first row whose test holds for the layer, else "xla". Rows are
+# the measured winners of `python -m benchmarks.conv_impls` (forward + both gradients; benchmarks/RESULTS.md,
+# "Conv implementations", 2026-11-26, 2-core AMD EPYC, eigen CPU convs), where XLA's conv lost to im2col.
+# A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
+AUTO_TABLE: dict[str, tuple[tuple[str, Callable[[Layer], bool], Impl], ...]] = {
+    "cpu": (
+        # XLA swaps such a conv's operands (the activations become the kernel) into a conv Eigen runs 12-27x
+        # slower than im2col's dot: PlainCNN's last 3x3 on a 2x2 map.
+        ("kernel larger than the input", lambda l: l.in_hw[0] < l.kernel_hw[0] or l.in_hw[1] < l.kernel_hw[1],
+         "im2col"),
+        # A strided slice + one dot: 1.5x XLA's conv on ResNet-18's projection.
+        ("strided 1x1", lambda l: l.kernel_hw == (1, 1) and l.strides != (1, 1), "im2col"),
+    ),
+}
 Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
@@ -110,10 +124,10 @@ def conv2d(
     return _run(DEFAULT_IMPL if impl is None else impl, x, w, strides, pads, dilation, groups)
 
 
-def auto_impl(platform: str | None, kernel_hw: tuple[int, int], strides: tuple[int, int]) -> Impl:
-    """The impl "auto" runs on `platform` ("cpu", "cuda", ...) for a layer: the first matching `AUTO_TABLE` row."""
-    for kernel, row_strides, impl in AUTO_TABLE.get(platform, ()):
-        if tuple(kernel_hw) == kernel and tuple(strides) == row_strides:
+def auto_impl(platform: str | None, layer: Layer) -> Impl:
+    """The impl "auto" runs on `platform` ("cpu", "cuda", ...) for `layer`: the first matching `AUTO_TABLE` row."""
+    for _, applies, impl in AUTO_TABLE.get(platform, ()):
+        if applies(layer):
             return impl
     return "xla"
 
@@ -130,9 +144,11 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
         case "auto":
+            layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides)
+
             def on(platform):
-                return partial(_run, auto_impl(platform, w.shape[:2], strides), strides=strides, pads=pads,
-                               dilation=dilation, groups=groups)
+                return partial(_run, auto_impl(platform, layer), strides=strides, pads=pads, dilation=dilation,
+                               groups=groups)
             return lax.platform_dependent(x, w, default=on(None), **{p: on(p) for p in AUTO_TABLE})
         case other:
             raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
