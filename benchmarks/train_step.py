@@ -6,7 +6,8 @@ median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster
 GEMM peak measured in the same run. Needs the `bench` extra (PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
-        [--xla-cpu-conv eigen|ynnpack] [--dtype float32|bfloat16] [--torch-threads 2] [--no-record]
+        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto|xla|im2col] [--dtype float32|bfloat16]
+        [--torch-threads 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 
 def _parse() -> argparse.Namespace:
@@ -22,6 +24,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
+    p.add_argument("--conv-impl", default="auto", help="jaxnet conv impl of the models (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of both (jaxnet: model dtype, fp32 params; PyTorch: autocast)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -41,7 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import append_results  # noqa: E402
-from jaxnet import models, parallel, train  # noqa: E402
+from jaxnet import layers, models, parallel, train  # noqa: E402
 
 # name → (jaxnet constructor, batch)
 JAX_MODELS = {"resnet18": (models.ResNet18, 256), "fastnet": (models.FastNet, 512),
@@ -95,9 +98,10 @@ def torch_model(name: str):
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
 
 
-def jax_runner(name: str, dtype):
+def jax_runner(name: str, dtype, conv_impl: str):
     cls, batch = JAX_MODELS[name]
-    state = train.create_train_state(cls(num_classes=10, dtype=dtype), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    model = cls(num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl))
+    state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                      optax.sgd(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
     data = jax.device_put({"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
@@ -160,7 +164,7 @@ def main() -> None:
     for name in args.models.split(","):
         if name not in JAX_MODELS:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
-        jrun, batch, flops = jax_runner(name, dtype)
+        jrun, batch, flops = jax_runner(name, dtype, args.conv_impl)
         trun = torch_runner(name, args.dtype == "bfloat16")
         first = _timed(jrun)  # compile + one step
         for _ in range(2):  # warm-up both
@@ -179,8 +183,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     notes = (f"fp32 GEMM peak measured in this run: {peak / 1e9:.0f} GFLOP/s (JAX, 2048²). dtype {args.dtype}; "
-             f"XLA CPU convs: {args.xla_cpu_conv}; PyTorch {torch.__version__} eager, channels_last, "
-             f"{args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step.")
+             f"XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; PyTorch {torch.__version__} "
+             f"eager, channels_last, {args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step.")
     print(table)
     print(notes)
     if not args.no_record:

@@ -1,7 +1,12 @@
 """Test-wide JAX setup, applied before JAX initialises its backends: 8 fake CPU devices (so sharding code
-runs on one machine), strict rank promotion (implicit broadcasting of mismatched ranks is a bug here)."""
+runs on one machine), strict rank promotion (implicit broadcasting of mismatched ranks is a bug here), and
+one persistent compilation cache for the session, so the many runs of the same tiny programs (resume,
+device counts, export round trips) compile once."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
@@ -9,4 +14,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must follow the environment set above)
 
+from jaxnet import compiler  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+_CACHE = tempfile.mkdtemp(prefix="jaxnet-tests-xla-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+compiler.enable_compilation_cache(_CACHE)
