@@ -320,6 +320,8 @@ def export_model(state, config, workdir, formats) -> dict[str, str]:
 # ---- command line ----
 
 def _train_parser() -> argparse.ArgumentParser:
+    from jaxnet.data import default_cache_dir
+
     p = argparse.ArgumentParser(
         prog="python -m experiments.cifar10",
         description="Train and evaluate on CIFAR-10. Subcommand: `predict --workdir W IMAGE...` classifies "
@@ -345,7 +347,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    "xprof, extra 'profile', or summarize: python -m jaxnet.profiling summarize DIR)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for the MFU in the summary "
                    "(default: 0.166 on CPU, 989 on GPU, 197 on TPU)")
-    p.add_argument("--compilation-cache", default=str(Path("~/.cache/jaxnet/xla").expanduser()), metavar="DIR",
+    p.add_argument("--compilation-cache", default=str(default_cache_dir() / "xla"), metavar="DIR",
                    help="persistent XLA compilation cache, so a second run starts without compiling "
                    "(default: %(default)s; '' turns it off)")
     return p
