@@ -43,6 +43,7 @@ AUTO_TABLE: dict[str, tuple[tuple[str, Callable[[Layer], bool], Impl], ...]] = {
         ("strided 1x1", lambda l: l.kernel_hw == (1, 1) and l.strides != (1, 1), "im2col"),
     ),
 }
+
 Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
@@ -150,6 +151,7 @@ def _run(impl, x, w, strides, pads, dilation, groups):
             def on(platform):
                 return partial(_run, auto_impl(platform, layer), strides=strides, pads=pads, dilation=dilation,
                                groups=groups)
+
             return lax.platform_dependent(x, w, default=on(None), **{p: on(p) for p in AUTO_TABLE})
         case other:
             raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
