@@ -21,20 +21,19 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from functools import partial  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.common import append_results  # noqa: E402
-from jaxnet import models, parallel, train  # noqa: E402
+from jaxnet import layers, models, parallel, train  # noqa: E402
 
 MODELS = {"fastnet_tiny": models.FastNetTiny, "fastnet": models.FastNet}
 
 
 def make(kind: str, model_cls, batch):
-    norm = partial(nn.BatchNorm, axis_name=parallel.AXIS) if kind == "pmap, 8" else nn.BatchNorm
+    norm = partial(layers.BatchNorm, axis_name=parallel.AXIS if kind == "pmap, 8" else None)
     state = train.create_train_state(model_cls(norm=norm), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                      optax.sgd(0.01, momentum=0.9))
     match kind:

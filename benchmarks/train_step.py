@@ -6,7 +6,7 @@ median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster
 GEMM peak measured in the same run. Needs the `bench` extra (PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
-        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto|xla|im2col] [--dtype float32|bfloat16]
+        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto|xla|im2col] [--norm jaxnet|flax] [--dtype float32|bfloat16]
         [--torch-threads 2] [--no-record]
 """
 
@@ -25,6 +25,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
     p.add_argument("--conv-impl", default="auto", help="jaxnet conv impl of the models (default: %(default)s)")
+    p.add_argument("--norm", default="jaxnet", choices=("jaxnet", "flax"),
+                   help="BatchNorm of the jaxnet models: jaxnet.layers.BatchNorm or flax.linen.BatchNorm")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of both (jaxnet: model dtype, fp32 params; PyTorch: autocast)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
@@ -38,6 +40,7 @@ if ARGS is not None:  # XLA reads its flags once, when JAX starts its backends
 
     compiler.set_cpu_conv(ARGS.xla_cpu_conv)
 
+import flax.linen  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -98,9 +101,10 @@ def torch_model(name: str):
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
 
 
-def jax_runner(name: str, dtype, conv_impl: str):
+def jax_runner(name: str, dtype, conv_impl: str, norm: str):
     cls, batch = JAX_MODELS[name]
-    model = cls(num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl))
+    model = cls(num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl),
+                norm={"jaxnet": layers.BatchNorm, "flax": flax.linen.BatchNorm}[norm])
     state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                      optax.sgd(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
@@ -164,7 +168,7 @@ def main() -> None:
     for name in args.models.split(","):
         if name not in JAX_MODELS:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
-        jrun, batch, flops = jax_runner(name, dtype, args.conv_impl)
+        jrun, batch, flops = jax_runner(name, dtype, args.conv_impl, args.norm)
         trun = torch_runner(name, args.dtype == "bfloat16")
         first = _timed(jrun)  # compile + one step
         for _ in range(2):  # warm-up both
@@ -183,7 +187,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     notes = (f"fp32 GEMM peak measured in this run: {peak / 1e9:.0f} GFLOP/s (JAX, 2048²). dtype {args.dtype}; "
-             f"XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; PyTorch {torch.__version__} "
+             f"XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch {torch.__version__} "
              f"eager, channels_last, {args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step.")
     print(table)
     print(notes)

@@ -51,13 +51,12 @@ def apply_overrides(config, overrides: list[str]):
 def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None):
     """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
     `conv_impl` replaces the config's (the parameters are the same for every impl)."""
-    import flax.linen as nn
     import jax.numpy as jnp
 
     from jaxnet import layers, models
 
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
-    norm = partial(nn.BatchNorm, axis_name=bn_axis_name)
+    norm = partial(layers.BatchNorm, axis_name=bn_axis_name)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
     if dtype is None:
         raise UsageError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")

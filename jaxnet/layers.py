@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnet.ops import channel as channel_ops
 from jaxnet.ops import conv as conv_ops
 
 
@@ -46,9 +47,51 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = conv_ops.conv2d(x, kernel, strides=self.strides, padding=self.padding, dilation=self.kernel_dilation,
                             groups=self.feature_group_count, impl=self.impl)
-        if bias is not None:
-            y = y + bias.reshape(1, 1, 1, -1)
-        return y
+        return y if bias is None else channel_ops.bias_add(y, bias)
+
+
+class BatchNorm(nn.Module):
+    """Drop-in for `flax.linen.BatchNorm` over the last axis whose training path is `jaxnet.ops.batch_norm`.
+
+    Same fields (those models use), variable names ("params": scale, bias; "batch_stats": mean, var),
+    initialisers, running-average rule and float32 statistics as `nn.BatchNorm`, so checkpoints are
+    interchangeable; faster on CPU, where Flax's autodiffed statistics become slow column reductions
+    (see `jaxnet.ops.channel`). Inference uses the running averages.
+    """
+
+    use_running_average: bool | None = None
+    axis_name: str | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = nn.initializers.zeros_init()
+    scale_init: Any = nn.initializers.ones_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        scale = (self.param("scale", self.scale_init, features, self.param_dtype) if self.use_scale
+                 else jnp.ones(features, jnp.float32))
+        bias = (self.param("bias", self.bias_init, features, self.param_dtype) if self.use_bias
+                else jnp.zeros(features, jnp.float32))
+        dtype = nn.dtypes.canonicalize_dtype(x, *([scale] if self.use_scale else []),
+                                             *([bias] if self.use_bias else []), dtype=self.dtype)
+        if use_running_average:
+            y = channel_ops.normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * scale, bias)
+            return y.astype(dtype)
+        # At init the pmap axis does not exist yet (as in Flax); the running averages keep their initial values.
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = channel_ops.batch_norm(x, scale, bias, self.epsilon, axis_name)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(dtype)
 
 
 def max_pool(x: jax.Array, window: int) -> jax.Array:

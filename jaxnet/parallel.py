@@ -7,7 +7,8 @@ statistics are computed over the *global* batch (SyncBN) with no change to the m
 
 Compatibility path: `pmap_train_step` / `pmap_eval_step` (pmap is in maintenance mode since JAX 0.8 and
 much slower per step here). Gradients and metrics are `pmean`ed over the axis; for global BatchNorm the
-model must be built with `norm=partial(nn.BatchNorm, axis_name=AXIS)`. It gives the jit path's numbers.
+model must be built with `norm=partial(jaxnet.layers.BatchNorm, axis_name=AXIS)` (or Flax's). It gives the jit
+path's numbers.
 """
 
 from __future__ import annotations

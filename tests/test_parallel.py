@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from parallel_case import global_batch, initial_state
 
-from jaxnet import checkpoint, models, parallel, train
+from jaxnet import checkpoint, layers, models, parallel, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def _three_steps(kind: str, model=None, batch=None):
 
 @pytest.fixture(scope="module")
 def runs():
-    pmap_model = models.FastNetTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS))
+    pmap_model = models.FastNetTiny(norm=partial(layers.BatchNorm, axis_name=parallel.AXIS))
     return {"one": _three_steps("one"), "jit8": _three_steps("jit8"), "pmap8": _three_steps("pmap8", pmap_model)}
 
 
@@ -179,7 +179,7 @@ def test_train_step_axis_name_averages_gradients_not_sums():
     """Under pmap each device's gradient is pmean-ed: with 8 equal shards the update equals one device's
     on the global batch (a psum would give 8x the step)."""
     batch = global_batch()
-    state = initial_state(models.PlainCNNTiny(norm=partial(nn.BatchNorm, axis_name=parallel.AXIS)))
+    state = initial_state(models.PlainCNNTiny(norm=partial(layers.BatchNorm, axis_name=parallel.AXIS)))
     ref_state = initial_state(models.PlainCNNTiny())
     one, _ = train.train_step(ref_state, batch)
     many, _ = parallel.pmap_train_step(num_devices=8)(state, batch)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.layers import Conv, max_pool
+from jaxnet.layers import BatchNorm, Conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -63,7 +63,7 @@ class FastNet(nn.Module):
     bn_momentum: float = 0.6
     scale: float = 1 / 9
     conv: ModuleDef = Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm
     dtype: Any = None
 
     @nn.compact

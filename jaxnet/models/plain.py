@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.layers import Conv, max_pool
+from jaxnet.layers import BatchNorm, Conv, max_pool
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -28,7 +28,7 @@ class PlainCNN(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (64, 64, 128, 256)
     conv: ModuleDef = Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm
     dtype: Any = None
 
     @nn.compact

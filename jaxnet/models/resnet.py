@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.layers import Conv
+from jaxnet.layers import BatchNorm, Conv
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -63,7 +63,8 @@ class ResNet(nn.Module):
       num_filters: width of the stem and the first stage.
       stem: "cifar" (3×3 conv, stride 1, no pooling) or "imagenet" (7×7/2 conv + 3×3/2 max-pool).
       conv: conv constructor with `nn.Conv`'s signature (default: jaxnet's `Conv`, default impl).
-      norm: constructor with `nn.BatchNorm`'s keywords `use_running_average`, `momentum`, `epsilon`, `dtype`.
+      norm: constructor with `nn.BatchNorm`'s keywords `use_running_average`, `momentum`, `epsilon`, `dtype`
+        (default: jaxnet's `BatchNorm`).
       dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     """
 
@@ -73,7 +74,7 @@ class ResNet(nn.Module):
     num_filters: int = 64
     stem: Literal["cifar", "imagenet"] = "cifar"
     conv: ModuleDef = Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm
     act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: Any = None
 
