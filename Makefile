@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= smoke
 ARGS   ?=
+# pytest workers (pytest-xdist): XLA compiles each program on one thread, so two workers overlap compilation.
+JOBS   ?= 2
 # The shared CIFAR-10 copy beside the checkout, if present (else $$JAXNET_CIFAR10, then tensorflow-datasets).
 DATA   ?= $(wildcard ../shared/data/cifar10/cifar10-jpeg.tar.gz)
 # A new workdir per run, so that a second `make run` never meets the first one's checkpoints.
@@ -21,7 +23,7 @@ run: $(BIN)/python
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
