@@ -12,7 +12,9 @@ CPU_CONV_FLAGS = {
     # XLA's default: convolutions through YNNPACK.
     "ynnpack": "",
     # Convolutions through Eigen (XLA's older CPU path): 2-3x faster training steps on the CPUs measured here
-    # (benchmarks/RESULTS.md, "Train step"); the flag needs the full enum name.
+    # (benchmarks/RESULTS.md, "Train step"); the flag needs the full enum name. Adding
+    # LIBRARY_FUSION_TYPE_REDUCE would keep reductions on YNNPACK: a lone per-channel sum gets 18x faster, but
+    # PlainCNN b32 steps get slower than with jaxnet's BatchNorm and XLA's own reductions (RESULTS.md, 2026-11-26).
     "eigen": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
 }
 

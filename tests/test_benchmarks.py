@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
      "pmap, 8"),
     (["benchmarks.conv_impls", "--batch", "2", "--repeats", "1", "--impls", "xla,im2col", "--layers", "1x1",
       "--no-record"], "resnet50 1x1 expand"),
+    (["benchmarks.batch_norm", "--shapes", "plain b32", "--repeats", "1", "--no-record"], "plain b32 layer 1"),
     (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--no-record"], "plain32"),
 ])
 def test_benchmark_prints_its_table(args, expect):
