@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jaxnet import compiler
@@ -48,3 +49,14 @@ def test_cpu_conv_choice_reaches_the_compiled_program(name, uses_ynnpack):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", str(uses_ynnpack)]
+
+
+def test_run_once_computes_what_jit_computes():
+    """The one-off compilation (backend optimisations off on CPU) gives jit's values, to the last bit or so."""
+    def init(key, x):
+        w = jax.random.truncated_normal(key, -2.0, 2.0, (3, 5))
+        return w, jax.nn.gelu(x @ w)
+
+    args = (jax.random.key(3), jax.numpy.linspace(-1.0, 1.0, 12).reshape(4, 3))
+    out, ref = compiler.run_once(init, *args), jax.jit(init)(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), out, ref)
