@@ -56,7 +56,8 @@ class BatchNorm(nn.Module):
     Same fields (those models use), variable names ("params": scale, bias; "batch_stats": mean, var),
     initialisers, running-average rule and float32 statistics as `nn.BatchNorm`, so checkpoints are
     interchangeable; faster on CPU, where Flax's autodiffed statistics become slow column reductions
-    (see `jaxnet.ops.channel`). Inference uses the running averages.
+    (see `jaxnet.ops.channel`). The output is computed in float32 and returned in `dtype` (default: the
+    promoted type of `x` and the parameters). Inference uses the running averages.
     """
 
     use_running_average: bool | None = None
