@@ -83,6 +83,7 @@ class BatchNorm(nn.Module):
                 else jnp.zeros(features, jnp.float32))
         dtype = nn.dtypes.canonicalize_dtype(x, *([scale] if self.use_scale else []),
                                              *([bias] if self.use_bias else []), dtype=self.dtype)
+        x = x.astype(jnp.promote_types(x.dtype, dtype))  # y is rounded once, to the wider of the two
         if use_running_average:
             y = channel_ops.normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon) * scale, bias)
             return y.astype(dtype)
