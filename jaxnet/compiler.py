@@ -55,6 +55,9 @@ RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 def run_once(fn: Callable, *args: Any) -> Any:
     """`jax.jit(fn)(*args)`, compiled for speed of compilation rather than of execution: for one-off programs
-    such as initialisation. Results may differ from the default compilation in the last bit."""
+    such as initialisation. Results may differ from the default compilation in the last bit. Called inside a
+    transformation (`jax.eval_shape`, an outer jit), `fn` becomes part of the caller's program instead."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+        return jax.jit(fn)(*args)
     options = RUN_ONCE_OPTIONS.get(jax.default_backend(), {})
     return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)

@@ -60,3 +60,6 @@ def test_run_once_computes_what_jit_computes():
     args = (jax.random.key(3), jax.numpy.linspace(-1.0, 1.0, 12).reshape(4, 3))
     out, ref = compiler.run_once(init, *args), jax.jit(init)(*args)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), out, ref)
+    # Inside a transformation it is traced into the caller's program (here: shapes only, nothing compiled).
+    shapes = jax.eval_shape(lambda key, x: compiler.run_once(init, key, x), *args)
+    assert [s.shape for s in shapes] == [(3, 5), (4, 5)]
