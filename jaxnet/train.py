@@ -1,8 +1,9 @@
 """The training core: state, loss and metrics, `train_step` / `eval_step`, optimizers and LR schedules.
 
 Everything here is a pure function of its arguments, with no jit inside (`jaxnet.parallel` applies jit and
-shardings to the steps), except `create_train_state`, which compiles its one-off initialisation. The steps work with any linen module called as `model.apply(variables, x, train=...)`, with or
-without BatchNorm (`batch_stats`).
+shardings to the steps), except `create_train_state`, which compiles its one-off initialisation. The steps
+work with any linen module called as `model.apply(variables, x, train=...)`, with or without BatchNorm
+(`batch_stats`).
 """
 
 from __future__ import annotations
