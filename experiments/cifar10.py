@@ -89,8 +89,9 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
 
     "airbench" reproduces airbench94's PyTorch SGD on a *summed* loss with our mean loss: gradients are
     scaled by the batch size, lr and weight decay are per 1024 examples, BN biases get `bias_lr_mult`×
-    the lr, the whitening stem's kernel is frozen and its bias trains for `whiten_bias_epochs`, and a
-    lookahead EMA syncs every `lookahead_every` steps.
+    the lr, the whitening stem's kernel is frozen and its bias trains (at the plain lr, as airbench's
+    does: it is not a BatchNorm bias) for `whiten_bias_epochs`, and a lookahead EMA syncs every
+    `lookahead_every` steps.
     """
     import jax
     import jax.numpy as jnp
@@ -128,7 +129,7 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
 
             tx = optax.multi_transform(
                 {"other": group(lr), "bn_bias": group(lr_bias), "frozen": optax.set_to_zero(),
-                 "whiten_bias": group(lr_bias, lambda step: jnp.where(step < whiten_steps, 1.0, 0.0))}, label)
+                 "whiten_bias": group(lr, lambda step: jnp.where(step < whiten_steps, 1.0, 0.0))}, label)
             lr_fn = lambda step: lr * config.batch_size * multiplier(step)  # noqa: E731  (per-mean-loss lr)
         case other:
             raise UsageError(f"unknown optimizer {other!r}; valid: airbench, sgd, adam")
@@ -138,10 +139,23 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
     return tx, lr_fn
 
 
-def _make_batch(key, images, labels, indices, *, translate, flip, cutout, mean, std):
+def _flip_schedule(config, key):
+    """`(indices, epoch) -> flip` argument of `jaxnet.data.augment` for `config.flip`."""
     from jaxnet import data as data_lib
 
-    images = data_lib.augment(key, images[indices], translate=translate, flip=flip, cutout=cutout)
+    match config.flip:
+        case "alternate":
+            return partial(data_lib.alternating_flip, key)
+        case "random" | "none":
+            return lambda indices, epoch: config.flip == "random"
+        case other:
+            raise UsageError(f"unknown flip {other!r}; valid: alternate, random, none")
+
+
+def _make_batch(key, images, labels, indices, epoch, *, flip, translate, cutout, mean, std):
+    from jaxnet import data as data_lib
+
+    images = data_lib.augment(key, images[indices], translate=translate, flip=flip(indices, epoch), cutout=cutout)
     return {"image": data_lib.normalize(images, mean, std), "label": labels[indices]}
 
 
@@ -206,7 +220,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         raise UsageError(f"batch_size {config.batch_size} exceeds the {len(train_set['label'])} training images")
     total_steps = round(config.epochs * steps_per_epoch)
     tx, lr_fn = make_optimizer(config, total_steps, steps_per_epoch)
-    init_key, data_key = jax.random.split(jax.random.key(seed))
+    init_key, data_key, flip_key = jax.random.split(jax.random.key(seed), 3)
     state = jaxnet.create_train_state(model, init_key, jnp.zeros((1, 32, 32, 3)), tx)
     if config.whiten_stem and "stem" in state.params:
         sample = np.asarray(data_lib.normalize(train_set["image"][:5000], config.mean, config.std))
@@ -219,8 +233,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
 
     val_norm, test_norm = normalized(val_set), normalized(test_set)
     train_arrays = (train_set["image"], train_set["label"])
-    make_batch = partial(_make_batch, translate=config.translate, flip=config.flip, cutout=config.cutout,
-                         mean=config.mean, std=config.std)
+    make_batch = partial(_make_batch, flip=_flip_schedule(config, flip_key), translate=config.translate,
+                         cutout=config.cutout, mean=config.mean, std=config.std)
     if parallel_mode == "jit":
         state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
         train_step = parallel.jit_train_step(mesh=mesh, label_smoothing=config.label_smoothing, lr_fn=lr_fn,
@@ -239,7 +253,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     config_dict = config.to_dict()
     step_flops = None
     if parallel_mode == "jit":
-        example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size))
+        example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0)
         step_flops = (train_step.compiled.lower(state, example).cost_analysis() or {}).get("flops")
         if dump_hlo and main_process:
             eval_example = next(data_lib.eval_batches(val_norm if config.val_size else test_norm,

@@ -1,8 +1,9 @@
 """CIFAR-10 as uint8 arrays (a local copy in any of three layouts, or tensorflow-datasets), a validation
 split, and the device-side augmentation and epoch order of the training loop.
 
-Host side: `load_cifar10` decodes once and caches `.npz` arrays. Device side: `augment(key, images)` and
-`epoch_indices(key, n, batch_size)` are pure functions for jit (`jaxnet.parallel` compiles them).
+Host side: `load_cifar10` decodes once and caches `.npz` arrays. Device side: `augment(key, images)`,
+`alternating_flip` and `epoch_indices(key, n, batch_size)` are pure functions for jit (`jaxnet.parallel`
+compiles them).
 """
 
 from __future__ import annotations
@@ -252,11 +253,15 @@ def normalize(images: jax.Array, mean=MEAN, std=STD, dtype=jnp.float32) -> jax.A
     return ((x - jnp.reshape(jnp.asarray(mean), per_channel)) / jnp.reshape(jnp.asarray(std), per_channel)).astype(dtype)
 
 
-def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool = True,
+def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool | jax.Array = True,
             cutout: int = 0) -> jax.Array:
-    """Random translation by up to ±`translate` px (reflect-pad, then a random crop), horizontal flip with
-    p = 1/2, and an optional `cutout`×`cutout` zeroed square. (N, H, W, C) uint8 → same shape and dtype,
-    each image with its own draws from `key`."""
+    """Random translation by up to ±`translate` px (reflect-pad, then a random crop), a horizontal flip,
+    and an optional `cutout`×`cutout` zeroed square. (N, H, W, C) uint8 → same shape and dtype, each image
+    with its own draws from `key`.
+
+    `flip`: True mirrors each image with p = 1/2; False never; an (N,) bool array mirrors exactly the
+    images it marks (e.g. `alternating_flip`).
+    """
     n, h, w, _ = images.shape
     k_crop, k_flip, k_cut = jax.random.split(key, 3)
     if translate:
@@ -264,9 +269,10 @@ def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool
         offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * translate + 1)
         images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(
             padded, offsets)
-    if flip:
-        flips = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-        images = jnp.where(flips, images[:, :, ::-1], images)
+    if flip is True:
+        flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+    if flip is not False:
+        images = jnp.where(jnp.reshape(flip, (n, 1, 1, 1)), images[:, :, ::-1], images)
     if cutout:
         k_row, k_col = jax.random.split(k_cut)
         row = jax.random.randint(k_row, (n, 1, 1), 0, h)
@@ -275,6 +281,17 @@ def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool
         inside = (rows >= 0) & (rows < cutout) & (cols >= 0) & (cols < cutout)  # centred square, clipped
         images = jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
     return images
+
+
+def alternating_flip(key: jax.Array, indices: jax.Array, epoch: int | jax.Array) -> jax.Array:
+    """airbench's flip schedule: (N,) bool, which of the training images `indices` to mirror in `epoch`.
+
+    Each image gets one fair coin from `key` (fixed for the run) and is mirrored in the even epochs if it
+    came up heads, in the odd epochs if not: every two epochs the net sees every image both ways, where
+    independent flips show half of them one way only (Jordan 2024, "alternating flip").
+    """
+    heads = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(indices)
+    return heads ^ (jnp.asarray(epoch) % 2 == 1)
 
 
 def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:

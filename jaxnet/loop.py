@@ -56,7 +56,8 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
 
     Args:
       train_images, train_labels: the training set, on device (uint8 images).
-      make_batch: compiled `(key, images, labels, indices) -> batch` (gather + augmentation).
+      make_batch: compiled `(key, images, labels, indices, epoch) -> batch` (gather + augmentation; `epoch`
+        counts from 0, for augmentations that follow a schedule over epochs).
       train_step: compiled `(state, batch) -> (state, metrics)`; eval_step: compiled `(state, batch) -> metrics`.
       key: the data key; split here into epoch-order and augmentation keys.
       val_batches: zero-argument function giving an iterable of host eval batches, evaluated after every
@@ -101,7 +102,7 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
             if step == trace_window[0]:
                 jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i])
+                batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch)
                 state, metrics = train_step(state, batch)
             step += 1
             if step == trace_window[1]:

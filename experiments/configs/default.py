@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mean = (0.4914, 0.4822, 0.4465)  # per-channel input normalisation, [0, 1] units
     c.std = (0.2470, 0.2435, 0.2616)
     c.translate = 2                     # pixels of random translation (reflect padding)
-    c.flip = True                       # random horizontal flip
+    c.flip = "alternate"                # alternate (airbench: each image mirrored every other epoch) | random | none
     c.cutout = 0                        # side of the zeroed square, pixels; 0 = off
     c.tta_level = 2                     # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
     c.val_size = 5000                   # images carved from train for validation / early stopping

@@ -20,7 +20,7 @@ def get_config():
     c.mean = (0.5, 0.5, 0.5)
     c.std = (0.5, 0.5, 0.5)
     c.translate = 0
-    c.flip = False
+    c.flip = "none"
     c.tta_level = 0
     c.log_every = 100
     return c
