@@ -184,6 +184,25 @@ def test_flip_mirrors_about_half(images):
     assert all(f or s for f, s in zip(flipped, same)) and 0 < sum(flipped) < len(out)
 
 
+def test_flip_mask_mirrors_exactly_the_marked_images(images):
+    mask = np.arange(len(images)) % 3 == 0
+    out = np.asarray(data.augment(jax.random.key(7), images, translate=0, flip=jnp.asarray(mask)))
+    expected = np.where(mask[:, None, None, None], np.asarray(images)[:, :, ::-1], np.asarray(images))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch():
+    key, indices = jax.random.key(4), jnp.arange(1000)
+    flip = jax.jit(data.alternating_flip)
+    e0, e1, e2 = (np.asarray(flip(key, indices, e)) for e in (0, 1, 2))
+    np.testing.assert_array_equal(e1, ~e0)
+    np.testing.assert_array_equal(e2, e0)
+    assert 400 < e0.sum() < 600
+    order = np.asarray(jax.random.permutation(jax.random.key(1), 1000))  # a coin per image, not per position
+    np.testing.assert_array_equal(np.asarray(flip(key, jnp.asarray(order), 3)), e1[order])
+    assert not np.array_equal(np.asarray(flip(jax.random.key(5), indices, 0)), e0)
+
+
 def test_cutout_zeroes_a_square(images):
     out = np.asarray(data.augment(jax.random.key(3), images + 1, translate=0, flip=False, cutout=4))
     zeros = (out == 0).all(-1).sum((1, 2))

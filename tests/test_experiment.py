@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import chex
@@ -152,6 +153,7 @@ def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path
     (["widths=3"], "not key=value with a known key"),
     (["epochs=fast"], "expected a float"),
     (["model=vgg"], "unknown model 'vgg'"),
+    (["flip=sideways"], "unknown flip 'sideways'"),
     (["--data-dir", "/nonexistent/cifar"], "does not exist"),
     (["--export", "tflite"], "--export takes jax and/or onnx"),
     (["--resume"], "no checkpoints"),
@@ -175,6 +177,28 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, datas
     with pytest.raises(cifar10.UsageError, match="already holds checkpoints"):
         cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")} == stamp
+
+
+def test_airbench_optimizer_lr_groups_match_airbench94():
+    """BN biases at 64x the lr; the whitening stem's bias at the plain lr until it freezes; its kernel frozen."""
+    from jaxnet import models
+
+    config = configs.get_config("default")
+    config.whiten_bias_epochs = 0.1  # with 10 steps per epoch: the bias trains at step 0 only
+    tx, _ = cifar10.make_optimizer(config, total_steps=100, steps_per_epoch=10)
+    init = partial(models.FastNetTiny().init, train=False)
+    shapes = jax.eval_shape(init, jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
+    grads = jax.tree.map(np.ones_like, params)
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, _ = tx.update(grads, state, params)
+    conv = np.abs(first["ConvGroup_0"]["Conv_0"]["kernel"]).max()
+    assert conv > 0
+    np.testing.assert_allclose(np.abs(first["ConvGroup_0"]["BatchNorm_0"]["bias"]), 64 * conv, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(first["stem"]["bias"]), conv, rtol=1e-6)
+    assert not np.any(first["stem"]["kernel"]) and not np.any(second["stem"]["bias"])
+    assert np.all(second["ConvGroup_0"]["Conv_0"]["kernel"])
 
 
 def test_help_is_complete_and_exits_0():
