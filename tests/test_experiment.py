@@ -201,6 +201,19 @@ def test_airbench_optimizer_lr_groups_match_airbench94():
     assert np.all(second["ConvGroup_0"]["Conv_0"]["kernel"])
 
 
+def test_batch_function_compiles_once_over_epochs():
+    from jaxnet import parallel
+
+    config = smoke()
+    flip = cifar10._flip_schedule(config, jax.random.key(1))
+    make_batch = parallel.jit_batch_fn(partial(cifar10._make_batch, flip=flip, translate=2, cutout=0,
+                                               mean=config.mean, std=config.std))
+    images, labels = np.zeros((32, 8, 8, 3), np.uint8), np.arange(32, dtype=np.int32)
+    batches = [make_batch(jax.random.key(0), images, labels, jax.numpy.arange(16), epoch) for epoch in range(3)]
+    assert make_batch._cache_size() == 1  # the epoch is traced, not a constant of the program
+    assert batches[2]["image"].shape == (16, 8, 8, 3)
+
+
 def test_help_is_complete_and_exits_0():
     result = _run_cli("--help", timeout=60)
     assert result.returncode == 0
