@@ -90,8 +90,7 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
     "airbench" reproduces airbench94's PyTorch SGD on a *summed* loss with our mean loss: gradients are
     scaled by the batch size, lr and weight decay are per 1024 examples, BN biases get `bias_lr_mult`×
     the lr, the whitening stem's kernel is frozen and its bias trains (at the plain lr, as airbench's
-    does: it is not a BatchNorm bias) for `whiten_bias_epochs`, and a lookahead EMA syncs every
-    `lookahead_every` steps.
+    does: it is not a BatchNorm bias) for `whiten_bias_epochs` (the lookahead EMA is `make_lookahead`'s).
     """
     import jax
     import jax.numpy as jnp
@@ -133,10 +132,17 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int):
             lr_fn = lambda step: lr * config.batch_size * multiplier(step)  # noqa: E731  (per-mean-loss lr)
         case other:
             raise UsageError(f"unknown optimizer {other!r}; valid: airbench, sgd, adam")
-    if config.lookahead_every:
-        tx = train.lookahead_ema(tx, every=config.lookahead_every,
-                                 decay_fn=lambda step: 0.95 ** 5 * (step / total_steps) ** 3)
     return tx, lr_fn
+
+
+def make_lookahead(config, total_steps: int):
+    """airbench's lookahead EMA (decay 0.95⁵·(step/total)³, synced every `lookahead_every` steps, the net
+    set to the EMA after the last step), or None when `lookahead_every` is 0."""
+    from jaxnet import train
+
+    if not config.lookahead_every:
+        return None
+    return train.Lookahead(config.lookahead_every, lambda step: 0.95 ** 5 * (step / total_steps) ** 3, total_steps)
 
 
 def _flip_schedule(config, key):
@@ -221,11 +227,12 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     total_steps = round(config.epochs * steps_per_epoch)
     tx, lr_fn = make_optimizer(config, total_steps, steps_per_epoch)
     init_key, data_key, flip_key = jax.random.split(jax.random.key(seed), 3)
-    state = jaxnet.create_train_state(model, init_key, jnp.zeros((1, 32, 32, 3)), tx)
+    state = jaxnet.create_train_state(model, init_key, jnp.zeros((1, 32, 32, 3)), tx,
+                                      lookahead=make_lookahead(config, total_steps))
     if config.whiten_stem and "stem" in state.params:
         sample = np.asarray(data_lib.normalize(train_set["image"][:5000], config.mean, config.std))
         params = {**state.params, "stem": {**state.params["stem"], "kernel": jnp.asarray(models.whitening_kernel(sample))}}
-        state = state.replace(params=params, opt_state=tx.init(params))
+        state = state.with_params(params)
 
     def normalized(split):
         return {"image": np.asarray(data_lib.normalize(split["image"], config.mean, config.std)),

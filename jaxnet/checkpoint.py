@@ -1,7 +1,7 @@
 """Checkpoints of the whole training state (orbax): the last k and the best, atomic, for exact resume.
 
-A checkpoint holds params, batch stats, optimizer state, step and the dropout key (the `TrainState`
-arrays), plus JSON metadata: epoch, position in the epoch, early-stopping state and the run's config.
+A checkpoint holds params, batch stats, optimizer state, step, the dropout key and the lookahead EMA
+(the `TrainState` arrays), plus JSON metadata: epoch, position in the epoch, early-stopping state and the run's config.
 Orbax writes into a temporary directory and renames it when complete, so a killed save is never restored.
 """
 
@@ -26,7 +26,7 @@ class CheckpointError(ValueError):
 def _arrays(state: TrainState) -> dict[str, Any]:
     rng = jax.random.key_data(state.rng) if state.rng is not None else None
     return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-            "step": state.step, "rng": rng}
+            "step": state.step, "rng": rng, "ema": state.ema}
 
 
 class Checkpointer:
@@ -99,7 +99,7 @@ class Checkpointer:
         arrays = jax.tree.unflatten(jax.tree.structure(target), leaves)
         rng = jax.random.wrap_key_data(arrays["rng"]) if arrays["rng"] is not None else None
         state = template.replace(params=arrays["params"], batch_stats=arrays["batch_stats"],
-                                 opt_state=arrays["opt_state"], step=arrays["step"], rng=rng)
+                                 opt_state=arrays["opt_state"], step=arrays["step"], rng=rng, ema=arrays["ema"])
         return state, meta
 
     def close(self) -> None:

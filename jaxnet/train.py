@@ -26,17 +26,56 @@ Metrics = dict[str, jax.Array]
 Schedule = Callable[[jax.Array], jax.Array]
 
 
+class Lookahead(NamedTuple):
+    """airbench's lookahead EMA of the whole model state (params and BatchNorm statistics).
+
+    After step s with s % every == 0: ema ← ema + (1 − decay_fn(s))·(model − ema), then model ← ema. After
+    `final_step` (if given) the model is set to the EMA without a new average, as airbench does at its last
+    step, so the trained net is the EMA. `decay_fn(step)` in [0, 1]; 0 means no smoothing.
+    """
+
+    every: int
+    decay_fn: Schedule
+    final_step: int | None = None
+
+
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus `batch_stats` (an empty dict for models without BatchNorm) and `rng`, the
-    dropout key: step s uses `fold_in(rng, s)`, so no key is ever captured or reused."""
+    """Flax's TrainState plus `batch_stats` (an empty dict for models without BatchNorm), `rng`, the
+    dropout key (step s uses `fold_in(rng, s)`, so no key is ever captured or reused), and, with a
+    `lookahead`, its `ema` of {"params", "batch_stats"}. `lookahead` is static, like `tx`."""
 
     batch_stats: Any = struct.field(default_factory=dict)
     rng: jax.Array | None = None
+    ema: Any = None
+    lookahead: Lookahead | None = struct.field(pytree_node=False, default=None)
+
+    def with_params(self, params: Any) -> TrainState:
+        """This state with new `params` (e.g. a kernel set from data), the optimizer state and the EMA
+        restarted from them."""
+        state = self.replace(params=params, opt_state=self.tx.init(params))
+        return state.replace(ema=_model_state(state)) if self.lookahead is not None else state
+
+
+def _model_state(state: TrainState) -> dict[str, Any]:
+    return jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
+
+
+def lookahead_sync(state: TrainState) -> TrainState:
+    """`state.lookahead`'s sync after step `state.step` (a no-op between syncs); see `Lookahead`."""
+    every, decay_fn, final_step = state.lookahead
+    periodic = state.step % every == 0
+    final = state.step == final_step if final_step is not None else False
+    decay = jnp.where(periodic, decay_fn(state.step), 1.0)
+    model = {"params": state.params, "batch_stats": state.batch_stats}
+    ema = jax.tree.map(lambda e, m: jnp.where(periodic, e + (1 - decay) * (m - e), e), state.ema, model)
+    model = jax.tree.map(lambda e, m: jnp.where(periodic | final, e, m), ema, model)
+    return state.replace(params=model["params"], batch_stats=model["batch_stats"], ema=ema)
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array,
-                       tx: optax.GradientTransformation) -> TrainState:
-    """Initialise `model` on `sample_input` (e.g. a (1, H, W, C) batch) and wrap it with the optimizer `tx`.
+                       tx: optax.GradientTransformation, *, lookahead: Lookahead | None = None) -> TrainState:
+    """Initialise `model` on `sample_input` (e.g. a (1, H, W, C) batch) and wrap it with the optimizer `tx`
+    (and a `lookahead` EMA, starting at the initial model, when given).
 
     `rng` is split into the init key and the dropout key kept in the state. The initialisation (model and
     optimizer) runs as one program compiled by `compiler.run_once`: op by op, JAX compiles every initializer
@@ -45,8 +84,9 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
     def init(rng: jax.Array, sample_input: jax.Array) -> TrainState:
         init_rng, dropout_rng = jax.random.split(rng)
         variables = model.init({"params": init_rng, "dropout": init_rng}, _as_float(sample_input), train=False)
-        return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                 batch_stats=variables.get("batch_stats", {}), rng=dropout_rng)
+        state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                  batch_stats=variables.get("batch_stats", {}), rng=dropout_rng, lookahead=lookahead)
+        return state.replace(ema=_model_state(state)) if lookahead is not None else state
 
     return compiler.run_once(init, rng, sample_input)
 
@@ -78,7 +118,8 @@ def train_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.0,
     """One SGD step on the mean loss of `batch` = {"image": (N, H, W, C) float or uint8, "label": (N,) int}.
 
     Returns the new state and {"loss", "accuracy", "count"} (plus "lr" = lr_fn(step) when given), all
-    scalars on device. BatchNorm statistics, if the model has them, are updated from this batch.
+    scalars on device. BatchNorm statistics, if the model has them, are updated from this batch; then the
+    state's lookahead EMA, if it has one, syncs (`lookahead_sync`).
     `axis_name` (pmap only): gradients and metrics are averaged over that axis; under jit with shardings
     leave it None — the batch is already global.
     """
@@ -99,6 +140,8 @@ def train_step(state: TrainState, batch: Batch, *, label_smoothing: float = 0.0,
     new_state = state.apply_gradients(grads=grads)
     if has_bn:
         new_state = new_state.replace(batch_stats=updates["batch_stats"])
+    if state.lookahead is not None:
+        new_state = lookahead_sync(new_state)
     metrics = _metrics(losses, logits, labels, jnp.ones(labels.shape, bool), axis_name)
     if lr_fn is not None:
         metrics["lr"] = jnp.asarray(lr_fn(state.step), jnp.float32)
@@ -191,35 +234,6 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
 
 
 # ---- optimizers and schedules ----
-
-class LookaheadState(NamedTuple):
-    inner: optax.OptState
-    ema: Any
-    count: jax.Array
-
-
-def lookahead_ema(inner: optax.GradientTransformation, *, every: int,
-                  decay_fn: Schedule) -> optax.GradientTransformation:
-    """airbench's lookahead: every `every` steps, ema ← ema + (1 − decay)(params − ema) and params ← ema.
-
-    `decay_fn(step)` in [0, 1] (0: no smoothing). The EMA lives in the optimizer state, so checkpoints
-    carry it and resuming is exact.
-    """
-
-    def init(params):
-        return LookaheadState(inner.init(params), jax.tree.map(jnp.copy, params), jnp.zeros([], jnp.int32))
-
-    def update(grads, state, params):
-        updates, inner_state = inner.update(grads, state.inner, params)
-        count = state.count + 1
-        sync, decay = count % every == 0, decay_fn(count)
-        new_params = optax.apply_updates(params, updates)
-        ema = jax.tree.map(lambda e, p: jnp.where(sync, e + (1 - decay) * (p - e), e), state.ema, new_params)
-        updates = jax.tree.map(lambda u, p, e: jnp.where(sync, e - p, u), updates, params, ema)
-        return updates, LookaheadState(inner_state, ema, count)
-
-    return optax.GradientTransformation(init, update)
-
 
 def decay_mask(params: Any) -> Any:
     """True for weights that get weight decay: kernels (ndim > 1); False for biases and BN scales/offsets."""

@@ -72,6 +72,41 @@ def test_jitted_step_compiles_once_and_donates(data):
     chex.assert_trees_all_close(metrics["lr"], 1e-2)
 
 
+def test_lookahead_averages_params_and_bn_stats_and_ends_on_the_ema(data):
+    """The jitted step with a Lookahead (compiled once) against the same steps without one, synced by hand."""
+    lookahead = train.Lookahead(every=2, decay_fn=lambda step: step / 10, final_step=5)
+    tx = optax.sgd(0.05, momentum=0.9)
+    model = models.ResNetTiny(num_classes=CLASSES)
+    state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), tx, lookahead=lookahead)
+    ref = _state(model, tx)
+    ema = _snapshot({"params": ref.params, "batch_stats": ref.batch_stats})
+    chex.assert_trees_all_equal(_snapshot(state.ema), ema)
+    step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1))
+    for s in range(1, 6):
+        state, _ = step(state, data)
+        ref, _ = train.train_step(ref, data)
+        model_now = _snapshot({"params": ref.params, "batch_stats": ref.batch_stats})
+        if s % 2 == 0:
+            ema = jax.tree.map(lambda e, m: e + (1 - s / 10) * (m - e), ema, model_now)
+        if s % 2 == 0 or s == 5:
+            ref = ref.replace(params=ema["params"], batch_stats=ema["batch_stats"])
+        chex.assert_trees_all_close(_snapshot({"params": state.params, "batch_stats": state.batch_stats}),
+                                    _snapshot({"params": ref.params, "batch_stats": ref.batch_stats}), rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(_snapshot(state.ema), ema, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_equal(_snapshot({"params": state.params, "batch_stats": state.batch_stats}),
+                                _snapshot(state.ema))
+
+
+def test_with_params_restarts_the_optimizer_and_the_ema():
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = train.create_train_state(models.ResNetTiny(num_classes=CLASSES), jax.random.key(0),
+                                     jnp.zeros((1, SIZE, SIZE, 3)), tx, lookahead=train.Lookahead(5, lambda s: 0.5))
+    params = jax.tree.map(lambda p: p + 1, state.params)
+    state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state)).with_params(params)
+    chex.assert_trees_all_equal(state.ema["params"], params)
+    chex.assert_trees_all_equal(state.opt_state, tx.init(params))
+
+
 def test_user_model_without_batchnorm_and_with_dropout(data):
     class Mlp(nn.Module):
         @nn.compact
