@@ -8,8 +8,9 @@ work with any linen module called as `model.apply(variables, x, train=...)`, wit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,17 +27,25 @@ Metrics = dict[str, jax.Array]
 Schedule = Callable[[jax.Array], jax.Array]
 
 
-class Lookahead(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
     """airbench's lookahead EMA of the whole model state (params and BatchNorm statistics).
 
     After step s with s % every == 0: ema ← ema + (1 − decay_fn(s))·(model − ema), then model ← ema. After
     `final_step` (if given) the model is set to the EMA without a new average, as airbench does at its last
-    step, so the trained net is the EMA. `decay_fn(step)` in [0, 1]; 0 means no smoothing.
+    step, so the trained net is the EMA. `decay_fn(step)` in [0, 1]; 0 means no smoothing. Raises
+    ValueError unless `every` and `final_step` are positive integers.
     """
 
     every: int
     decay_fn: Schedule
     final_step: int | None = None
+
+    def __post_init__(self):
+        for name in ("every", "final_step"):
+            value = getattr(self, name)
+            if (value is not None or name == "every") and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Lookahead {name} must be a positive integer, got {value!r}")
 
 
 class TrainState(train_state.TrainState):
@@ -62,10 +71,10 @@ def _model_state(state: TrainState) -> dict[str, Any]:
 
 def lookahead_sync(state: TrainState) -> TrainState:
     """`state.lookahead`'s sync after step `state.step` (a no-op between syncs); see `Lookahead`."""
-    every, decay_fn, final_step = state.lookahead
-    periodic = state.step % every == 0
-    final = state.step == final_step if final_step is not None else False
-    decay = jnp.where(periodic, decay_fn(state.step), 1.0)
+    lookahead = state.lookahead
+    periodic = state.step % lookahead.every == 0
+    final = state.step == lookahead.final_step if lookahead.final_step is not None else False
+    decay = jnp.where(periodic, lookahead.decay_fn(state.step), 1.0)
     model = {"params": state.params, "batch_stats": state.batch_stats}
     ema = jax.tree.map(lambda e, m: jnp.where(periodic, e + (1 - decay) * (m - e), e), state.ema, model)
     model = jax.tree.map(lambda e, m: jnp.where(periodic | final, e, m), ema, model)

@@ -154,6 +154,7 @@ def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path
     (["epochs=fast"], "expected a float"),
     (["model=vgg"], "unknown model 'vgg'"),
     (["flip=sideways"], "unknown flip 'sideways'"),
+    (["lookahead_every=-5"], "Lookahead every must be a positive integer, got -5"),
     (["--data-dir", "/nonexistent/cifar"], "does not exist"),
     (["--export", "tflite"], "--export takes jax and/or onnx"),
     (["--resume"], "no checkpoints"),

@@ -107,6 +107,12 @@ def test_with_params_restarts_the_optimizer_and_the_ema():
     chex.assert_trees_all_equal(state.opt_state, tx.init(params))
 
 
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": 2.5}, {"every": 5, "final_step": 0}])
+def test_lookahead_rejects_bad_periods(kwargs):
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        train.Lookahead(decay_fn=lambda step: 0.5, **kwargs)
+
+
 def test_user_model_without_batchnorm_and_with_dropout(data):
     class Mlp(nn.Module):
         @nn.compact
