@@ -61,12 +61,14 @@ class TrainState(train_state.TrainState):
     def with_params(self, params: Any) -> TrainState:
         """This state with new `params` (e.g. a kernel set from data), the optimizer state and the EMA
         restarted from them."""
-        state = self.replace(params=params, opt_state=self.tx.init(params))
-        return state.replace(ema=_model_state(state)) if self.lookahead is not None else state
+        return _restart_ema(self.replace(params=params, opt_state=self.tx.init(params)))
 
 
-def _model_state(state: TrainState) -> dict[str, Any]:
-    return jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
+def _restart_ema(state: TrainState) -> TrainState:
+    """`state` with its EMA (if it has a lookahead) set to a copy of its params and BN statistics."""
+    if state.lookahead is None:
+        return state
+    return state.replace(ema=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}))
 
 
 def lookahead_sync(state: TrainState) -> TrainState:
@@ -93,9 +95,9 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
     def init(rng: jax.Array, sample_input: jax.Array) -> TrainState:
         init_rng, dropout_rng = jax.random.split(rng)
         variables = model.init({"params": init_rng, "dropout": init_rng}, _as_float(sample_input), train=False)
-        state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                                  batch_stats=variables.get("batch_stats", {}), rng=dropout_rng, lookahead=lookahead)
-        return state.replace(ema=_model_state(state)) if lookahead is not None else state
+        return _restart_ema(TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                              batch_stats=variables.get("batch_stats", {}), rng=dropout_rng,
+                                              lookahead=lookahead))
 
     return compiler.run_once(init, rng, sample_input)
 
