@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 Impl: TypeAlias = Literal["xla", "im2col", "pallas", "auto"]
 IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas", "auto")
@@ -157,9 +158,49 @@ def _run(impl, x, w, strides, pads, dilation, groups):
             raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
 
 
-def _xla(x, w, strides, pads, dilation, groups):
+def _conv(x, w, strides, pads, dilation, groups):
     return lax.conv_general_dilated(x, w, window_strides=strides, padding=pads, rhs_dilation=dilation,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _xla(x, w, strides, pads, dilation, groups):
+    """XLA's convolution op. Its derivative is XLA's too, with one change on CPU: the input that the weight
+    gradient reads is first written to a buffer of its own.
+
+    For a conv's weight gradient XLA's CPU backend transposes the input to (C, H, W, N). When the input is
+    the output of elementwise ops (BatchNorm, ReLU, the residual adds of a ResNet), XLA fuses that whole chain
+    into the transpose again, reading each of its operands in transposed order: 10x slower than computing
+    the chain and transposing the result (a 3-op chain on (256, 32, 32, 64): 550 ms fused against 37 + 52 ms).
+    Such transposes took a third of a ResNet-18 b256 step. XLA's CPU compiler drops `optimization_barrier`,
+    so the buffer comes from a conditional, which fusion does not cross (benchmarks/RESULTS.md, 2026-11-26).
+    """
+    return _conv(x, w, strides, pads, dilation, groups)
+
+
+def _xla_jvp(strides, pads, dilation, groups, primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    conv = partial(_conv, strides=strides, pads=pads, dilation=dilation, groups=groups)
+    x = lax.platform_dependent(x, cpu=_copy_through_conditional, default=lambda x: x)
+    terms = []  # JAX calls this rule with at least one of the two perturbed
+    if not isinstance(tx, SymbolicZero):
+        terms.append(conv(tx, w))
+    if not isinstance(tw, SymbolicZero):
+        terms.append(conv(x, tw))
+    return conv(x, w), terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+_xla.defjvp(_xla_jvp, symbolic_zeros=True)
+
+
+def _copy_through_conditional(x):
+    if x.size == 0:
+        return x
+    # A predicate that is always true but that XLA cannot fold (it would fold the conditional away with it):
+    # a byte of the first element with its lowest bit set. The other branch never runs.
+    byte = lax.bitcast_convert_type(jnp.real(x.reshape(-1)[0]), jnp.uint8).reshape(-1)[0]
+    return lax.cond((byte | 1) != 0, lambda x: x, lambda x: -x, x)
 
 
 def _taps(x, kernel_hw, strides, pads, dilation):
