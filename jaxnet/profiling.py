@@ -7,6 +7,7 @@ steps, profiler traces, and an offline summary of a trace.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -71,7 +72,12 @@ def dump_hlo(directory: str | os.PathLike, fns: dict[str, tuple[Callable, tuple]
 
 def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[str, float, int]]:
     """(op name, total milliseconds, count) of the `top` device/XLA ops by time in the newest
-    `*.trace.json.gz` under `directory` (written by `jax.profiler.trace`)."""
+    `*.trace.json.gz` under `directory` (written by `jax.profiler.trace`).
+
+    XLA's CPU runtime runs some ops asynchronously (convolutions among them): their event covers only the
+    dispatch, and an "end: NAME" event marks completion. Such an op is timed from its dispatch to the first
+    "end:" event of its name after it, so concurrent ops can add up to more than the wall time.
+    """
     traces = sorted(Path(directory).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not traces:
         raise FileNotFoundError(f"no *.trace.json.gz under {directory}")
@@ -79,7 +85,7 @@ def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[s
         events = json.load(f).get("traceEvents", [])
     threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "") for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    ops, ends = [], collections.defaultdict(list)
     for e in events:
         if e.get("ph") != "X" or "dur" not in e:
             continue
@@ -87,7 +93,18 @@ def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[s
         # Host Python frames and the runtime's own scopes (ThunkExecutor::Execute, ...) are not ops.
         if "python" in thread.lower() or e["name"].startswith("$") or "::" in e["name"]:
             continue
-        totals[e["name"]][0] += e["dur"] / 1e3
+        if e["name"].startswith("end: "):
+            ends[e["name"][len("end: "):]].append(e["ts"])
+        else:
+            ops.append(e)
+    for times in ends.values():
+        times.sort()
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in ops:
+        times = ends.get(e["name"])
+        i = bisect.bisect_left(times, e["ts"]) if times else 0
+        dur = times[i] - e["ts"] if times and i < len(times) else e["dur"]
+        totals[e["name"]][0] += dur / 1e3
         totals[e["name"]][1] += 1
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return [(name, ms, int(count)) for name, (ms, count) in ranked]

@@ -1,5 +1,6 @@
 """compile_stats, mfu, HLO dumps and the offline trace summary."""
 
+import gzip
 import json
 
 import jax
@@ -47,6 +48,23 @@ def test_summarize_ranks_ops_of_a_real_trace(tmp_path, matmul, capsys):
     assert [ms for _, ms, _ in rows] == sorted((ms for _, ms, _ in rows), reverse=True)
     assert profiling.main(["summarize", str(tmp_path), "--top", "3"]) == 0
     assert "op" in capsys.readouterr().out
+
+
+def test_summarize_times_async_ops_to_their_end_event(tmp_path):
+    """XLA's CPU runtime dispatches convolutions asynchronously: the op's event lasts 0.1 ms and an "end:" event
+    marks completion 50 ms later. The summary counts the 50 ms, and the end events are not ops of their own."""
+    thread = {"ph": "M", "name": "thread_name", "pid": 1, "tid": 2, "args": {"name": "tf_XLAEigen/1"}}
+    events = [thread]
+    for step in range(2):
+        t = step * 100_000  # microseconds
+        events += [{"ph": "X", "name": "convolution.3", "pid": 1, "tid": 2, "ts": t, "dur": 100},
+                   {"ph": "X", "name": "fusion.1", "pid": 1, "tid": 2, "ts": t + 200, "dur": 10_000},
+                   {"ph": "X", "name": "end: convolution.3", "pid": 1, "tid": 2, "ts": t + 50_000, "dur": 1}]
+    with gzip.open(tmp_path / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rows = profiling.summarize_trace(tmp_path)
+    assert [(name, round(ms, 6), count) for name, ms, count in rows] == [("convolution.3", 100.0, 2),
+                                                                        ("fusion.1", 20.0, 2)]
 
 
 def test_summarize_without_a_trace_is_exit_2(tmp_path, capsys):
