@@ -87,7 +87,7 @@ def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[s
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     ops, ends = [], collections.defaultdict(list)
     for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
+        if e.get("ph") != "X" or "dur" not in e or "ts" not in e:
             continue
         thread = threads.get((e.get("pid"), e.get("tid")), "")
         # Host Python frames and the runtime's own scopes (ThunkExecutor::Execute, ...) are not ops.

@@ -59,7 +59,8 @@ def test_summarize_times_async_ops_to_their_end_event(tmp_path):
         t = step * 100_000  # microseconds
         events += [{"ph": "X", "name": "convolution.3", "pid": 1, "tid": 2, "ts": t, "dur": 100},
                    {"ph": "X", "name": "fusion.1", "pid": 1, "tid": 2, "ts": t + 200, "dur": 10_000},
-                   {"ph": "X", "name": "end: convolution.3", "pid": 1, "tid": 2, "ts": t + 50_000, "dur": 1}]
+                   {"ph": "X", "name": "end: convolution.3", "pid": 1, "tid": 2, "ts": t + 50_000, "dur": 1},
+                   {"ph": "X", "name": "no_timestamp", "pid": 1, "tid": 2, "dur": 5}]  # malformed: skipped
     with gzip.open(tmp_path / "host.trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
     rows = profiling.summarize_trace(tmp_path)
