@@ -165,8 +165,8 @@ def _conv(x, w, strides, pads, dilation, groups):
 
 @partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _xla(x, w, strides, pads, dilation, groups):
-    """XLA's convolution op. Its derivative is XLA's too, with one change on CPU: the input that the weight
-    gradient reads is first written to a buffer of its own.
+    """XLA's convolution op. Its derivative is XLA's too, with two changes on CPU: the input that the weight
+    gradient reads is first written to a buffer of its own, and a strided conv's input gradient avoids dilation.
 
     For a conv's weight gradient XLA's CPU backend transposes the input to (C, H, W, N). When the input is
     the output of elementwise ops (BatchNorm, ReLU, the residual adds of a ResNet), XLA fuses that whole chain
@@ -174,6 +174,10 @@ def _xla(x, w, strides, pads, dilation, groups):
     the chain and transposing the result (a 3-op chain on (256, 32, 32, 64): 550 ms fused against 37 + 52 ms).
     Such transposes took a third of a ResNet-18 b256 step. XLA's CPU compiler drops `optimization_barrier`,
     so the buffer comes from a conditional, which fusion does not cross (benchmarks/RESULTS.md, 2026-11-26).
+
+    The input gradient of a strided conv is, in XLA, a conv over the output gradient dilated with zeros, which
+    XLA's CPU backend runs 2x slower than the same FLOPs undilated (ResNet-18's 3x3/2 from 32x32: 319 against
+    153 ms). On CPU the tangent in x is therefore `_conv_by_phases`, whose transpose has no dilation.
     """
     return _conv(x, w, strides, pads, dilation, groups)
 
@@ -185,13 +189,35 @@ def _xla_jvp(strides, pads, dilation, groups, primals, tangents):
     x = lax.platform_dependent(x, cpu=_copy_through_conditional, default=lambda x: x)
     terms = []  # JAX calls this rule with at least one of the two perturbed
     if not isinstance(tx, SymbolicZero):
-        terms.append(conv(tx, w))
+        if strides != (1, 1) and dilation == (1, 1):
+            phases = partial(_conv_by_phases, strides=strides, pads=pads, groups=groups)
+            terms.append(lax.platform_dependent(tx, w, cpu=phases, default=conv))
+        else:
+            terms.append(conv(tx, w))
     if not isinstance(tw, SymbolicZero):
         terms.append(conv(x, tw))
     return conv(x, w), terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 _xla.defjvp(_xla_jvp, symbolic_zeros=True)
+
+
+def _conv_by_phases(x, w, strides, pads, groups):
+    """A strided, undilated conv as the sum over the phases (i mod sh, j mod sw) of the padded input of a
+    stride-1 VALID conv of that phase with the kernel taps that land on it. The same FLOPs as the strided
+    conv; its transpose (the input gradient) is stride-1 convs and interior padding, with no dilated conv."""
+    (kh, kw), (sh, sw) = w.shape[:2], strides
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    out_h, out_w = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    out = None
+    for i in range(min(sh, kh)):
+        for j in range(min(sw, kw)):
+            taps = w[i::sh, j::sw]
+            phase = lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (out_h + taps.shape[0] - 2) * sh + 1,
+                                                 j + (out_w + taps.shape[1] - 2) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
+            y = _conv(phase, taps, (1, 1), ((0, 0), (0, 0)), (1, 1), groups)
+            out = y if out is None else out + y
+    return out
 
 
 def _copy_through_conditional(x):
