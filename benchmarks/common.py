@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata as md
+import os
 import platform
 import statistics
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 import jax
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# Read when the process starts and able to change every number: XLA's flags, the allocator and its settings.
+ENVIRONMENT = ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "OMP_NUM_THREADS")
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
@@ -42,9 +45,12 @@ def append_results(title: str, table: str, notes: str = "") -> None:
     """Append a dated section (machine, versions, command, table) to benchmarks/RESULTS.md."""
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "jaxlib", "flax"))
     devices = ", ".join(sorted({d.platform for d in jax.devices()}))
-    section = (f"\n## {title} — {datetime.date.today().isoformat()}\n\n"
-               f"- machine: {cpu_name()}, {jax.device_count()} {devices} device(s); Python {platform.python_version()}; {versions}\n"
-               f"- command: `python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`\n\n"
-               f"{table}\n{notes}\n")
+    environment = "; ".join(f"{k}={os.environ[k]}" for k in ENVIRONMENT if os.environ.get(k))
+    header = [f"- machine: {cpu_name()}, {jax.device_count()} {devices} device(s); Python {platform.python_version()}; "
+              f"{versions}",
+              f"- command: `python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`"]
+    if environment:
+        header.append(f"- environment: `{environment}`")
+    section = f"\n## {title} — {datetime.date.today().isoformat()}\n\n" + "\n".join(header) + f"\n\n{table}\n{notes}\n"
     with open(RESULTS, "a") as f:
         f.write(section)

@@ -3,7 +3,7 @@
 Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
 excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
 median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU against the
-GEMM peak measured in the same run. Needs the `bench` extra (PyTorch).
+GEMM peak measured beside each pair of steps. Needs the `bench` extra (PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
         [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto|xla|im2col] [--norm jaxnet|flax] [--dtype float32|bfloat16]
@@ -141,13 +141,19 @@ def torch_runner(name: str, bf16: bool):
     return run
 
 
-def gemm_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 GEMM FLOP/s (JAX, n×n @ n×n), the best of `repeats`."""
-    a = jnp.ones((n, n), jnp.float32)
+def gemm_runners(n: int = 2048):
+    """fp32 n×n @ n×n products of JAX and of PyTorch, and their FLOPs: the machine's GEMM peak is the faster."""
+    import torch
+
+    a, t = jnp.ones((n, n), jnp.float32), torch.ones(n, n)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best
+    return (lambda: f(a).block_until_ready()), (lambda: t @ t), 2 * n ** 3
+
+
+def gemm_peak(jax_gemm, torch_gemm, flops: int) -> float:
+    """FLOP/s of the faster framework's GEMM now (each timed twice, the best kept)."""
+    return flops / min(_timed(g) for g in (jax_gemm, torch_gemm, jax_gemm, torch_gemm))
 
 
 def _timed(fn) -> float:
@@ -162,10 +168,11 @@ def main() -> None:
     args = ARGS
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    peak = gemm_peak()
+    gemms = gemm_runners()
     rows = [f"| model | batch | jaxnet ms | PyTorch ms | jaxnet img/s | PyTorch img/s | PyTorch/jaxnet time "
-            f"(paired median) | jaxnet compile s | jaxnet 1st step / steady | jaxnet MFU vs GEMM peak |",
-            "|" + " --- |" * 10]
+            f"(paired median) | jaxnet compile s | jaxnet 1st step / steady | GEMM peak GFLOP/s | "
+            f"jaxnet MFU vs GEMM peak (paired median) |",
+            "|" + " --- |" * 11]
     for name in args.models.split(","):
         if name not in JAX_MODELS:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
@@ -175,20 +182,23 @@ def main() -> None:
         for _ in range(2):  # warm-up both
             jrun()
             trun()
-        jt, tt = [], []
-        for i in range(args.steps):  # A B B A ...
+        jt, tt, peaks = [], [], []
+        for i in range(args.steps):  # A B G, B A G, ...: G measures the GEMM peak at the same moment
             order = (jrun, trun) if i % 2 == 0 else (trun, jrun)
             for fn in order:
                 (jt if fn is jrun else tt).append(_timed(fn))
+            peaks.append(gemm_peak(*gemms))
         jm, tm = statistics.median(jt), statistics.median(tt)
         ratio = statistics.median(t / j for j, t in zip(jt, tt))
-        mfu = f"{stats['flops'] / jm / peak:.0%}" if stats["flops"] else "n/a"
+        mfu = (f"{statistics.median(stats['flops'] / j / p for j, p in zip(jt, peaks)):.0%}" if stats["flops"]
+               else "n/a")
         compile_s = stats["lower_s"] + stats["compile_s"]
         rows.append(f"| {name} | {batch} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | {batch / tm:.0f} | "
-                    f"{ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {mfu} |")
+                    f"{ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {statistics.median(peaks) / 1e9:.0f} | {mfu} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
-    notes = (f"fp32 GEMM peak measured in this run: {peak / 1e9:.0f} GFLOP/s (JAX, 2048²). dtype {args.dtype}; "
+    notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each pair of steps, the faster (median "
+             f"shown); MFU is the median over pairs of the step's FLOP/s over the peak of its pair. dtype {args.dtype}; "
              f"XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch {torch.__version__} "
              f"eager, channels_last, {args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step; "
              f"compile s = lower + compile of the step (no persistent cache); 1st step = the first call after it.")

@@ -28,3 +28,15 @@ def test_benchmark_prints_its_table(args, expect):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert expect in result.stdout
+
+
+def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_path, monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    common.append_results("Title", "| a |", "notes")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "- environment: `" in text and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in text
+    assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\nnotes")
