@@ -51,6 +51,7 @@ def append_results(title: str, table: str, notes: str = "") -> None:
               f"- command: `python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`"]
     if environment:
         header.append(f"- environment: `{environment}`")
-    section = f"\n## {title} — {datetime.date.today().isoformat()}\n\n" + "\n".join(header) + f"\n\n{table}\n{notes}\n"
+    section = (f"\n## {title} — {datetime.date.today().isoformat()}\n\n" + "\n".join(header)
+               + f"\n\n{table}\n{notes}\n")
     with open(RESULTS, "a") as f:
         f.write(section)

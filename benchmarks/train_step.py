@@ -193,13 +193,15 @@ def main() -> None:
         mfu = (f"{statistics.median(stats['flops'] / j / p for j, p in zip(jt, peaks)):.0%}" if stats["flops"]
                else "n/a")
         compile_s = stats["lower_s"] + stats["compile_s"]
+        peak = statistics.median(peaks)
         rows.append(f"| {name} | {batch} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | {batch / tm:.0f} | "
-                    f"{ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {statistics.median(peaks) / 1e9:.0f} | {mfu} |")
+                    f"{ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {peak / 1e9:.0f} | {mfu} |")
         print(rows[-1], flush=True)
     table = "\n".join(rows)
     notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each pair of steps, the faster (median "
-             f"shown); MFU is the median over pairs of the step's FLOP/s over the peak of its pair. dtype {args.dtype}; "
-             f"XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch {torch.__version__} "
+             f"shown); MFU is the median over pairs of the step's FLOP/s over the peak of its pair. "
+             f"dtype {args.dtype}; XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; "
+             f"BatchNorm: {args.norm}; PyTorch {torch.__version__} "
              f"eager, channels_last, {args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step; "
              f"compile s = lower + compile of the step (no persistent cache); 1st step = the first call after it.")
     print(table)

@@ -176,8 +176,8 @@ def _xla(x, w, strides, pads, dilation, groups):
     so the buffer comes from a conditional, which fusion does not cross (benchmarks/RESULTS.md, 2026-11-26).
 
     The input gradient of a strided conv is, in XLA, a conv over the output gradient dilated with zeros, which
-    XLA's CPU backend runs 2x slower than the same FLOPs undilated (ResNet-18's 3x3/2 from 32x32: 319 against
-    153 ms). On CPU the tangent in x is therefore `_conv_by_phases`, whose transpose has no dilation.
+    XLA's CPU backend runs up to 2x slower than the same FLOPs undilated (ResNet-18's 3x3/2 from 32x32, b256:
+    319 against 153 ms). On CPU the tangent in x is therefore `_conv_by_phases`, whose transpose has no dilation.
     """
     return _conv(x, w, strides, pads, dilation, groups)
 
