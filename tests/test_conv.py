@@ -141,8 +141,8 @@ def test_xla_conv_weight_gradient_does_not_recompute_its_input():
 @pytest.mark.parametrize("strides", [2, (2, 1)])
 def test_strided_xla_conv_input_gradient_has_no_dilated_conv(strides):
     """On CPU a strided conv's input gradient is stride-1 convs over the output gradient, not XLA's conv over
-    that gradient dilated with zeros (up to 2x slower, at ResNet-18's first downsampling conv); the values are checked
-    against the reference over `CASES`."""
+    that gradient dilated with zeros (up to 2x slower, at ResNet-18's first downsampling conv); the values are
+    checked against the reference over `CASES`."""
     x, w = _inputs(CASES[1])
     grad = jax.jit(jax.grad(lambda x, w: jnp.sin(conv2d(x, w, strides=strides, impl="xla")).sum()))
     hlo = grad.lower(x, w).compile().as_text()
