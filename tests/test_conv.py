@@ -149,6 +149,16 @@ def test_strided_xla_conv_input_gradient_has_no_dilated_conv(strides):
     assert "convolution(" in hlo and "lhs_dilate" not in hlo
 
 
+def test_strided_xla_conv_input_gradient_is_xlas_own_off_cpu():
+    """The phases are a CPU choice: lowered for a GPU, the input gradient is XLA's single dilated conv (cuDNN's)."""
+    x, w = _inputs(CASES[1])
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sin(conv2d(x, w, strides=2, impl="xla")).sum()))
+    convs = {p: [line for line in grad.trace(x, w).lower(lowering_platforms=(p,)).as_text().splitlines()
+                 if "stablehlo.convolution" in line] for p in ("cpu", "cuda")}
+    assert len(convs["cuda"]) == 2 and "lhs_dilate = [2, 2]" in convs["cuda"][1]  # forward, input gradient
+    assert len(convs["cpu"]) == 5 and not any("lhs_dilate = [2, 2]" in c for c in convs["cpu"])  # forward, 4 phases
+
+
 @pytest.mark.parametrize("perturbed", ["x", "w", "both"])
 def test_xla_conv_forward_mode_matches_reference(perturbed):
     """The XLA conv's custom derivative is a JVP, so forward mode works, whichever inputs are perturbed."""
