@@ -1,6 +1,8 @@
 """Every conv impl equals conv2d_reference, forward and in gradient, and lowers to what it claims."""
 
 import functools
+import platform
+import sys
 from functools import partial
 
 import chex
@@ -12,6 +14,10 @@ import pytest
 from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.ops import conv as conv_ops
 
+# PyPI's oneDNN (the extras test and onednn) is built for Linux x86-64 only.
+onednn_platform = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
+                                     reason="oneDNN from PyPI (impl 'onednn') is for Linux x86-64 only")
+
 # (N, H, W, C, O, K, strides, padding, dilation, groups): stride, padding style, dilation and groups each vary.
 CASES = [
     (2, 8, 8, 3, 4, 3, 1, "SAME", 1, 1),
@@ -19,6 +25,7 @@ CASES = [
     (1, 8, 8, 4, 4, 1, 2, "VALID", 1, 1),
     (2, 10, 10, 4, 8, 3, 1, "VALID", 2, 2),
     (1, 7, 7, 6, 6, 3, (2, 1), ((1, 2), (0, 1)), 1, 3),
+    (3, 8, 7, 3, 4, 3, (2, 1), ((0, 2), (1, 0)), 1, 1),  # uneven padding on each side
     (2, 8, 8, 2, 3, 2, 1, 1, (1, 2), 1),
     (1, 12, 12, 3, 4, 7, 2, 3, 1, 1),
     (2, 2, 2, 4, 5, 3, 1, "SAME", 1, 1),  # kernel larger than the input (PlainCNN's last conv)
@@ -49,11 +56,11 @@ def _reference(case):
     return _forward_and_gradient(conv2d_reference, case)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=onednn_platform) if i == "onednn" else i for i in IMPLS])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_impl_matches_reference_forward_and_gradient(impl, case):
-    if impl == "pallas" and (case[-1] != 1 or case[-2] != 1):
-        with pytest.raises(ValueError, match="'pallas' supports groups=1 and dilation 1 only"):
+    if impl in ("pallas", "onednn") and (case[-1] != 1 or case[-2] != 1):
+        with pytest.raises(ValueError, match=f"'{impl}' supports .*groups=1 and dilation 1 only"):
             conv2d(*_inputs(case), impl=impl, **_kwargs(case))
         return
     (ref, grads_ref), (out, grads) = _reference(case), _forward_and_gradient(partial(conv2d, impl=impl), case)
@@ -184,3 +191,43 @@ def test_pallas_forward_is_a_pallas_kernel():
     x, w = _inputs(CASES[0])
     jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, impl="pallas"))(x, w))
     assert "pallas_call" in jaxpr and "conv_general_dilated" not in jaxpr
+
+
+@onednn_platform
+def test_onednn_runs_onednn_forward_and_input_gradient_and_xlas_weight_gradient():
+    """Forward and input gradient are the FFI calls; the weight gradient is XLA's conv, in the compiled program."""
+    x, w = _inputs(CASES[1])
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sin(conv2d(x, w, strides=2, impl="onednn")).sum(), argnums=(0, 1)))
+    hlo = grad.lower(x, w).compile().as_text()
+    assert "custom_call_target=\"JaxnetOnednnConvForward\"" in hlo
+    assert "custom_call_target=\"JaxnetOnednnConvInputGrad\"" in hlo
+    assert hlo.count("convolution(") == 1
+
+
+@onednn_platform
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_onednn_any_batch_size(n):
+    """The handler splits the batch over XLA's threads: empty, single and uneven batches are whole."""
+    x, w = jax.random.normal(jax.random.key(0), (n, 6, 6, 3)), jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    chex.assert_trees_all_close(jax.jit(partial(conv2d, impl="onednn"))(x, w), conv2d_reference(x, w),
+                                rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_rejects_bfloat16():
+    x, w = _inputs(CASES[0])
+    with pytest.raises(ValueError, match="'onednn' supports float32"):
+        conv2d(x.astype(jnp.bfloat16), w, impl="onednn")
+
+
+def test_onednn_without_onednn_installed_says_how_to_install(monkeypatch):
+    """No silent fallback to another impl: a missing oneDNN is an error that names the extra."""
+    from jaxnet.ops import onednn
+
+    def missing(name):
+        raise onednn.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(onednn.metadata, "distribution", missing)
+    monkeypatch.setattr(onednn, "load", onednn.load.__wrapped__)  # past this process's loaded build
+    x, w = _inputs(CASES[0])
+    with pytest.raises(onednn.OnednnError, match=r"jaxnet\[onednn\]"):
+        conv2d(x, w, impl="onednn")

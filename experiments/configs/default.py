@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "fastnet"                 # fastnet | fastnet_tiny | resnet18 | resnet20 | resnet56 | plain | plain_tiny | resnet_tiny
     c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
-    c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas
+    c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)
     c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
     c.batch_size = 1024                 # images per step
     c.eval_batch_size = 1000            # images per eval step

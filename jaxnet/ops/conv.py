@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-Impl: TypeAlias = Literal["xla", "im2col", "pallas", "auto"]
-IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas", "auto")
+from jaxnet.ops import onednn
+
+Impl: TypeAlias = Literal["xla", "im2col", "pallas", "onednn", "auto"]
+IMPLS: tuple[str, ...] = ("xla", "im2col", "pallas", "onednn", "auto")
 DEFAULT_IMPL: Impl = "xla"
 
 
@@ -146,6 +148,11 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                 raise ValueError(f"conv impl 'pallas' supports groups=1 and dilation 1 only, got groups={groups}, "
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
+        case "onednn":
+            if groups != 1 or dilation != (1, 1) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+                raise ValueError(f"conv impl 'onednn' supports float32, groups=1 and dilation 1 only, got "
+                                 f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
+            return _onednn(x, w, strides, pads)
         case "auto":
             layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides)
 
@@ -298,6 +305,28 @@ def _pallas_bwd(strides, pads, residuals, g):
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+# ---- oneDNN: its forward and input-gradient convs as XLA FFI calls on CPU (extra `onednn`; see onednn.py) ----
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _onednn(x, w, strides, pads):
+    return onednn.forward(x, w, strides, pads)
+
+
+def _onednn_fwd(x, w, strides, pads):
+    return _onednn(x, w, strides, pads), (x, w)
+
+
+def _onednn_bwd(strides, pads, residuals, dy):
+    # The weight gradient is XLA's (Eigen's on CPU): in a FastNet step oneDNN's ran slower than it
+    # (benchmarks/RESULTS.md, "oneDNN convolutions through XLA's FFI").
+    x, w = residuals
+    _, weight_vjp = jax.vjp(lambda w: _xla(x, w, strides, pads, (1, 1), 1), w)
+    return onednn.input_grad(dy, w, x.shape, strides, pads), weight_vjp(dy)[0]
+
+
+_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
 def conv2d_reference(
