@@ -319,19 +319,22 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
 def export_model(state, config, workdir, formats) -> dict[str, str]:
     """Write the inference function of `state` (a model of `config`) in each of `formats` ("jax", "onnx") to
     `workdir`; returns {format: path}. ONNX has no platform switch, so conv impl "auto" goes out there as
-    XLA's conv (the same function and parameters)."""
+    XLA's conv (the same function and parameters); so does "onednn" in both formats, its FFI calls existing
+    only in a process that loaded jaxnet's handlers."""
     from jaxnet import export as export_lib
+
+    def inference(impl):
+        return export_lib.inference_fn(state.replace(apply_fn=build_model(config, conv_impl=impl).apply),
+                                       mean=config.mean, std=config.std)
 
     exported = {}
     for fmt in formats:
         match fmt:
             case "jax":
-                fn = export_lib.inference_fn(state, mean=config.mean, std=config.std)
+                fn = inference("xla" if config.conv_impl == "onednn" else config.conv_impl)
                 exported["jax"] = str(export_lib.export_jax(fn, Path(workdir) / "model.jaxexport"))
             case "onnx":
-                fixed = state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
-                fn = export_lib.inference_fn(fixed, mean=config.mean, std=config.std)
-                exported["onnx"] = str(export_lib.export_onnx(fn, Path(workdir) / "model.onnx"))
+                exported["onnx"] = str(export_lib.export_onnx(inference("xla"), Path(workdir) / "model.onnx"))
             case other:
                 raise UsageError(f"--export takes jax and/or onnx, got {other!r}")
     return exported

@@ -262,6 +262,23 @@ def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
     assert not (tmp_path / "auto.onnx").exists()
 
 
+def test_experiment_exports_a_onednn_model_with_xlas_convs(tmp_path):
+    """oneDNN's FFI calls cannot be serialized (they exist only where jaxnet loaded its handlers): the jax
+    export of a conv_impl=onednn model is the same function with XLA's convs."""
+    import jax.numpy as jnp
+
+    import jaxnet
+
+    config = smoke(model="plain_tiny", conv_impl="onednn")
+    state = jaxnet.create_train_state(cifar10.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                      jaxnet.sgd(0.1))
+    path = cifar10.export_model(state, config, tmp_path, ("jax",))["jax"]
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    live = export.inference_fn(state, mean=config.mean, std=config.std)
+    np.testing.assert_allclose(np.asarray(export.load_jax(path)(images)), np.asarray(live(jnp.asarray(images))),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
     runs = {name: cifar10.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
                                              parallel_mode=mode, num_devices=n)
