@@ -2,7 +2,7 @@
 op each impl lowered to (after XLA's optimisations). Pallas runs in interpret mode on CPU (correctness
 path, expected slow). The measured winners feed `jaxnet.ops.conv.AUTO_TABLE`.
 
-    python -m benchmarks.conv_impls [--batch 64] [--repeats 5] [--impls xla,im2col,pallas]
+    python -m benchmarks.conv_impls [--batch 64] [--repeats 5] [--impls xla,im2col,pallas[,onednn]]
         [--layers 1x1] [--xla-cpu-conv eigen|ynnpack] [--no-record]
 """
 

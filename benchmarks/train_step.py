@@ -3,10 +3,11 @@
 Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
 excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
 median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU against the
-GEMM peak measured beside each pair of steps. Needs the `bench` extra (PyTorch).
+GEMM peak measured beside each pair of steps. Several conv impls make one jaxnet runner each, all in the same
+rotation with PyTorch. Needs the `bench` extra (PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
-        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto|xla|im2col] [--norm jaxnet|flax] [--dtype float32|bfloat16]
+        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto[,onednn,...]] [--norm jaxnet|flax] [--dtype float32|bfloat16]
         [--torch-threads 2] [--no-record]
 """
 
@@ -24,7 +25,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
-    p.add_argument("--conv-impl", default="auto", help="jaxnet conv impl of the models (default: %(default)s)")
+    p.add_argument("--conv-impl", default="auto",
+                   help="jaxnet conv impl(s) of the models, comma-separated (default: %(default)s)")
     p.add_argument("--norm", default="jaxnet", choices=("jaxnet", "flax"),
                    help="BatchNorm of the jaxnet models: jaxnet.layers.BatchNorm or flax.linen.BatchNorm")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -169,41 +171,46 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     gemms = gemm_runners()
-    rows = [f"| model | batch | jaxnet ms | PyTorch ms | jaxnet img/s | PyTorch img/s | PyTorch/jaxnet time "
-            f"(paired median) | jaxnet compile s | jaxnet 1st step / steady | GEMM peak GFLOP/s | "
+    impls = args.conv_impl.split(",")
+    rows = [f"| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms | jaxnet img/s | PyTorch img/s | "
+            f"PyTorch/jaxnet time (paired median) | jaxnet compile s | jaxnet 1st step / steady | GEMM peak GFLOP/s | "
             f"jaxnet MFU vs GEMM peak (paired median) |",
-            "|" + " --- |" * 11]
+            "|" + " --- |" * 12]
     for name in args.models.split(","):
         if name not in JAX_MODELS:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
-        jrun, batch, stats = jax_runner(name, dtype, args.conv_impl, args.norm)
+        jax_runs = [jax_runner(name, dtype, impl, args.norm) for impl in impls]
+        batch = jax_runs[0][1]
+        flops = max(stats["flops"] for *_, stats in jax_runs)  # the same math: the count of the impl XLA sees most of
         trun = torch_runner(name, args.dtype == "bfloat16")
-        first = _timed(jrun)  # the first step (compiled above)
-        for _ in range(2):  # warm-up both
-            jrun()
-            trun()
-        jt, tt, peaks = [], [], []
+        firsts = [_timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
+        runs = [run for run, *_ in jax_runs] + [trun]
+        for _ in range(2):  # warm-up
+            for fn in runs:
+                fn()
+        times, peaks = [[] for _ in runs], []
         for i in range(args.steps):  # A B G, B A G, ...: G measures the GEMM peak at the same moment
-            order = (jrun, trun) if i % 2 == 0 else (trun, jrun)
-            for fn in order:
-                (jt if fn is jrun else tt).append(_timed(fn))
+            for k in (range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))):
+                times[k].append(_timed(runs[k]))
             peaks.append(gemm_peak(*gemms))
-        jm, tm = statistics.median(jt), statistics.median(tt)
-        ratio = statistics.median(t / j for j, t in zip(jt, tt))
-        mfu = (f"{statistics.median(stats['flops'] / j / p for j, p in zip(jt, peaks)):.0%}" if stats["flops"]
-               else "n/a")
-        compile_s = stats["lower_s"] + stats["compile_s"]
-        peak = statistics.median(peaks)
-        rows.append(f"| {name} | {batch} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | {batch / tm:.0f} | "
-                    f"{ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {peak / 1e9:.0f} | {mfu} |")
-        print(rows[-1], flush=True)
+        tt, peak = times[-1], statistics.median(peaks)
+        for impl, (_, _, stats), jt, first in zip(impls, jax_runs, times, firsts):
+            jm, tm = statistics.median(jt), statistics.median(tt)
+            ratio = statistics.median(t / j for j, t in zip(jt, tt))
+            mfu = f"{statistics.median(flops / j / p for j, p in zip(jt, peaks)):.0%}" if flops else "n/a"
+            compile_s = stats["lower_s"] + stats["compile_s"]
+            rows.append(f"| {name} | {batch} | {impl} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | "
+                        f"{batch / tm:.0f} | {ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {peak / 1e9:.0f} | "
+                        f"{mfu} |")
+            print(rows[-1], flush=True)
     table = "\n".join(rows)
-    notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each pair of steps, the faster (median "
-             f"shown); MFU is the median over pairs of the step's FLOP/s over the peak of its pair. "
-             f"dtype {args.dtype}; XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impl: {args.conv_impl}; "
-             f"BatchNorm: {args.norm}; PyTorch {torch.__version__} "
-             f"eager, channels_last, {args.torch_threads} threads. FLOPs from XLA's cost analysis of the jaxnet step; "
-             f"compile s = lower + compile of the step (no persistent cache); 1st step = the first call after it.")
+    notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each round of steps, the faster (median "
+             f"shown); MFU is the median over rounds of the step's FLOP/s over the peak of its round. "
+             f"dtype {args.dtype}; XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; "
+             f"BatchNorm: {args.norm}; PyTorch {torch.__version__} eager, channels_last, {args.torch_threads} "
+             f"threads. FLOPs from XLA's cost analysis of the jaxnet step, the largest over the impls (it does not "
+             f"see inside oneDNN's FFI calls); compile s = lower + compile of the step (no persistent cache); "
+             f"1st step = the first call after it.")
     print(table)
     print(notes)
     if not args.no_record:

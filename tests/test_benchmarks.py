@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (["benchmarks.scaling_model", "--model", "fastnet", "--batch-per-device", "64"], "| 64 |"),
     (["benchmarks.parallel_step", "--model", "fastnet_tiny", "--batch", "16", "--steps", "1", "--no-record"],
      "pmap, 8"),
-    (["benchmarks.conv_impls", "--batch", "2", "--repeats", "1", "--impls", "xla,im2col", "--layers", "1x1",
-      "--no-record"], "resnet50 1x1 expand"),
+    (["benchmarks.conv_impls", "--batch", "2", "--repeats", "1", "--impls", "xla,im2col,onednn", "--layers",
+      "1x1", "--no-record"], "| onednn | "),
     (["benchmarks.batch_norm", "--shapes", "plain b32", "--repeats", "1", "--no-record"], "plain b32 layer 1"),
-    (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--no-record"], "plain32"),
+    (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--conv-impl", "auto,onednn", "--no-record"],
+     "| plain32 | 32 | onednn |"),
 ])
 def test_benchmark_prints_its_table(args, expect):
     if args[0] == "benchmarks.train_step":
