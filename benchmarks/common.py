@@ -43,7 +43,8 @@ def cpu_name() -> str:
 
 def append_results(title: str, table: str, notes: str = "") -> None:
     """Append a dated section (machine, versions, command, table) to benchmarks/RESULTS.md."""
-    versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "jaxlib", "flax"))
+    installed = {d.metadata["Name"] for d in md.distributions()}
+    versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "jaxlib", "flax", "onednn-cpu-gomp") if p in installed)
     devices = ", ".join(sorted({d.platform for d in jax.devices()}))
     environment = "; ".join(f"{k}={os.environ[k]}" for k in ENVIRONMENT if os.environ.get(k))
     header = [f"- machine: {cpu_name()}, {jax.device_count()} {devices} device(s); Python {platform.python_version()}; "
