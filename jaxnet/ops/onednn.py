@@ -13,6 +13,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 ONEDNN = ("onednn-devel-cpu-gomp", "onednn-cpu-gomp")  # the headers, and the library they require
@@ -84,22 +88,47 @@ def load() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, target)), platform="cpu")
 
 
-def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
-    load()
-    (pt, pb), (pl, pr) = pads
-    attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr)
-    return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(out_shape, jnp.float32))(
-        a, w, **{k: np.int64(v) for k, v in attrs.items()})
+def _batch_parallel(target: str, rule: str):
+    """The FFI call of `target` as a custom partitioning: on a mesh, one call per shard of the batch (the leading
+    axis of its input and output), with the whole kernel. XLA's partitioner would otherwise gather the whole
+    batch into every device's call. The other axes stay whole (`rule` names them; b is the batch)."""
+
+    def call(a, w, out_tail, strides, pads):
+        load()
+        (pt, pb), (pl, pr) = pads
+        attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr)
+        return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct((a.shape[0], *out_tail), jnp.float32))(
+            a, w, **{k: np.int64(v) for k, v in attrs.items()})
+
+    def batch(mesh, arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        return NamedSharding(mesh, P(spec[0] if spec else None))
+
+    def partition(out_tail, strides, pads, mesh, arg_shapes, result_shape):
+        sharded = batch(mesh, arg_shapes)
+        return (mesh, lambda a, w: call(a, w, out_tail, strides, pads), sharded,
+                (sharded, NamedSharding(mesh, P())))
+
+    def infer(out_tail, strides, pads, mesh, arg_shapes, result_shape):
+        return batch(mesh, arg_shapes)
+
+    partitioned = custom_partitioning(call, static_argnums=(2, 3, 4))
+    whole = tuple(f for f in dict.fromkeys(re.findall(r"\w+", rule)) if f != "b")  # in order of appearance
+    partitioned.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                              need_replication_factors=whole)
+    return partitioned
+
+
+_forward = _batch_parallel("forward", "b h w c, i j c o -> b p q o")
+_input_grad = _batch_parallel("input_grad", "b p q o, i j c o -> b h w c")
 
 
 def forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
     """The conv of x (N, H, W, C) with w (KH, KW, C, O): (N, OH, OW, O)."""
-    n, h, wd, _ = x.shape
-    kh, kw, _, o = w.shape
-    out_hw = [(size + sum(pad) - k) // s + 1 for size, pad, k, s in zip((h, wd), pads, (kh, kw), strides)]
-    return _call("forward", (n, *out_hw, o), x, w, strides, pads)
+    out_hw = [(size + sum(pad) - k) // s + 1 for size, pad, k, s in zip(x.shape[1:3], pads, w.shape[:2], strides)]
+    return _forward(x, w, (*out_hw, w.shape[3]), tuple(strides), tuple(pads))
 
 
 def input_grad(dy: jax.Array, w: jax.Array, x_shape: tuple[int, ...], strides: tuple[int, int], pads) -> jax.Array:
     """The gradient in x of the conv's output paired with dy: the transposed conv of dy, of x's shape."""
-    return _call("input_grad", tuple(x_shape), dy, w, strides, pads)
+    return _input_grad(dy, w, tuple(x_shape[1:]), tuple(strides), tuple(pads))
