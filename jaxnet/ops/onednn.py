@@ -3,8 +3,9 @@
 `onednn_conv.cc` (beside this file) holds the two handlers, forward and input gradient. On first use it is
 compiled with the C++ compiler ($CXX, else g++) against oneDNN from PyPI (extra `onednn`) and jaxlib's FFI
 headers, into a directory of the jaxnet cache named by a hash of the source, the compiler, jaxlib's version
-and oneDNN's (version and place); later processes load it from there. The handlers run on CPU only and take float32 NHWC inputs, HWIO kernels,
-one group and no dilation; `conv.py` checks that before calling them.
+and oneDNN's (version and place); later processes load it from there. The handlers run on CPU only and take
+float32 NHWC inputs, HWIO kernels, one group and no dilation; `conv.py` checks that before calling them. On a
+mesh each device calls them on its shard of the batch.
 """
 
 from __future__ import annotations

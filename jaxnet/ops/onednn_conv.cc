@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <exception>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -135,7 +136,7 @@ ffi::Future Run(ffi::ThreadPool pool, bool forward, float* in, float* hwio, floa
   try {  // create the primitives here, so that an unsupported conv fails the call rather than a task
     Lookup(whole);
     Lookup(last);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return Failed(e.what());
   }
   ffi::CountDownPromise done(chunks);
@@ -146,7 +147,7 @@ ffi::Future Run(ffi::ThreadPool pool, bool forward, float* in, float* hwio, floa
       ffi::Error status = ffi::Error::Success();
       try {
         RunChunk(forward, i + 1 == chunks ? last : whole, i * per, in, hwio, out, in_size / n, out_size / n);
-      } catch (const dnnl::error& e) {
+      } catch (const std::exception& e) {
         status = ffi::Error::Internal(std::string("oneDNN convolution: ") + e.what());
       }
       done.CountDown(1, status);
