@@ -79,8 +79,8 @@ const Primitives& Lookup(const Geometry& g) {
   return *slot;
 }
 
-// Runs the chunk [lo, lo + count) of the batch. `in` and `out` are whole-batch buffers, `image_in` and
-// `image_out` the floats per image of each.
+// Runs images [lo, lo + g[0]) of the batch. `in` and `out` are whole-batch buffers, `image_in` and `image_out`
+// the floats per image of each.
 void RunChunk(bool forward, const Geometry& g, int64_t lo, float* in, float* hwio, float* out, int64_t image_in,
               int64_t image_out) {
   const Primitives& p = Lookup(g);
@@ -117,8 +117,8 @@ ffi::Future Failed(const std::string& what) {
   return future;
 }
 
-// The conv of `in` (x for the forward pass, the output gradient for the input gradient) with `hwio` into
-// `out`, whose batch-major layout is `x_dims` (x's, for both passes).
+// The conv of `in` (x for the forward pass, the output gradient for the input gradient) with `hwio` into `out`.
+// `x_dims` are the dims of the conv's input x (`in` of the forward pass, `out` of the input gradient).
 ffi::Future Run(ffi::ThreadPool pool, bool forward, float* in, float* hwio, float* out,
                 ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> w_dims, int64_t in_size, int64_t out_size,
                 int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
