@@ -261,7 +261,10 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     step_flops = None
     if parallel_mode == "jit":
         example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0)
-        step_flops = (train_step.compiled.lower(state, example).cost_analysis() or {}).get("flops")
+        # XLA counts no FLOPs inside FFI calls: an "onednn" model's step is counted with XLA's convs (same math).
+        counted = (state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
+                   if config.conv_impl == "onednn" else state)
+        step_flops = (train_step.compiled.lower(counted, example).cost_analysis() or {}).get("flops")
         if dump_hlo and main_process:
             eval_example = next(data_lib.eval_batches(val_norm if config.val_size else test_norm,
                                                       config.eval_batch_size))

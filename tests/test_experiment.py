@@ -279,6 +279,15 @@ def test_experiment_exports_a_onednn_model_with_xlas_convs(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_onednn_run_reports_the_flops_of_its_convs(tmp_path, dataset):
+    """XLA's cost analysis sees no FLOPs inside FFI calls: an onednn run's step FLOPs (and so its MFU) are those
+    of the same step with XLA's convs."""
+    runs = {impl: cifar10.train_and_evaluate(smoke(epochs=1.0, conv_impl=impl), tmp_path / impl, data_dir=dataset,
+                                             show_progress=False)
+            for impl in ("xla", "onednn")}
+    assert runs["onednn"]["step_flops"] == runs["xla"]["step_flops"] > 0
+
+
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
     runs = {name: cifar10.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
                                              parallel_mode=mode, num_devices=n)
