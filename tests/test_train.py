@@ -1,5 +1,7 @@
 """train_step / eval_step: learning, purity, determinism, one compile, donation, any model, input checks."""
 
+from functools import partial
+
 import chex
 import flax.linen as nn
 import jax
@@ -61,9 +63,11 @@ def test_train_step_is_pure_and_deterministic(data):
     assert not np.array_equal(s1.batch_stats["norm_init"]["mean"], state.batch_stats["norm_init"]["mean"])
 
 
-def test_jitted_step_compiles_once_and_donates(data):
+@pytest.mark.parametrize("impl", [None, "onednn"])  # the models' default conv, and oneDNN's FFI calls
+def test_jitted_step_compiles_once_and_donates(data, impl):
+    chex.clear_trace_counter()  # chex counts traces of train.train_step across the parameters
     step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1), lr_fn=train.constant(1e-2))
-    state = _state()
+    state = _state(models.ResNetTiny(num_classes=CLASSES, conv=partial(jaxnet.Conv, impl=impl)) if impl else None)
     for _ in range(3):
         old = state
         state, metrics = step(state, data)
