@@ -1,5 +1,6 @@
 """The benchmark scripts run and print their tables (tiny settings, nothing appended to RESULTS.md)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,53 @@ def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_pat
     text = (tmp_path / "RESULTS.md").read_text()
     assert "- environment: `" in text and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in text
     assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\nnotes")
+
+
+def _summary(acc, tta, wall):
+    return {"test_accuracy": acc, "test_accuracy_tta": tta, "best_val_accuracy": None, "steps": 10,
+            "train_seconds": wall - 1.0, "wall_seconds": wall, "images_per_second": 100.0}
+
+
+def test_time_to_accuracy_table_gives_mean_and_sample_std_over_seeds():
+    from benchmarks.time_to_accuracy import table
+
+    text = table({0: _summary(0.90, 0.93, 10.0), 3: _summary(0.92, 0.95, 14.0)}, target=0.94)
+    rows = text.splitlines()
+    assert rows[2].startswith("| 0 | 90.00% | 93.00% | — | 10 | 9.0 | 10.0 | 100.0 |")
+    assert rows[3].startswith("| 3 | 92.00% | 95.00% |")
+    # stdev([0.90, 0.92]) = 0.01414, stdev([10, 14]) = 2.83; no validation set: "—"
+    assert rows[4] == ("| mean ± std | 91.00% ± 1.41% | 94.00% ± 1.41% | — | 10 ± 0 | 11.0 ± 2.8 | 12.0 ± 2.8 "
+                       "| 100.0 ± 0.0 |")
+    assert text.endswith("Runs at ≥ 94.00% test accuracy with TTA: 1 of 2.")
+    assert table({5: _summary(0.5, 0.5, 3.0)}, target=None).splitlines()[-1].startswith("| mean ± std | 50.00% ± — |")
+
+
+def _run_tta(tmp_path, *args):
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path):
+    from fixtures import synthetic, write_binary
+
+    data = write_binary(tmp_path / "cifar", synthetic(n_train=600, n_test=200))
+    result = _run_tta(tmp_path, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
+                      "--target", "0.5", "epochs=0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = {s: json.loads((tmp_path / "runs" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)}
+    assert [summaries[s]["seed"] for s in (0, 1)] == [0, 1] and summaries[0]["steps"] == 3  # epochs=0.5 reached it
+    row = f"| 1 | {summaries[1]['test_accuracy']:.2%} | {summaries[1]['test_accuracy_tta']:.2%} |"
+    assert row in result.stdout and "| mean ± std |" in result.stdout
+    assert "test accuracy with TTA: " in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data-dir", "/nonexistent/cifar"], "error: the run of seed 0 failed (exit code 2); nothing recorded"),
+    (["--seeds", "0,x"], "expected comma-separated integers"),
+    (["--target", "94"], "--target is an accuracy in (0, 1]"),
+])
+def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = _run_tta(tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,135 @@
+"""Time to accuracy, airbench-style: one recipe of `experiments.cifar10` end to end for several seeds.
+
+Each seed runs as its own process, `python -m experiments.cifar10 --config C --seed S ...`, started as a user
+would start it (the persistent compilation cache is warm after the first). The table gives each run's test
+accuracy (plain and with the recipe's TTA), best validation accuracy, steps, train and wall seconds and steady
+img/s from its `summary.json`, then the mean ± sample std over seeds, and with --target how many runs reached it
+(with TTA, as airbench counts).
+
+    python -m benchmarks.time_to_accuracy [--config default] [--seeds 0,1,2] [--data-dir D] [--target 0.94]
+        [--workdir DIR] [--no-record] [key=value ...]
+
+A seed whose run fails stops the benchmark with that run's exit code; nothing is recorded then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+COLUMNS = (("test acc", "test_accuracy", "{:.2%}"), ("test acc, TTA", "test_accuracy_tta", "{:.2%}"),
+           ("best val acc", "best_val_accuracy", "{:.2%}"), ("steps", "steps", "{:d}"),
+           ("train s", "train_seconds", "{:.1f}"), ("wall s", "wall_seconds", "{:.1f}"),
+           ("img/s", "images_per_second", "{:.1f}"))
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat: {text!r}")
+    return seeds
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, passed to every run")
+    p.add_argument("--config", default="default", help="the experiment's recipe (default: %(default)s)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    p.add_argument("--data-dir", help="local CIFAR-10, as the experiment's --data-dir")
+    p.add_argument("--target", type=float, help="test accuracy with TTA to count runs against, e.g. 0.94")
+    p.add_argument("--workdir", help="keep each run in DIR/seed<S> (default: a temporary directory, removed)")
+    p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    args = p.parse_args(argv)
+    if args.target is not None and not 0 < args.target <= 1:
+        p.error(f"--target is an accuracy in (0, 1], got {args.target}")
+    return args
+
+
+def _cell(fmt: str, value) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def table(summaries: dict[int, dict], target: float | None) -> str:
+    """The per-seed rows and a mean ± std row (std over seeds; "—" for one seed) as a Markdown table."""
+    rows = ["| seed | " + " | ".join(name for name, _, _ in COLUMNS) + " |",
+            "| --- " * (len(COLUMNS) + 1) + "|"]
+    for seed, s in summaries.items():
+        rows.append(f"| {seed} | " + " | ".join(_cell(fmt, s.get(key)) for _, key, fmt in COLUMNS) + " |")
+    cells = []
+    for _, key, fmt in COLUMNS:
+        values = [s[key] for s in summaries.values() if s.get(key) is not None]
+        if not values:
+            cells.append("—")
+            continue
+        fmt = fmt.replace(":d", ":.0f")
+        spread = fmt.format(statistics.stdev(values)) if len(values) > 1 else "—"
+        cells.append(f"{fmt.format(statistics.mean(values))} ± {spread}")
+    rows.append("| mean ± std | " + " | ".join(cells) + " |")
+    if target is not None:
+        reached = sum(s["test_accuracy_tta"] >= target for s in summaries.values())
+        rows.append(f"\nRuns at ≥ {target:.2%} test accuracy with TTA: {reached} of {len(summaries)}.")
+    return "\n".join(rows)
+
+
+def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
+    """One run of the experiment in its own process: (exit code, its summary, or {} if it failed).
+
+    Ctrl-C and SIGTERM go to the run, which saves a checkpoint and exits (130/143); this process waits for it.
+    """
+    command = [sys.executable, "-m", "experiments.cifar10", "--config", config, "--seed", str(seed),
+               "--workdir", str(workdir), *(["--data-dir", data_dir] if data_dir else []), *overrides]
+    with subprocess.Popen(command) as child:
+        handlers = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = child.wait()
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+    summary_path = workdir / "summary.json"
+    if code or not summary_path.exists():
+        return code or 1, {}
+    return 0, json.loads(summary_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    summaries = {}
+    with tempfile.TemporaryDirectory(prefix="jaxnet-tta-") as scratch:
+        root = Path(args.workdir or scratch)
+        for seed in args.seeds:
+            print(f"seed {seed}: python -m experiments.cifar10 --config {args.config} --seed {seed}", flush=True)
+            code, summary = run_seed(args.config, seed, root / f"seed{seed}", args.data_dir, args.overrides)
+            if code:
+                what = "was interrupted" if code in (130, 143) else "failed"
+                print(f"error: the run of seed {seed} {what} (exit code {code}); nothing recorded", file=sys.stderr)
+                return code
+            summaries[seed] = summary
+    result = table(summaries, args.target)
+    print(result)
+    if not args.no_record:
+        from benchmarks.common import append_results
+
+        first = next(iter(summaries.values()))
+        config = first["config"]
+        notes = (f"Recipe `{args.config}`{' with ' + ' '.join(args.overrides) if args.overrides else ''}: model "
+                 f"{config['model']}, batch {config['batch_size']}, conv impl {config['conv_impl']}, TTA level "
+                 f"{first['tta_level']}; {first['devices']} {first['platform']} device(s); XLA_FLAGS of the runs: "
+                 f"`{first['xla_flags']}`. Seeds one after another, each in its own process; wall s = the whole run "
+                 "(data, compilation, training, evaluation), train s = its training loop.")
+        append_results(f"Time to accuracy, `{args.config}` recipe, {len(summaries)} seeds", result, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
