@@ -53,6 +53,6 @@ def append_results(title: str, table: str, notes: str = "") -> None:
     if environment:
         header.append(f"- environment: `{environment}`")
     section = (f"\n## {title} — {datetime.date.today().isoformat()}\n\n" + "\n".join(header)
-               + f"\n\n{table}\n{notes}\n")
+               + f"\n\n{table}\n\n{notes}\n")
     with open(RESULTS, "a") as f:
         f.write(section)

@@ -41,7 +41,7 @@ def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_pat
     common.append_results("Title", "| a |", "notes")
     text = (tmp_path / "RESULTS.md").read_text()
     assert "- environment: `" in text and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in text
-    assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\nnotes")
+    assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\n\nnotes")  # a blank line ends the table
 
 
 def _summary(acc, tta, wall):
