@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments import configs
+
 COLUMNS = (("test acc", "test_accuracy", "{:.2%}"), ("test acc, TTA", "test_accuracy_tta", "{:.2%}"),
            ("best val acc", "best_val_accuracy", "{:.2%}"), ("steps", "steps", "{:d}"),
            ("train s", "train_seconds", "{:.1f}"), ("wall s", "wall_seconds", "{:.1f}"),
@@ -43,7 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, passed to every run")
-    p.add_argument("--config", default="default", help="the experiment's recipe (default: %(default)s)")
+    p.add_argument("--config", default="default", choices=configs.NAMES,
+                   help="the experiment's recipe (default: %(default)s)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
     p.add_argument("--data-dir", help="local CIFAR-10, as the experiment's --data-dir")
     p.add_argument("--target", type=float, help="test accuracy with TTA to count runs against, e.g. 0.94")
@@ -84,7 +87,8 @@ def table(summaries: dict[int, dict], target: float | None) -> str:
 def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
     """One run of the experiment in its own process: (exit code, its summary, or {} if it failed).
 
-    Ctrl-C and SIGTERM go to the run, which saves a checkpoint and exits (130/143); this process waits for it.
+    SIGINT and SIGTERM are passed on to the run, which saves a checkpoint and exits (130/143); this process
+    waits for it.
     """
     command = [sys.executable, "-m", "experiments.cifar10", "--config", config, "--seed", str(seed),
                "--workdir", str(workdir), *(["--data-dir", data_dir] if data_dir else []), *overrides]
@@ -109,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.workdir or scratch)
         for seed in args.seeds:
             print(f"seed {seed}: python -m experiments.cifar10 --config {args.config} --seed {seed}", flush=True)
-            code, summary = run_seed(args.config, seed, root / f"seed{seed}", args.data_dir, args.overrides)
+            try:
+                code, summary = run_seed(args.config, seed, root / f"seed{seed}", args.data_dir, args.overrides)
+            except KeyboardInterrupt:  # Ctrl-C before the run had started: nothing of it to save
+                code = 130
             if code:
                 what = "was interrupted" if code in (130, 143) else "failed"
                 print(f"error: the run of seed {seed} {what} (exit code {code}); nothing recorded", file=sys.stderr)

@@ -1,9 +1,12 @@
 """The benchmark scripts run and print their tables (tiny settings, nothing appended to RESULTS.md)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,7 +86,34 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path):
     assert "test accuracy with TTA: " in result.stdout
 
 
+def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(tmp_path):
+    from fixtures import synthetic, write_binary
+
+    data = write_binary(tmp_path / "cifar", synthetic(n_train=600, n_test=200))
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    runs = tmp_path / "runs"
+    bench = subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record",
+                              "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs), "epochs=1000.0",
+                              "log_every=1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    metrics = runs / "seed0" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        bench.send_signal(signal.SIGTERM)  # to the benchmark only: the run hears of it through the benchmark
+        out, err = bench.communicate(timeout=120)
+    finally:  # a run left behind by a failure is killed with its group, not left training
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 143, err[-2000:]
+    assert "error: the run of seed 0 was interrupted (exit code 143); nothing recorded" in err
+    assert any((runs / "seed0" / "checkpoints").rglob("*")) and not (runs / "seed1").exists()
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--config", "nope"], "invalid choice: 'nope'"),
     (["--data-dir", "/nonexistent/cifar"], "error: the run of seed 0 failed (exit code 2); nothing recorded"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
     (["--target", "94"], "--target is an accuracy in (0, 1]"),
