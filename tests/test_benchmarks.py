@@ -66,16 +66,26 @@ def test_time_to_accuracy_table_gives_mean_and_sample_std_over_seeds():
     assert table({5: _summary(0.5, 0.5, 3.0)}, target=None).splitlines()[-1].startswith("| mean ± std | 50.00% ± — |")
 
 
+TTA = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record"]
+
+
+def _tta_env(tmp_path):
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+
 def _run_tta(tmp_path, *args):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*TTA, *args], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
 
 
-def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path):
+@pytest.fixture
+def data(tmp_path):
     from fixtures import synthetic, write_binary
 
-    data = write_binary(tmp_path / "cifar", synthetic(n_train=600, n_test=200))
+    return write_binary(tmp_path / "cifar", synthetic(n_train=600, n_test=200))
+
+
+def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
     result = _run_tta(tmp_path, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
                       "--target", "0.5", "epochs=0.5")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -86,16 +96,11 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path):
     assert "test accuracy with TTA: " in result.stdout
 
 
-def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(tmp_path):
-    from fixtures import synthetic, write_binary
-
-    data = write_binary(tmp_path / "cifar", synthetic(n_train=600, n_test=200))
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(tmp_path, data):
     runs = tmp_path / "runs"
-    bench = subprocess.Popen([sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record",
-                              "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs), "epochs=1000.0",
-                              "log_every=1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+    bench = subprocess.Popen([*TTA, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs),
+                              "epochs=1000.0", "log_every=1"], cwd=ROOT, env=_tta_env(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = runs / "seed0" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 240
