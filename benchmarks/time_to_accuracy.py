@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{first['tta_level']}; {first['devices']} {first['platform']} device(s); XLA_FLAGS of the runs: "
                  f"`{first['xla_flags']}`. Seeds one after another, each in its own process; wall s = the whole run "
                  "(data, compilation, training, evaluation), train s = its training loop.")
-        append_results(f"Time to accuracy, `{args.config}` recipe, {len(summaries)} seeds", result, notes)
+        seeds = f"{len(summaries)} seed{'s' if len(summaries) > 1 else ''}"
+        append_results(f"Time to accuracy, `{args.config}` recipe, {seeds}", result, notes)
     return 0
 
 
