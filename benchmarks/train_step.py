@@ -3,12 +3,14 @@
 Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
 excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
 median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU against the
-GEMM peak measured beside each pair of steps. Several conv impls make one jaxnet runner each, all in the same
-rotation with PyTorch. Needs the `bench` extra (PyTorch).
+GEMM peak measured beside each pair of steps. Several conv impls make one jaxnet runner each, and several PyTorch
+modes (eager, `torch.compile`, each in fp32 or under bf16 autocast) one PyTorch runner each, all in the same
+rotation; each jaxnet row is compared with PyTorch's best mode, the one of lowest median. Needs the `bench` extra
+(PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
         [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto[,onednn,...]] [--norm jaxnet|flax] [--dtype float32|bfloat16]
-        [--torch-threads 2] [--no-record]
+        [--torch-modes eager,compile[,eager-bf16,compile-bf16]] [--torch-threads 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ import os
 import statistics
 import time
 from functools import partial
+
+TORCH_MODES = ("eager", "compile", "eager-bf16", "compile-bf16")
+
+
+def _torch_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(text.split(","))
+    if bad := [m for m in modes if m not in TORCH_MODES]:
+        raise argparse.ArgumentTypeError(f"unknown PyTorch mode(s) {', '.join(bad)}; valid: {', '.join(TORCH_MODES)}")
+    return modes
 
 
 def _parse() -> argparse.Namespace:
@@ -30,10 +41,16 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--norm", default="jaxnet", choices=("jaxnet", "flax"),
                    help="BatchNorm of the jaxnet models: jaxnet.layers.BatchNorm or flax.linen.BatchNorm")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype of both (jaxnet: model dtype, fp32 params; PyTorch: autocast)")
+                   help="compute dtype of the jaxnet models (bfloat16: fp32 params, bf16 compute)")
+    p.add_argument("--torch-modes", type=_torch_modes, default=None,
+                   help="PyTorch runners to compare with, comma-separated, of: " + ", ".join(TORCH_MODES)
+                   + " (default: eager,compile; with --dtype bfloat16 all four: PyTorch's best of fp32 and bf16)")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count())
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.torch_modes is None:
+        args.torch_modes = TORCH_MODES if args.dtype == "bfloat16" else TORCH_MODES[:2]
+    return args
 
 
 ARGS = _parse() if __name__ == "__main__" else None
@@ -123,11 +140,15 @@ def jax_runner(name: str, dtype, conv_impl: str, norm: str):
     return run, batch, stats
 
 
-def torch_runner(name: str, bf16: bool):
+def torch_runner(name: str, mode: str):
+    """One PyTorch train step of `name` in `mode`: eager or `torch.compile`d (compiled at its first call), fp32 or
+    under bf16 autocast."""
     import torch
 
     batch = JAX_MODELS[name][1]
+    bf16 = mode.endswith("-bf16")
     model = torch_model(name).to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if mode.startswith("compile") else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -136,7 +157,7 @@ def torch_runner(name: str, bf16: bool):
     def run():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
 
@@ -158,6 +179,20 @@ def gemm_peak(jax_gemm, torch_gemm, flops: int) -> float:
     return flops / min(_timed(g) for g in (jax_gemm, torch_gemm, jax_gemm, torch_gemm))
 
 
+def compare(jax_times: list[float], torch_times: dict[str, list[float]], peaks: list[float], flops: float) -> dict:
+    """One jaxnet runner against PyTorch's best mode (lowest median), from times taken in the same rounds.
+
+    ratio: median over rounds of PyTorch's time / jaxnet's (> 1: jaxnet faster); MFU: median over rounds of the
+    step's FLOP/s over the GEMM peak of its round, for both (the same FLOPs: the same architecture).
+    """
+    best = min(torch_times, key=lambda m: statistics.median(torch_times[m]))
+    tt = torch_times[best]
+    return {"jax_s": statistics.median(jax_times), "torch_mode": best, "torch_s": statistics.median(tt),
+            "ratio": statistics.median(t / j for j, t in zip(jax_times, tt)),
+            "jax_mfu": statistics.median(flops / j / p for j, p in zip(jax_times, peaks)),
+            "torch_mfu": statistics.median(flops / t / p for t, p in zip(tt, peaks))}
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -171,21 +206,20 @@ def main() -> None:
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     gemms = gemm_runners()
-    impls = args.conv_impl.split(",")
-    rows = [f"| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms | jaxnet img/s | PyTorch img/s | "
-            f"PyTorch/jaxnet time (paired median) | jaxnet compile s | jaxnet 1st step / steady | GEMM peak GFLOP/s | "
-            f"jaxnet MFU vs GEMM peak (paired median) |",
-            "|" + " --- |" * 12]
+    impls, modes = args.conv_impl.split(","), args.torch_modes
+    rows = [f"| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms by mode | PyTorch best | jaxnet img/s | "
+            f"PyTorch best img/s | PyTorch best/jaxnet time (paired median) | jaxnet compile s | "
+            f"jaxnet 1st step / steady | GEMM peak GFLOP/s | jaxnet MFU | PyTorch best MFU |",
+            "|" + " --- |" * 14]
     for name in args.models.split(","):
         if name not in JAX_MODELS:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
         jax_runs = [jax_runner(name, dtype, impl, args.norm) for impl in impls]
         batch = jax_runs[0][1]
         flops = max(stats["flops"] for *_, stats in jax_runs)  # the same math: the count of the impl XLA sees most of
-        trun = torch_runner(name, args.dtype == "bfloat16")
         firsts = [_timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
-        runs = [run for run, *_ in jax_runs] + [trun]
-        for _ in range(2):  # warm-up
+        runs = [run for run, *_ in jax_runs] + [torch_runner(name, mode) for mode in modes]
+        for _ in range(2):  # warm-up (torch.compile compiles here)
             for fn in runs:
                 fn()
         times, peaks = [[] for _ in runs], []
@@ -193,29 +227,31 @@ def main() -> None:
             for k in (range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))):
                 times[k].append(_timed(runs[k]))
             peaks.append(gemm_peak(*gemms))
-        tt, peak = times[-1], statistics.median(peaks)
+        torch_times = dict(zip(modes, times[len(impls):]))
+        by_mode = " · ".join(f"{m} {statistics.median(t) * 1e3:.0f}" for m, t in torch_times.items())
         for impl, (_, _, stats), jt, first in zip(impls, jax_runs, times, firsts):
-            jm, tm = statistics.median(jt), statistics.median(tt)
-            ratio = statistics.median(t / j for j, t in zip(jt, tt))
-            mfu = f"{statistics.median(flops / j / p for j, p in zip(jt, peaks)):.0%}" if flops else "n/a"
+            c = compare(jt, torch_times, peaks, flops)
+            jm, tm = c["jax_s"], c["torch_s"]
+            mfus = f"{c['jax_mfu']:.0%} | {c['torch_mfu']:.0%}" if flops else "n/a | n/a"
             compile_s = stats["lower_s"] + stats["compile_s"]
-            rows.append(f"| {name} | {batch} | {impl} | {jm * 1e3:.0f} | {tm * 1e3:.0f} | {batch / jm:.0f} | "
-                        f"{batch / tm:.0f} | {ratio:.2f}× | {compile_s:.1f} | {first / jm:.2f} | {peak / 1e9:.0f} | "
-                        f"{mfu} |")
+            rows.append(f"| {name} | {batch} | {impl} | {jm * 1e3:.0f} | {by_mode} | {c['torch_mode']} | "
+                        f"{batch / jm:.0f} | {batch / tm:.0f} | {c['ratio']:.2f}× | {compile_s:.1f} | "
+                        f"{first / jm:.2f} | {statistics.median(peaks) / 1e9:.0f} | {mfus} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each round of steps, the faster (median "
-             f"shown); MFU is the median over rounds of the step's FLOP/s over the peak of its round. "
-             f"dtype {args.dtype}; XLA CPU convs: {args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; "
-             f"BatchNorm: {args.norm}; PyTorch {torch.__version__} eager, channels_last, {args.torch_threads} "
-             f"threads. FLOPs from XLA's cost analysis of the jaxnet step, the largest over the impls (it does not "
-             f"see inside oneDNN's FFI calls); compile s = lower + compile of the step (no persistent cache); "
-             f"1st step = the first call after it.")
+             f"shown); MFU is the median over rounds of the step's FLOP/s over the peak of its round, for PyTorch "
+             f"with the jaxnet step's FLOPs (the same architecture). jaxnet dtype {args.dtype}; XLA CPU convs: "
+             f"{args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch "
+             f"{torch.__version__}, channels_last, {args.torch_threads} threads, modes {','.join(modes)} (compile: "
+             f"`torch.compile` of the model, default backend; -bf16: under bf16 autocast); PyTorch best = the mode "
+             f"of lowest median, against which the ratio is paired. FLOPs from XLA's cost analysis of the jaxnet "
+             f"step, the largest over the impls (it does not see inside oneDNN's FFI calls); compile s = lower + "
+             f"compile of the step (no persistent cache); 1st step = the first call after it.")
     print(table)
     print(notes)
     if not args.no_record:
         append_results(f"Train step, jaxnet vs PyTorch ({args.dtype}, {args.xla_cpu_conv})", table, notes)
-
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
       "1x1", "--no-record"], "| onednn | "),
     (["benchmarks.batch_norm", "--shapes", "plain b32", "--repeats", "1", "--no-record"], "plain b32 layer 1"),
     (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--conv-impl", "auto,onednn", "--no-record"],
-     "| plain32 | 32 | onednn |"),
+     "| plain32 | 32 | onednn |"),  # against PyTorch eager and torch.compile, the default modes
 ])
 def test_benchmark_prints_its_table(args, expect):
     if args[0] == "benchmarks.train_step":
@@ -45,6 +45,25 @@ def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_pat
     text = (tmp_path / "RESULTS.md").read_text()
     assert "- environment: `" in text and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in text
     assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\n\nnotes")  # a blank line ends the table
+
+
+def test_train_step_compares_with_pytorchs_fastest_mode_paired_by_round():
+    from benchmarks.train_step import compare
+
+    jax_times = [1.0, 2.0, 1.0]
+    torch_times = {"eager": [1.5, 1.5, 1.5], "compile": [1.2, 1.8, 1.1]}  # compile: the lower median (1.2)
+    c = compare(jax_times, torch_times, peaks=[10.0, 10.0, 5.0], flops=6.0)
+    assert c["torch_mode"] == "compile" and c["jax_s"] == 1.0 and c["torch_s"] == 1.2
+    assert c["ratio"] == pytest.approx(1.1)  # rounds: 1.2, 0.9, 1.1
+    assert c["jax_mfu"] == pytest.approx(0.6)  # rounds: 0.6, 0.3, 1.2
+    assert c["torch_mfu"] == pytest.approx(6.0 / 1.2 / 10.0)  # rounds: 0.5, 0.333, 1.09
+
+
+def test_train_step_rejects_an_unknown_pytorch_mode_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--torch-modes", "eager,jit"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown PyTorch mode(s) jit; valid: eager, compile" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _summary(acc, tta, wall):
