@@ -253,5 +253,6 @@ def main() -> None:
     if not args.no_record:
         append_results(f"Train step, jaxnet vs PyTorch ({args.dtype}, {args.xla_cpu_conv})", table, notes)
 
+
 if __name__ == "__main__":
     main()
