@@ -17,17 +17,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxnet.errors import CheckpointError
 from jaxnet.train import TrainState
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be restored into this run; the message names its directory."""
+# Fields of jaxnet's TrainState that Flax's TrainState lacks: saved and restored where the state has them.
+_OPTIONAL = ("batch_stats", "rng", "ema")
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
-    rng = jax.random.key_data(state.rng) if state.rng is not None else None
-    return {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-            "step": state.step, "rng": rng, "ema": state.ema}
+    arrays = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+    arrays |= {name: getattr(state, name) for name in _OPTIONAL if hasattr(state, name)}
+    if arrays.get("rng") is not None:
+        arrays["rng"] = jax.random.key_data(arrays["rng"])
+    return arrays
 
 
 class Checkpointer:
@@ -60,9 +63,6 @@ class Checkpointer:
         for manager in (self._last, self._best) if best else (self._last,):
             if step not in manager.all_steps():
                 manager.save(step, args=args, force=True)
-
-    def latest_step(self, which: str = "last") -> int | None:
-        return self._manager(which).latest_step()
 
     def restore(self, template: TrainState, which: str = "last",
                 config: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
@@ -98,9 +98,9 @@ class Checkpointer:
         if [np.shape(x) for x in leaves] != [np.shape(x) for x in jax.tree.leaves(target)]:
             raise CheckpointError(f"checkpoint {where}/{step} holds arrays of other shapes than this model")
         arrays = jax.tree.unflatten(jax.tree.structure(target), leaves)
-        rng = jax.random.wrap_key_data(arrays["rng"]) if arrays["rng"] is not None else None
-        state = template.replace(params=arrays["params"], batch_stats=arrays["batch_stats"],
-                                 opt_state=arrays["opt_state"], step=arrays["step"], rng=rng, ema=arrays["ema"])
+        if arrays.get("rng") is not None:
+            arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
+        state = template.replace(**arrays)
         return state, meta
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import jax
 from jax._src import xla_bridge  # backends_are_initialized: no public equivalent in jax 0.10
 
+from jaxnet.errors import ConfigError
+
 CPU_CONV_FLAGS = {
     # XLA's default: convolutions through YNNPACK.
     "ynnpack": "",
@@ -26,11 +28,11 @@ def set_cpu_conv(name: str) -> None:
     """Route XLA's CPU convolutions to `name` ("eigen" or "ynnpack") by adding its flag to XLA_FLAGS.
 
     Raises:
-      ValueError: an unknown name.
+      ConfigError: an unknown name.
       RuntimeError: JAX's backends have started already, so the flag could no longer take effect.
     """
     if name not in CPU_CONV_FLAGS:
-        raise ValueError(f"xla_cpu_conv must be one of {', '.join(CPU_CONV_FLAGS)}, got {name!r}")
+        raise ConfigError(f"xla_cpu_conv must be one of {', '.join(CPU_CONV_FLAGS)}, got {name!r}")
     flags = CPU_CONV_FLAGS[name]
     current = os.environ.get("XLA_FLAGS", "")
     if not flags or flags in current:

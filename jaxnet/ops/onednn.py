@@ -28,14 +28,17 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnet.cache import default_cache_dir
+from jaxnet.errors import ConfigError
+
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 ONEDNN = ("onednn-devel-cpu-gomp", "onednn-cpu-gomp")  # the headers, and the library they require
 TARGETS = {"forward": "JaxnetOnednnConvForward", "input_grad": "JaxnetOnednnConvInputGrad"}
 INSTALL_HINT = "pip install 'jaxnet[onednn]'"
 
 
-class OnednnError(RuntimeError):
-    """oneDNN or the C++ compiler is missing, or the handlers failed to build."""
+class OnednnError(ConfigError):
+    """oneDNN or the C++ compiler is missing, or the handlers failed to build: conv impl "onednn" cannot run here."""
 
 
 def _dist_file(dist: str, suffix: str) -> Path:
@@ -74,8 +77,6 @@ def load() -> None:
     Raises:
       OnednnError: oneDNN (extra `onednn`) or a C++ compiler is missing, or the build failed.
     """
-    from jaxnet.data import default_cache_dir
-
     header = _dist_file(ONEDNN[0], "oneapi/dnnl/dnnl.hpp")
     library = _dist_file(ONEDNN[1], "libdnnl.so.3")
     compiler = os.environ.get("CXX", "g++")
