@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -11,6 +11,9 @@ import jax.numpy as jnp
 
 from jaxnet.ops import channel as channel_ops
 from jaxnet.ops import conv as conv_ops
+
+# A constructor of Flax modules (a class or a partial of one): how models take their conv and norm layers.
+ModuleDef = Callable[..., nn.Module]
 
 
 class Conv(nn.Module):

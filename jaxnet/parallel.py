@@ -28,13 +28,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import train
-from jaxnet.train import Batch, Metrics, Schedule, TrainState
+from jaxnet.errors import ParallelError
+from jaxnet.train import Batch, Metrics
 
 AXIS = "data"
-
-
-class ParallelError(ValueError):
-    """A device, process or batch layout that cannot work; one line, naming what was asked and what exists."""
 
 
 # ---- meshes and shardings ----
@@ -91,7 +88,7 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
     """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
     host batches placed on the mesh: every process passes the same global host batch, or global arrays."""
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
         if mesh is not None:
             n = len(batch["label"])
@@ -105,26 +102,26 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
     return step
 
 
-def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = None, label_smoothing: float = 0.0,
-                   lr_fn: Schedule | None = None, num_classes: int | None = None,
-                   image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Compile `step_fn(state, batch, label_smoothing=..., lr_fn=...)` once, donating the input state.
+def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = None, num_classes: int | None = None,
+                   image_shape: Sequence[int] | None = None) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
+    """Compile `step_fn(state, batch) -> (state, metrics)` once, donating the input state; bind the step's own
+    options first (`partial(jaxnet.train_step, label_smoothing=0.1)`).
 
     With `mesh`: batch `P("data")`, state and metrics replicated (pass the state through
-    `put_replicated` first). The returned `step(state, batch)` validates the batch first. The state passed
-    in is donated: its buffers are reused for the new state and must not be used again.
+    `put_replicated` first). The returned `step(state, batch)` validates the batch first (`num_classes`,
+    `image_shape`: see `train.validate_batch`). The state passed in is donated: its buffers are reused for
+    the new state and must not be used again.
     """
-    fn = partial(step_fn, label_smoothing=label_smoothing, lr_fn=lr_fn)
     if mesh is None:
-        compiled = jax.jit(fn, donate_argnums=(0,))
+        compiled = jax.jit(step_fn, donate_argnums=(0,))
     else:
-        compiled = jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+        compiled = jax.jit(step_fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                            out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
     return _checked(compiled, num_classes, image_shape, mesh)
 
 
 def jit_eval_step(step_fn: Callable = train.eval_step, *, mesh: Mesh | None = None, num_classes: int | None = None,
-                  image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], Metrics]:
+                  image_shape: Sequence[int] | None = None) -> Callable[[Any, Batch], Metrics]:
     """Compile `step_fn(state, batch)` once (no donation: the state lives on); the batch is validated first."""
     if mesh is None:
         compiled = jax.jit(step_fn)
@@ -175,16 +172,16 @@ def _pmap_devices(num_devices: int | None) -> list:
 
 
 def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | None = None, axis_name: str = AXIS,
-                    label_smoothing: float = 0.0, lr_fn: Schedule | None = None, num_classes: int | None = None,
-                    image_shape: Sequence[int] | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    num_classes: int | None = None,
+                    image_shape: Sequence[int] | None = None) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
     """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
     devices = _pmap_devices(num_devices)
-    compiled = jax.pmap(partial(step_fn, label_smoothing=label_smoothing, lr_fn=lr_fn, axis_name=axis_name),
-                        axis_name=axis_name, devices=devices, donate_argnums=(0,))
+    compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
+                        donate_argnums=(0,))
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
         new_state, metrics = compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name))
         return unreplicate(new_state), unreplicate(metrics)
@@ -198,7 +195,7 @@ def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | No
     devices = _pmap_devices(num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 
-    def step(state: TrainState, batch: Batch):
+    def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
         return unreplicate(compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name)))
 

@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnet.layers import BatchNorm, Conv, max_pool
-
-ModuleDef = Callable[..., nn.Module]
+from jaxnet.layers import BatchNorm, Conv, ModuleDef, max_pool
 
 # PyTorch's default conv init (kaiming-uniform, a=√5), which the airbench recipe was tuned with.
 torch_conv_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
@@ -102,3 +100,10 @@ def whitening_kernel(images: np.ndarray, *, patch_size: int = 2, eps: float = 5e
 
 
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))
+
+
+def with_whitening_stem(params: dict, images: np.ndarray, *, module: str = "stem") -> dict:
+    """`params` with the kernel of `module` (a `patch_size`×`patch_size` conv of 2·p²·C features, FastNet's
+    stem) set by `whitening_kernel` from `images` (N, H, W, C float, normalised as the model sees them)."""
+    p = params[module]["kernel"].shape[0]
+    return {**params, module: {**params[module], "kernel": jnp.asarray(whitening_kernel(images, patch_size=p))}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -10,9 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.layers import BatchNorm, Conv, max_pool
-
-ModuleDef = Callable[..., nn.Module]
+from jaxnet.layers import BatchNorm, Conv, ModuleDef, max_pool
 
 
 class PlainCNN(nn.Module):

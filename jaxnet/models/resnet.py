@@ -14,9 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.layers import BatchNorm, Conv
-
-ModuleDef = Callable[..., nn.Module]
+from jaxnet.layers import BatchNorm, Conv, ModuleDef
 
 
 class _Block(nn.Module):
