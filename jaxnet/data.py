@@ -14,12 +14,16 @@ import os
 import pickle
 import socket
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxnet.cache import default_cache_dir
+from jaxnet.errors import ConfigError, DataError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
@@ -30,14 +34,6 @@ ENV_VAR = "JAXNET_CIFAR10"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Split = dict[str, np.ndarray]  # {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}
-
-
-class DataError(ValueError):
-    """A data source that cannot be read as CIFAR-10; the message is one line naming the source."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxnet"
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
@@ -292,6 +288,35 @@ def alternating_flip(key: jax.Array, indices: jax.Array, epoch: int | jax.Array)
     """
     heads = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(indices)
     return heads ^ (jnp.asarray(epoch) % 2 == 1)
+
+
+FlipSchedule = Callable[[jax.Array, "int | jax.Array"], "bool | jax.Array"]
+
+
+def flip_schedule(kind: str, key: jax.Array) -> FlipSchedule:
+    """`(indices, epoch) -> flip` for `augment`: "alternate" (`alternating_flip` with coins from `key`),
+    "random" (p = 1/2 each time) or "none". Raises ConfigError for another kind."""
+    match kind:
+        case "alternate":
+            return partial(alternating_flip, key)
+        case "random" | "none":
+            return lambda indices, epoch: kind == "random"
+        case other:
+            raise ConfigError(f"unknown flip {other!r}; valid: alternate, random, none")
+
+
+def train_batch(key: jax.Array, images: jax.Array, labels: jax.Array, indices: jax.Array, epoch: int | jax.Array,
+                *, flip: FlipSchedule, translate: int, cutout: int, mean=MEAN, std=STD) -> dict[str, jax.Array]:
+    """The training batch of `indices` (B,) from the device-resident uint8 set: gathered, augmented
+    (`augment`, with `flip(indices, epoch)`) and normalised to float32 → {"image": (B, H, W, C), "label": (B,)}.
+    Bind everything after `epoch` with `partial`; `epoch` stays traced, so one compile serves every epoch."""
+    images = augment(key, images[indices], translate=translate, flip=flip(indices, epoch), cutout=cutout)
+    return {"image": normalize(images, mean, std), "label": labels[indices]}
+
+
+def normalized(split: Split, mean=MEAN, std=STD) -> dict[str, np.ndarray]:
+    """A host split with its images normalised to float32 (for evaluation batches)."""
+    return {"image": np.asarray(normalize(split["image"], mean, std)), "label": split["label"]}
 
 
 def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:

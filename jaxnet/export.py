@@ -1,19 +1,24 @@
 """Export of the inference function: `jax.export` (serialized StableHLO, runs without the model's Python
 code) and ONNX (optional extra `onnx`, via jax2onnx). Both take uint8 (B, H, W, C) images, any B, and
-return (B, K) class probabilities; normalisation and the trained variables are baked in."""
+return (B, K) class probabilities; normalisation and the trained variables are baked in. Also the
+predict side: reading image files for an exported model and naming its top classes."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxnet import data as data_lib
+from jaxnet.errors import ConfigError
 from jaxnet.train import TrainState, predict_logits
+
+FORMATS = ("jax", "onnx")
 
 
 def inference_fn(state: TrainState, *, mean: Sequence[float], std: Sequence[float], tta: int = 0) -> Callable:
@@ -46,21 +51,69 @@ def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int
     """Convert `fn` to ONNX at `path` with a dynamic batch dimension (needs the `onnx` extra).
 
     Raises:
-      RuntimeError: the extra is missing, or `fn` holds an op jax2onnx cannot convert — among them the
+      ConfigError: the extra is missing, or `fn` holds an op jax2onnx cannot convert — among them the
         platform switch of conv impl "auto": export a model built with a fixed impl (same parameters).
     """
     try:
         from jax2onnx import to_onnx
     except ImportError as e:
-        raise RuntimeError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
+        raise ConfigError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
     spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("B")[0], *image_shape), jnp.uint8)
     try:
         model = to_onnx(fn, [spec], model_name="jaxnet")
     except NotImplementedError as e:
-        raise RuntimeError(f"ONNX export: {str(e).splitlines()[0]} (conv impl 'auto' is a platform switch ONNX "
+        raise ConfigError(f"ONNX export: {str(e).splitlines()[0]} (conv impl 'auto' is a platform switch ONNX "
                            f"cannot hold: build the model with a fixed impl, e.g. 'xla')") from None
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(model.SerializeToString())
     os.replace(tmp, path)
     return path
+
+
+def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_impl: str,
+                 directory: str | os.PathLike, formats: Sequence[str], *, mean: Sequence[float],
+                 std: Sequence[float]) -> dict[str, str]:
+    """Write the inference function of `state` in each of `formats` ("jax", "onnx") to `directory` as
+    model.jaxexport / model.onnx; returns {format: path}.
+
+    `model_with_impl(impl)` is the state's model built with conv impl `impl` (the parameters are the same
+    for every impl). ONNX has no platform switch, so conv impl "auto" goes out there as XLA's conv; so does
+    "onednn" in both formats, its FFI calls existing only in a process that loaded jaxnet's handlers.
+    Raises ConfigError for an unknown format (before writing anything).
+    """
+    if unknown := [f for f in formats if f not in FORMATS]:
+        raise ConfigError(f"export formats are {' and '.join(FORMATS)}, got {', '.join(map(repr, unknown))}")
+
+    def inference(impl: str) -> Callable:
+        return inference_fn(state.replace(apply_fn=model_with_impl(impl).apply), mean=mean, std=std)
+
+    exported = {}
+    for fmt in formats:
+        if fmt == "jax":
+            fn = inference("xla" if conv_impl == "onednn" else conv_impl)
+            exported[fmt] = str(export_jax(fn, Path(directory) / "model.jaxexport"))
+        else:
+            exported[fmt] = str(export_onnx(inference("xla"), Path(directory) / "model.onnx"))
+    return exported
+
+
+def read_images(paths: Sequence[str], size: tuple[int, int] = (32, 32)) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Decode image files as RGB, resized to `size` (bilinear): ((N, H, W, 3) uint8, the N paths read,
+    {path: why} for each file that is missing, unreadable or not an image)."""
+    from PIL import Image
+
+    images, names, failed = [], [], {}
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), np.uint8))
+                names.append(path)
+        except Exception as e:  # PIL and the OS raise many types for a missing, unreadable or corrupt file
+            failed[path] = type(e).__name__
+    return np.stack(images) if images else np.zeros((0, *size, 3), np.uint8), names, failed
+
+
+def top_classes(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[list[tuple[str, float]]]:
+    """For each row of (N, K) probabilities, its `k` most likely (class name, probability), most likely first."""
+    return [[(classes[i], float(p[i])) for i in np.argsort(-p)[:k]] for p in np.asarray(probs)]

@@ -19,12 +19,40 @@ import numpy as np
 
 from jaxnet import data as data_lib
 from jaxnet.checkpoint import Checkpointer
+from jaxnet.errors import ConfigError, TrainingDiverged
 from jaxnet.metrics import MetricWriter, progress
 from jaxnet.train import TrainState, merge_metrics
 
 
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """The training set on device and how a batch is made of it.
+
+    images, labels: the whole set (uint8 images); make_batch: compiled `(key, images, labels, indices, epoch)
+    -> batch` (gather + augmentation; `epoch` counts from 0, for augmentations that follow a schedule over
+    epochs); key: the data key, split by `fit` into epoch-order and augmentation keys.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    make_batch: Callable
+    batch_size: int
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """log_every: steps between metric fetches (the only host syncs of the loop, with evaluation);
+    patience, min_delta: early stopping after `patience` epochs without a gain of more than `min_delta` in
+    validation accuracy (None: never); profile_dir: a `jax.profiler` trace (Perfetto included) of
+    `profile_steps` steps after two warm-up steps, each marked with a StepTraceAnnotation."""
+
+    log_every: int = 50
+    patience: int | None = None
+    min_delta: float = 0.0
+    show_progress: bool = True
+    profile_dir: str | None = None
+    profile_steps: int = 5
 
 
 @dataclasses.dataclass
@@ -37,7 +65,6 @@ class FitResult:
     first_step_seconds: float | None
     steady_step_seconds: float | None
     train_seconds: float
-    images_per_second: float | None
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -45,39 +72,34 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str,
     return merge_metrics(jax.device_get([eval_step(state, b) for b in batches]))
 
 
-def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, make_batch: Callable,
-        train_step: Callable, batch_size: int, total_steps: int, key: jax.Array,
+def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: int, *,
         eval_step: Callable | None = None, val_batches: Callable[[], Iterable] | None = None,
         checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
-        meta: dict[str, Any] | None = None, resume: bool = False, patience: int | None = None,
-        min_delta: float = 0.0, log_every: int = 50, should_stop: Callable[[], bool] = lambda: False,
-        show_progress: bool = True, profile_dir: str | None = None, profile_steps: int = 5) -> FitResult:
-    """Train `state` for `total_steps` steps of `batch_size` (epochs of `len(train_labels) // batch_size`).
+        meta: dict[str, Any] | None = None, resume: bool = False, should_stop: Callable[[], bool] = lambda: False,
+        options: FitOptions = FitOptions()) -> FitResult:
+    """Train `state` with `train_step` (compiled `(state, batch) -> (state, metrics)`) for `total_steps` steps
+    of `data.batch_size` (epochs of `len(data.labels) // data.batch_size`).
 
     Args:
-      train_images, train_labels: the training set, on device (uint8 images).
-      make_batch: compiled `(key, images, labels, indices, epoch) -> batch` (gather + augmentation; `epoch`
-        counts from 0, for augmentations that follow a schedule over epochs).
-      train_step: compiled `(state, batch) -> (state, metrics)`; eval_step: compiled `(state, batch) -> metrics`.
-      key: the data key; split here into epoch-order and augmentation keys.
-      val_batches: zero-argument function giving an iterable of host eval batches, evaluated after every
-        epoch for early stopping (`patience` epochs without a gain of more than `min_delta` in accuracy).
+      eval_step: compiled `(state, batch) -> metrics`; val_batches: zero-argument function giving an
+        iterable of host eval batches, evaluated after every epoch (for early stopping, see `FitOptions`).
       checkpointer: saves after each epoch (the best epoch also as "best"), and when `should_stop()` turns
         True between steps; with `resume`, training continues from its latest checkpoint.
       meta: JSON-able dict saved with each checkpoint (e.g. the config; compared on resume).
-      log_every: steps between metric fetches (the only host syncs of the loop, with evaluation).
-      profile_dir: if given, a `jax.profiler` trace (Perfetto trace included) of `profile_steps` steps,
-        starting after two warm-up steps, each step marked with a StepTraceAnnotation.
 
     Raises:
       TrainingDiverged: the training loss is not finite at a log point.
       CheckpointError: `resume` with no usable checkpoint.
+      ConfigError: a batch larger than the training set.
     """
+    train_images, train_labels, make_batch, batch_size = data.images, data.labels, data.make_batch, data.batch_size
+    log_every, patience, min_delta = options.log_every, options.patience, options.min_delta
+    profile_dir, show_progress = options.profile_dir, options.show_progress
     n = int(train_labels.shape[0])
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
-    order_key, aug_key = jax.random.split(key)
+        raise ConfigError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
+    order_key, aug_key = jax.random.split(data.key)
     meta = dict(meta or {})
     epoch, offset, best, bad = 0, 0, None, 0
     if resume:
@@ -88,10 +110,10 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         return {**meta, "epoch": epoch, "step_in_epoch": offset, "best": best, "bad_epochs": bad}
 
     step = int(state.step)
-    trace_window = (step + 2, step + 2 + profile_steps) if profile_dir else (-1, -1)
+    trace_window = (step + 2, step + 2 + options.profile_steps) if profile_dir else (-1, -1)
     first_step = None
     stopped_early = interrupted = False
-    t_start, images_seen, step_times = time.perf_counter(), 0, []
+    t_start, step_times = time.perf_counter(), []
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     while step < total_steps and not (stopped_early or interrupted):
         order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
@@ -108,7 +130,6 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
             if step == trace_window[1]:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
-            images_seen += batch_size
             if first_step is None:  # compile + one step; kept out of the steady-state timing
                 jax.block_until_ready(metrics)
                 first_step = time.perf_counter() - t_window
@@ -150,9 +171,7 @@ def fit(state: TrainState, *, train_images: jax.Array, train_labels: jax.Array, 
         interrupted = should_stop() and step < total_steps
     if trace_window[0] < step < trace_window[1]:  # the run ended inside the traced window
         jax.profiler.stop_trace()
-    train_seconds = time.perf_counter() - t_start
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
                      interrupted=interrupted, first_step_seconds=first_step,
                      steady_step_seconds=float(np.median(step_times)) if step_times else None,
-                     train_seconds=train_seconds,
-                     images_per_second=images_seen / train_seconds if train_seconds > 0 else None)
+                     train_seconds=time.perf_counter() - t_start)

@@ -1,0 +1,311 @@
+"""The CIFAR-10 experiment as a library: a recipe config (`experiments/configs`) → model, optimizer, data,
+the training loop, evaluation with test-time augmentation, summary and exports.
+
+This is the one module that reads a config (flax `examples/imagenet`'s `train.py`); everything it calls takes
+explicit arguments. `python -m experiments.cifar10` is its command line. Errors a user can cause are jaxnet's
+own types (`jaxnet.errors`): bad config values are ConfigError, raised before any work is done.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, loop, models, optim, parallel, profiling
+from jaxnet import train
+from jaxnet.errors import CheckpointError, ConfigError
+from jaxnet.metrics import MetricWriter, plot_curves
+from jaxnet.ops import IMPLS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OPTIMIZERS = ("airbench", "sgd", "adam")
+SCHEDULES = ("piecewise", "cosine", "constant")
+FLIPS = ("alternate", "random", "none")
+NUM_CLASSES = 10
+
+
+def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """Config field → (check, what it must be), for the fields whose type alone does not say enough."""
+    positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+    triple = (lambda v: len(v) == 3 and all(isinstance(x, (int, float)) for x in v), "3 numbers (R, G, B)")
+    return {
+        "model": (lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
+        "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+        "conv_impl": (lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}"),
+        "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+        "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        "flip": (lambda v: v in FLIPS, f"one of {', '.join(FLIPS)}"),
+        "batch_size": positive, "eval_batch_size": positive, "epochs": positive, "lr": positive,
+        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": non_negative,
+        "bias_lr_mult": positive, "whiten_bias_epochs": non_negative, "lookahead_every": non_negative,
+        "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "mean": triple,
+        "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
+        "translate": non_negative, "cutout": non_negative, "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+        "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
+        "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
+    }
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError (one line) for the first field of `config` whose value cannot work."""
+    for key, (check, wanted) in _rules().items():
+        if key in config and not check(config[key]):
+            raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")
+
+
+def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None) -> nn.Module:
+    """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
+    `conv_impl` replaces the config's (the parameters are the same for every impl)."""
+    conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
+    return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
+                      norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=DTYPES[config.dtype])
+
+
+def build_schedule(config, total_steps: int) -> optim.Schedule:
+    """Learning-rate multiplier per step (peak 1): piecewise-linear points, cosine with warmup, or constant."""
+    match config.schedule:
+        case "piecewise":
+            fractions, values = zip(*config.schedule_points)
+            return optim.piecewise_linear([f * total_steps for f in fractions], values)
+        case "cosine":
+            return optim.warmup_cosine(1.0, total_steps, int(config.warmup_fraction * total_steps))
+        case _:
+            return optim.constant(1.0)
+
+
+def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+    """`config.optimizer` with its schedule: "airbench" (airbench94's groups, lr and decay per 1024 examples),
+    "sgd" (Nesterov, decoupled decay) or "adam" (AdamW)."""
+    multiplier = build_schedule(config, total_steps)
+    match config.optimizer:
+        case "airbench":
+            return optim.airbench_sgd(config.lr, multiplier, batch_size=config.batch_size, momentum=config.momentum,
+                                      weight_decay=config.weight_decay, norm_lr_mult=config.bias_lr_mult,
+                                      whiten_bias_steps=config.whiten_bias_epochs * steps_per_epoch)
+        case "sgd":
+            return optim.sgd(lambda step: config.lr * multiplier(step), momentum=config.momentum,
+                             weight_decay=config.weight_decay)
+        case _:
+            return optim.adamw(lambda step: config.lr * multiplier(step), weight_decay=config.weight_decay)
+
+
+def build_train_step(config, total_steps: int) -> Callable:
+    """The uncompiled step of `config`: `train_step` with its label smoothing, followed by airbench's lookahead
+    EMA (decay 0.95⁵·(step/total)³, every `lookahead_every` steps, the net set to the EMA after the last
+    step) unless `lookahead_every` is 0."""
+    step = partial(train.train_step, label_smoothing=config.label_smoothing)
+    if not config.lookahead_every:
+        return step
+    return train.lookahead_ema(step, every=config.lookahead_every, final_step=total_steps,
+                               decay_fn=lambda s: 0.95 ** 5 * (s / total_steps) ** 3)
+
+
+def load_splits(config, data_dir, seed: int) -> tuple[data_lib.Split, data_lib.Split, data_lib.Split]:
+    """(train, validation, test) host splits of CIFAR-10 as `config` draws them (subsets, held-out images)."""
+    cifar = data_lib.load_cifar10(data_dir)
+    train_set, test_set = cifar["train"], cifar["test"]
+    if config.train_subset:
+        train_set = data_lib.subset(train_set, config.train_subset, seed)
+    if config.test_subset:
+        test_set = data_lib.subset(test_set, config.test_subset, seed)
+    train_set, val_set = data_lib.split_validation(train_set, config.val_size, seed)
+    return train_set, val_set, test_set
+
+
+def initial_state(config, model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                  train_images: np.ndarray) -> train.TrainState:
+    """The state before step 0; with `whiten_stem`, the model's stem set from 5 000 training images."""
+    state = train.create_train_state(model, key, jnp.zeros((1, 32, 32, 3)), tx, ema=bool(config.lookahead_every))
+    if config.whiten_stem and "stem" in state.params:
+        sample = np.asarray(data_lib.normalize(train_images[:5000], config.mean, config.std))
+        state = state.with_params(models.with_whitening_stem(state.params, sample))
+    return state
+
+
+def _devices(parallel_mode: str, num_devices: int | None, config) -> tuple[Any, int]:
+    """(mesh or None, device count) of the run; ConfigError if a batch does not divide over the devices."""
+    match parallel_mode:
+        case "jit":
+            mesh = parallel.make_mesh(num_devices)
+            n_dev = mesh.size
+        case "pmap":
+            mesh, n_dev = None, len(jax.local_devices()) if num_devices is None else num_devices
+        case other:
+            raise ConfigError(f"parallel mode must be jit or pmap, got {other!r}")
+    for name in ("batch_size", "eval_batch_size"):
+        if config[name] % n_dev:
+            raise ConfigError(f"{name} {config[name]} does not divide over {n_dev} devices")
+    return mesh, n_dev
+
+
+def _compiled_steps(step_fn: Callable, mesh, n_dev: int) -> tuple[Callable, Callable[[int], Callable]]:
+    """(compiled train step, tta level → compiled eval step), on the mesh or (mesh None) under pmap."""
+    if mesh is not None:
+        return (parallel.jit_train_step(step_fn, mesh=mesh, num_classes=NUM_CLASSES),
+                lambda tta: parallel.jit_eval_step(partial(train.eval_step, tta=tta), mesh=mesh,
+                                                   num_classes=NUM_CLASSES))
+    return (parallel.pmap_train_step(step_fn, num_devices=n_dev, num_classes=NUM_CLASSES),
+            lambda tta: parallel.pmap_eval_step(partial(train.eval_step, tta=tta), num_devices=n_dev,
+                                                num_classes=NUM_CLASSES))
+
+
+def step_flops(config, train_step: Callable, state: train.TrainState, example: Any) -> float | None:
+    """XLA's FLOP count of one compiled train step. XLA counts nothing inside FFI calls, so an "onednn"
+    model's step is counted with XLA's convs (the same math)."""
+    counted = (state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
+               if config.conv_impl == "onednn" else state)
+    return (train_step.compiled.lower(counted, example).cost_analysis() or {}).get("flops")
+
+
+def _dump_steps(directory: str, train_step: Callable, eval_step: Callable, state, train_example, eval_example) -> None:
+    profiling.dump_hlo(directory, {"train_step": (train_step.compiled, (state, train_example)),
+                                   "eval_step": (eval_step.compiled, (state, eval_example))})
+
+
+def _check_workdir(workdir: Path, resume: bool) -> Path:
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} exists and is not a directory")
+    ckpt_dir = workdir / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue, or another --workdir")
+    if resume and not ckpt_dir.exists():
+        raise CheckpointError(f"--resume: no checkpoints in {ckpt_dir}")
+    return ckpt_dir
+
+
+def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
+                       export: tuple[str, ...] = (), should_stop: Callable[[], bool] = lambda: False,
+                       show_progress: bool = True, parallel_mode: str = "jit", num_devices: int | None = None,
+                       dump_hlo: str | None = None, profile: str | None = None,
+                       peak_flops: float | None = None) -> dict:
+    """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary, or
+    {"interrupted": True, "step": s} when `should_stop()` turned True (a checkpoint is saved at step s).
+
+    `parallel_mode` "jit" (a Mesh over `num_devices` devices of all processes, default all) or "pmap"
+    (the compatibility path, local devices). Only process 0 writes logs, plots, the summary and exports.
+    `dump_hlo`: directory for StableHLO/HLO of the train and eval steps; `profile`: directory for a
+    profiler trace of 5 steps; `peak_flops`: device peak for the MFU in the summary (default per platform).
+    """
+    t0 = time.perf_counter()
+    validate_config(config)
+    if unknown := [f for f in export if f not in export_lib.FORMATS]:
+        raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
+    if parallel_mode == "pmap" and (dump_hlo or profile):
+        raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
+    workdir = Path(workdir)
+    ckpt_dir = _check_workdir(workdir, resume)
+    train_set, val_set, test_set = load_splits(config, data_dir, seed)
+    mesh, n_dev = _devices(parallel_mode, num_devices, config)
+    steps_per_epoch = len(train_set["label"]) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set['label'])} training images")
+    total_steps = round(config.epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise ConfigError(f"epochs {config.epochs} of {steps_per_epoch} steps make no step")
+    init_key, data_key, flip_key = jax.random.split(jax.random.key(seed), 3)
+    model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
+    state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
+                          train_set["image"])
+    make_batch = partial(data_lib.train_batch, flip=data_lib.flip_schedule(config.flip, flip_key),
+                         translate=config.translate, cutout=config.cutout, mean=config.mean, std=config.std)
+    train_arrays = (train_set["image"], train_set["label"])
+    if mesh is not None:
+        state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
+    else:
+        train_arrays = jax.device_put(train_arrays)
+    train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev)
+    val_norm, test_norm = (data_lib.normalized(s, config.mean, config.std) for s in (val_set, test_set))
+    flops = None
+    if mesh is not None:
+        example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0)
+        flops = step_flops(config, train_step, state, example)
+        if dump_hlo and parallel.is_main_process():
+            _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example,
+                        next(data_lib.eval_batches(val_norm if config.val_size else test_norm, config.eval_batch_size)))
+    data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh), config.batch_size, data_key)
+    outcome = _fit_and_test(config, workdir, ckpt_dir, state, train_step, eval_step_for, data, total_steps,
+                            val_norm, test_norm, seed=seed, resume=resume, should_stop=should_stop,
+                            show_progress=show_progress, profile=profile)
+    if "interrupted" in outcome:
+        return outcome
+    return _finish(config, workdir, outcome, export=export, t0=t0, flops=flops, peak_flops=peak_flops,
+                   parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
+
+
+def _fit_and_test(config, workdir: Path, ckpt_dir: Path, state, train_step, eval_step_for, data, total_steps,
+                  val_norm, test_norm, *, seed, resume, should_stop, show_progress, profile) -> dict:
+    """Train (with checkpoints, metrics, early stopping), then test the best (or last) state, plain and
+    with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}."""
+    main_process = parallel.is_main_process()
+    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    writer = MetricWriter(workdir, enabled=main_process)
+    eval_step = eval_step_for(0)
+    options = loop.FitOptions(log_every=config.log_every, patience=config.patience or None,
+                              min_delta=config.min_delta, show_progress=show_progress and main_process,
+                              profile_dir=profile if main_process else None)
+    try:
+        result = loop.fit(
+            state, train_step, data, total_steps, eval_step=eval_step,
+            val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
+            checkpointer=checkpointer, writer=writer, meta={"config": config.to_dict(), "seed": seed},
+            resume=resume, should_stop=should_stop, options=options)
+        if result.interrupted:
+            return {"interrupted": True, "step": int(result.state.step)}
+        final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
+        test = loop.evaluate(eval_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
+        test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
+                                 data_lib.eval_batches(test_norm, config.eval_batch_size))
+    finally:
+        checkpointer.close()
+        writer.close()
+    return {"result": result, "final": final, "test": test, "test_tta": test_tta}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    return {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")} | {
+        "python": platform.python_version()}
+
+
+def _finish(config, workdir: Path, outcome: dict, *, export, t0, flops, peak_flops, parallel_mode, n_dev,
+            seed) -> dict:
+    """Curves, exports and summary.json (process 0 writes them); returns the summary."""
+    result, final = outcome["result"], outcome["final"]
+    exported = {}
+    if parallel.is_main_process():
+        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        if export:
+            exported = export_lib.export_model(final, lambda impl: build_model(config, conv_impl=impl),
+                                               config.conv_impl, workdir, export, mean=config.mean, std=config.std)
+    steady = result.steady_step_seconds
+    peak = peak_flops or profiling.DEFAULT_PEAK_FLOPS.get(jax.default_backend())
+    summary = {
+        "test_accuracy": outcome["test"]["accuracy"], "test_accuracy_tta": outcome["test_tta"]["accuracy"],
+        "tta_level": config.tta_level, "best_val_accuracy": result.best_val_accuracy,
+        "epochs_completed": result.epochs_completed, "steps": int(final.step), "stopped_early": result.stopped_early,
+        "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
+        "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
+        "steady_step_seconds": steady, "images_per_second": config.batch_size / steady if steady else None,
+        "step_flops": flops, "peak_flops": peak,
+        "mfu": profiling.mfu(flops, steady, peak) if flops and steady else None,
+        "parallel": parallel_mode, "devices": n_dev, "processes": jax.process_count(),
+        "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "exported": exported, "config": config.to_dict(), "seed": seed, "versions": versions(),
+    }
+    if parallel.is_main_process():
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
