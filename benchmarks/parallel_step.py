@@ -29,12 +29,12 @@ import optax  # noqa: E402
 from benchmarks.common import append_results  # noqa: E402
 from jaxnet import layers, models, parallel, train  # noqa: E402
 
-MODELS = {"fastnet_tiny": models.FastNetTiny, "fastnet": models.FastNet}
+MODELS = ("fastnet_tiny", "fastnet")
 
 
-def make(kind: str, model_cls, batch):
+def make(kind: str, model_name: str, batch):
     norm = partial(layers.BatchNorm, axis_name=parallel.AXIS if kind == "pmap, 8" else None)
-    state = train.create_train_state(model_cls(norm=norm), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    state = train.create_train_state(models.get(model_name, norm=norm), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                      optax.sgd(0.01, momentum=0.9))
     match kind:
         case "jit, 1":
@@ -48,7 +48,7 @@ def make(kind: str, model_cls, batch):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fastnet", choices=tuple(MODELS))
+    p.add_argument("--model", default="fastnet", choices=MODELS)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--no-record", action="store_true")
@@ -59,7 +59,7 @@ def main() -> None:
     batch = {"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 10, args.batch).astype(np.int32)}
     kinds = ("jit, 1", "jit, 8", "pmap, 8")
-    runs = {k: list(make(k, MODELS[args.model], batch)) for k in kinds}
+    runs = {k: list(make(k, args.model, batch)) for k in kinds}
     for k in kinds:  # warm-up: compile and two steps
         for _ in range(2):
             state, step, b = runs[k]

@@ -23,16 +23,15 @@ LINKS = {"NVLink-class (450 GB/s)": 450e9, "100 Gb/s-class (12.5 GB/s)": 12.5e9}
 DEVICES = (1, 2, 4, 8, 16, 32, 64)
 
 
+# name → (jaxnet.models registry name, its arguments, image size)
+MODELS = {"resnet18": ("resnet18", {"num_classes": 10}, 32),
+          "resnet50": ("resnet50", {"num_classes": 1000, "stem": "imagenet"}, 224),
+          "fastnet": ("fastnet", {}, 32)}
+
+
 def build(name: str):
-    match name:
-        case "resnet18":
-            return models.ResNet18(num_classes=10), 32
-        case "resnet50":
-            return models.ResNet50(num_classes=1000, stem="imagenet"), 224
-        case "fastnet":
-            return models.FastNet(), 32
-        case other:
-            raise SystemExit(f"error: unknown model {other!r}; valid: resnet18, resnet50, fastnet")
+    registered, kwargs, size = MODELS[name]
+    return models.get(registered, **kwargs), size
 
 
 def step_cost(model, size: int, batch: int) -> tuple[int, float]:
@@ -48,7 +47,7 @@ def step_cost(model, size: int, batch: int) -> tuple[int, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50", choices=("resnet18", "resnet50", "fastnet"))
+    p.add_argument("--model", default="resnet50", choices=tuple(MODELS))
     p.add_argument("--batch-per-device", type=int, default=256)
     p.add_argument("--device-tflops", type=float, default=100.0,
                    help="achieved (not peak) TFLOP/s per device; ~100 is ResNet-50 bf16 training on a recent GPU")

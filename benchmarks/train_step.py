@@ -68,9 +68,9 @@ import optax  # noqa: E402
 from benchmarks.common import append_results  # noqa: E402
 from jaxnet import layers, models, parallel, profiling, train  # noqa: E402
 
-# name → (jaxnet constructor, batch)
-JAX_MODELS = {"resnet18": (models.ResNet18, 256), "fastnet": (models.FastNet, 512),
-              "plain32": (models.PlainCNN, 32), "plain256": (models.PlainCNN, 256)}
+# benchmark name → (jaxnet.models registry name, batch)
+JAX_MODELS = {"resnet18": ("resnet18", 256), "fastnet": ("fastnet", 512), "plain32": ("plain", 32),
+              "plain256": ("plain", 256)}
 
 
 def torch_model(name: str):
@@ -121,9 +121,9 @@ def torch_model(name: str):
 
 
 def jax_runner(name: str, dtype, conv_impl: str, norm: str):
-    cls, batch = JAX_MODELS[name]
-    model = cls(num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl),
-                norm={"jaxnet": layers.BatchNorm, "flax": flax.linen.BatchNorm}[norm])
+    registered, batch = JAX_MODELS[name]
+    model = models.get(registered, num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl),
+                       norm={"jaxnet": layers.BatchNorm, "flax": flax.linen.BatchNorm}[norm])
     state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                      optax.sgd(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
@@ -207,9 +207,9 @@ def main() -> None:
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
     gemms = gemm_runners()
     impls, modes = args.conv_impl.split(","), args.torch_modes
-    rows = [f"| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms by mode | PyTorch best | jaxnet img/s | "
-            f"PyTorch best img/s | PyTorch best/jaxnet time (paired median) | jaxnet compile s | "
-            f"jaxnet 1st step / steady | GEMM peak GFLOP/s | jaxnet MFU | PyTorch best MFU |",
+    rows = ["| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms by mode | PyTorch best | jaxnet img/s | "
+            "PyTorch best img/s | PyTorch best/jaxnet time (paired median) | jaxnet compile s | "
+            "jaxnet 1st step / steady | GEMM peak GFLOP/s | jaxnet MFU | PyTorch best MFU |",
             "|" + " --- |" * 14]
     for name in args.models.split(","):
         if name not in JAX_MODELS:

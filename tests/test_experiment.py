@@ -16,8 +16,9 @@ import pytest
 from fixtures import synthetic, write_binary
 from PIL import Image
 
-from experiments import cifar10, configs
-from jaxnet import checkpoint, export
+from experiments import configs
+from jaxnet import data, experiment, export
+from jaxnet.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,17 +88,17 @@ def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
 
 def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
     config = smoke(epochs=3.0)
-    cifar10.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+    experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
     calls = {"n": 0}
 
     def stop_after_8_steps():
         calls["n"] += 1
         return calls["n"] >= 8  # 6 steps per epoch: this lands inside the second epoch
 
-    out = cifar10.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, should_stop=stop_after_8_steps,
+    out = experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, should_stop=stop_after_8_steps,
                                      show_progress=False)
     assert out["interrupted"] and 6 < out["step"] < 12, out  # stopped inside the second epoch
-    cifar10.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, resume=True, show_progress=False)
+    experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, resume=True, show_progress=False)
     step_a, a = _last_arrays(tmp_path / "straight")
     step_b, b = _last_arrays(tmp_path / "stopped")
     assert step_a == step_b == 18
@@ -127,7 +128,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):
 
 def test_early_stopping_stops_and_keeps_the_best(tmp_path, dataset):
     config = smoke(epochs=20.0, patience=1, min_delta=1.0)  # no epoch can gain 100 points
-    summary = cifar10.train_and_evaluate(config, tmp_path / "es", data_dir=dataset, show_progress=False)
+    summary = experiment.train_and_evaluate(config, tmp_path / "es", data_dir=dataset, show_progress=False)
     assert summary["stopped_early"] and summary["epochs_completed"] == 2
     best = sorted(p.name for p in (tmp_path / "es" / "checkpoints" / "best").iterdir() if p.name.isdigit())
     assert best == ["6"]  # the first epoch's, since nothing after it counted as a gain
@@ -135,15 +136,15 @@ def test_early_stopping_stops_and_keeps_the_best(tmp_path, dataset):
 
 def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path, dataset):
     workdir = tmp_path / "run"
-    cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
     ckpt = workdir / "checkpoints"
     before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
-    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}/last/6 was made with another config.*model"):
-        cifar10.train_and_evaluate(smoke(epochs=1.0, model="resnet_tiny", whiten_stem=False), workdir,
+    with pytest.raises(CheckpointError, match=f"{ckpt}/last/6 was made with another config.*model"):
+        experiment.train_and_evaluate(smoke(epochs=1.0, model="resnet_tiny", whiten_stem=False), workdir,
                                    data_dir=dataset, resume=True, show_progress=False)
     (ckpt / "last" / "6" / "state" / "_METADATA").write_text("{broken")
-    with pytest.raises(checkpoint.CheckpointError, match=f"{ckpt}/last/6 cannot be restored"):
-        cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=True, show_progress=False)
+    with pytest.raises(CheckpointError, match=f"{ckpt}/last/6 cannot be restored"):
+        experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=True, show_progress=False)
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before
 
 
@@ -152,9 +153,20 @@ def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path
     (["epochs"], "not key=value"),
     (["widths=3"], "not key=value with a known key"),
     (["epochs=fast"], "expected a float"),
-    (["model=vgg"], "unknown model 'vgg'"),
-    (["flip=sideways"], "unknown flip 'sideways'"),
-    (["lookahead_every=-5"], "Lookahead every must be a positive integer, got -5"),
+    (["model=vgg"], "model must be one of fastnet, fastnet_tiny"),
+    (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
+    (["mean=0.5"], "override mean=0.5: expected a tuple"),
+    (["batch_size=64.5"], "override batch_size=64.5: expected a int"),
+    (["whiten_stem=1"], "override whiten_stem=1: expected a bool"),
+    (["batch_size=True"], "override batch_size=True: expected a int"),
+    (["batch_size=0"], "batch_size must be > 0, got 0"),
+    (["momentum=1.0"], "momentum must be in [0, 1), got 1.0"),
+    (["label_smoothing=2.0"], "label_smoothing must be in [0, 1), got 2.0"),
+    (["patience=-3"], "patience must be >= 0, got -3"),
+    (["std=(0.2, 0.0, 0.2)"], "std must be 3 positive numbers"),
+    (["conv_impl=fast"], "conv_impl must be one of xla, im2col"),
+    (["xla_cpu_conv=mkl"], "xla_cpu_conv must be one of ynnpack, eigen"),
+    (["lookahead_every=-5"], "lookahead_every must be >= 0, got -5"),
     (["--data-dir", "/nonexistent/cifar"], "does not exist"),
     (["--export", "tflite"], "--export takes jax and/or onnx"),
     (["--resume"], "no checkpoints"),
@@ -171,12 +183,34 @@ def test_bad_cli_input_is_one_line_exit_2_and_writes_nothing(tmp_path, dataset, 
     assert not workdir.exists()
 
 
+def test_a_workdir_that_is_a_file_is_one_line_exit_2_and_left_alone(tmp_path, dataset):
+    workdir = tmp_path / "w"
+    workdir.write_text("my notes")
+    result = _run_cli("--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset), timeout=120)
+    assert result.returncode == 2 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
+    assert workdir.read_text() == "my notes"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, dataset):
+    """Only jaxnet's own errors become one line: anything else (here a ValueError from inside the run, as a
+    bug in jaxnet or JAX would raise) propagates with its traceback."""
+    from experiments import cifar10
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        cifar10.main(["--config", "smoke", "xla_cpu_conv=ynnpack", "--workdir", str(tmp_path / "w"),
+                      "--data-dir", str(dataset), "--compilation-cache", ""])
+
+
 def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, dataset):
     workdir = tmp_path / "run"
-    cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
     stamp = {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")}
-    with pytest.raises(cifar10.UsageError, match="already holds checkpoints"):
-        cifar10.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in (workdir / "checkpoints").rglob("*")} == stamp
 
 
@@ -186,7 +220,7 @@ def test_airbench_optimizer_lr_groups_match_airbench94():
 
     config = configs.get_config("default")
     config.whiten_bias_epochs = 0.1  # with 10 steps per epoch: the bias trains at step 0 only
-    tx, _ = cifar10.make_optimizer(config, total_steps=100, steps_per_epoch=10)
+    tx = experiment.build_optimizer(config, total_steps=100, steps_per_epoch=10)
     init = partial(models.FastNetTiny().init, train=False)
     shapes = jax.eval_shape(init, jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3)))
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["params"])
@@ -206,8 +240,8 @@ def test_batch_function_compiles_once_over_epochs():
     from jaxnet import parallel
 
     config = smoke()
-    flip = cifar10._flip_schedule(config, jax.random.key(1))
-    make_batch = parallel.jit_batch_fn(partial(cifar10._make_batch, flip=flip, translate=2, cutout=0,
+    flip = data.flip_schedule(config.flip, jax.random.key(1))
+    make_batch = parallel.jit_batch_fn(partial(data.train_batch, flip=flip, translate=2, cutout=0,
                                                mean=config.mean, std=config.std))
     images, labels = np.zeros((32, 8, 8, 3), np.uint8), np.arange(32, dtype=np.int32)
     batches = [make_batch(jax.random.key(0), images, labels, jax.numpy.arange(16), epoch) for epoch in range(3)]
@@ -238,6 +272,11 @@ def test_jax_export_round_trip_equals_the_live_model(tmp_path, dataset):
         chex.assert_trees_all_close(loaded(images), fn(jnp.asarray(images)), rtol=1e-5, atol=1e-6)
 
 
+def _export(state, config, directory, formats):
+    return export.export_model(state, lambda impl: experiment.build_model(config, conv_impl=impl), config.conv_impl,
+                               directory, formats, mean=config.mean, std=config.std)
+
+
 def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
     """PlainCNN's last conv (3x3 on 2x2) is one that "auto" runs as im2col on CPU, through a platform switch
     ONNX cannot express: the jax export keeps it, the ONNX export writes the same function with XLA's conv."""
@@ -248,16 +287,16 @@ def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
     import jaxnet
 
     config = smoke(model="plain_tiny", conv_impl="auto")
-    state = jaxnet.create_train_state(cifar10.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    state = jaxnet.create_train_state(experiment.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                       jaxnet.sgd(0.1))
-    paths = cifar10.export_model(state, config, tmp_path, ("jax", "onnx"))
+    paths = _export(state, config, tmp_path, ("jax", "onnx"))
     live = export.inference_fn(state, mean=config.mean, std=config.std)
     images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
     expected = np.asarray(live(jnp.asarray(images)))
     session = ort.InferenceSession(paths["onnx"])
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: images})[0], expected, atol=1e-4)
     np.testing.assert_allclose(np.asarray(export.load_jax(paths["jax"])(images)), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError, match="conv impl 'auto' is a platform switch"):
+    with pytest.raises(ConfigError, match="conv impl 'auto' is a platform switch"):
         export.export_onnx(live, tmp_path / "auto.onnx")
     assert not (tmp_path / "auto.onnx").exists()
 
@@ -270,9 +309,9 @@ def test_experiment_exports_a_onednn_model_with_xlas_convs(tmp_path):
     import jaxnet
 
     config = smoke(model="plain_tiny", conv_impl="onednn")
-    state = jaxnet.create_train_state(cifar10.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+    state = jaxnet.create_train_state(experiment.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                       jaxnet.sgd(0.1))
-    path = cifar10.export_model(state, config, tmp_path, ("jax",))["jax"]
+    path = _export(state, config, tmp_path, ("jax",))["jax"]
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     live = export.inference_fn(state, mean=config.mean, std=config.std)
     np.testing.assert_allclose(np.asarray(export.load_jax(path)(images)), np.asarray(live(jnp.asarray(images))),
@@ -282,14 +321,14 @@ def test_experiment_exports_a_onednn_model_with_xlas_convs(tmp_path):
 def test_onednn_run_reports_the_flops_of_its_convs(tmp_path, dataset):
     """XLA's cost analysis sees no FLOPs inside FFI calls: an onednn run's step FLOPs (and so its MFU) are those
     of the same step with XLA's convs."""
-    runs = {impl: cifar10.train_and_evaluate(smoke(epochs=1.0, conv_impl=impl), tmp_path / impl, data_dir=dataset,
+    runs = {impl: experiment.train_and_evaluate(smoke(epochs=1.0, conv_impl=impl), tmp_path / impl, data_dir=dataset,
                                              show_progress=False)
             for impl in ("xla", "onednn")}
     assert runs["onednn"]["step_flops"] == runs["xla"]["step_flops"] > 0
 
 
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
-    runs = {name: cifar10.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
+    runs = {name: experiment.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
                                              parallel_mode=mode, num_devices=n)
             for name, mode, n in (("one", "jit", 1), ("jit8", "jit", 8), ("pmap8", "pmap", 8))}
     assert runs["one"]["devices"] == 1 and runs["jit8"]["devices"] == runs["pmap8"]["devices"] == 8

@@ -121,3 +121,30 @@ def test_max_pool_matches_flax_forward_and_gradient(size, window):
     g_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref(x))))(x)
     chex.assert_trees_all_close(g, g_ref, atol=1e-6)
     assert "select_and_scatter" not in str(jax.make_jaxpr(jax.grad(lambda x: layers.max_pool(x, window).sum()))(x))
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_registry_builds_every_name_with_the_given_arguments(name):
+    model = models.get(name, num_classes=7)
+    assert isinstance(model, nn.Module) and model.num_classes == 7
+    logits = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((2, 32, 32, 3)),
+                                                          train=False)[0])
+    assert logits.shape == (2, 7)
+
+
+def test_registry_rejects_an_unknown_name_naming_the_valid_ones():
+    from jaxnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid: fastnet, "):
+        models.get("vgg")
+
+
+def test_whitening_stem_sets_the_stem_kernel_from_data_only():
+    params = jax.tree.map(np.asarray, models.FastNetTiny().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                                train=False)["params"])
+    images = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    whitened = models.with_whitening_stem(params, images)
+    chex.assert_trees_all_equal(whitened["stem"]["kernel"], models.whitening_kernel(images))
+    chex.assert_trees_all_equal({k: v for k, v in whitened.items() if k != "stem"},
+                                {k: v for k, v in params.items() if k != "stem"})
+    chex.assert_trees_all_equal(whitened["stem"]["bias"], params["stem"]["bias"])

@@ -1,6 +1,8 @@
-"""train_step / eval_step: learning, purity, determinism, one compile, donation, any model, input checks."""
+"""train_step / eval_step: learning, purity, determinism, one compile, donation, any model and state class
+(Flax's own TrainState included), the lookahead EMA, input checks."""
 
 from functools import partial
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -9,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax.training import train_state as flax_train_state
 
 import jaxnet
-from jaxnet import models, train
+from jaxnet import models, optim, train
 
 N, SIZE, CLASSES = 64, 16, 10
 
@@ -57,6 +60,8 @@ def test_train_step_is_pure_and_deterministic(data):
     before = _snapshot((state, dict(data)))
     s1, m1 = train.train_step(state, data, label_smoothing=0.1)
     s2, m2 = train.train_step(state, data, label_smoothing=0.1)
+    s3, m3 = train.train_step(state, data)
+    assert float(m3["loss"]) != float(m1["loss"])  # the option reaches the loss
     chex.assert_trees_all_equal(_snapshot((state, dict(data))), before)
     chex.assert_trees_all_equal(_snapshot((s1, m1)), _snapshot((s2, m2)))
     assert int(s1.step) == 1 and int(state.step) == 0
@@ -66,26 +71,29 @@ def test_train_step_is_pure_and_deterministic(data):
 @pytest.mark.parametrize("impl", [None, "onednn"])  # the models' default conv, and oneDNN's FFI calls
 def test_jitted_step_compiles_once_and_donates(data, impl):
     chex.clear_trace_counter()  # chex counts traces of train.train_step across the parameters
-    step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1), lr_fn=train.constant(1e-2))
-    state = _state(models.ResNetTiny(num_classes=CLASSES, conv=partial(jaxnet.Conv, impl=impl)) if impl else None)
-    for _ in range(3):
+    step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1))
+    schedule = optim.piecewise_linear([0, 4], [0.01, 0.05])
+    model = models.ResNetTiny(num_classes=CLASSES, conv=partial(jaxnet.Conv, impl=impl)) if impl else None
+    state = _state(model, optim.sgd(schedule))
+    for i in range(3):
         old = state
         state, metrics = step(state, data)
         assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params)), "input state was not donated"
+        chex.assert_trees_all_close(metrics["lr"], schedule(i))  # the optimizer's own lr of step i
     assert int(state.step) == 3
-    chex.assert_trees_all_close(metrics["lr"], 1e-2)
 
 
 def test_lookahead_averages_params_and_bn_stats_and_ends_on_the_ema(data):
-    """The jitted step with a Lookahead (compiled once) against the same steps without one, synced by hand."""
-    lookahead = train.Lookahead(every=2, decay_fn=lambda step: step / 10, final_step=5)
+    """The jitted step with the lookahead EMA (compiled once) against the same steps without it, synced by hand."""
     tx = optax.sgd(0.05, momentum=0.9)
     model = models.ResNetTiny(num_classes=CLASSES)
-    state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), tx, lookahead=lookahead)
+    state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), tx, ema=True)
     ref = _state(model, tx)
     ema = _snapshot({"params": ref.params, "batch_stats": ref.batch_stats})
     chex.assert_trees_all_equal(_snapshot(state.ema), ema)
-    step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1))
+    chex.clear_trace_counter()
+    step = jaxnet.jit_train_step(chex.assert_max_traces(
+        train.lookahead_ema(every=2, decay_fn=lambda step: step / 10, final_step=5), n=1))
     for s in range(1, 6):
         state, _ = step(state, data)
         ref, _ = train.train_step(ref, data)
@@ -104,7 +112,7 @@ def test_lookahead_averages_params_and_bn_stats_and_ends_on_the_ema(data):
 def test_with_params_restarts_the_optimizer_and_the_ema():
     tx = optax.sgd(0.1, momentum=0.9)
     state = train.create_train_state(models.ResNetTiny(num_classes=CLASSES), jax.random.key(0),
-                                     jnp.zeros((1, SIZE, SIZE, 3)), tx, lookahead=train.Lookahead(5, lambda s: 0.5))
+                                     jnp.zeros((1, SIZE, SIZE, 3)), tx, ema=True)
     params = jax.tree.map(lambda p: p + 1, state.params)
     state = state.replace(opt_state=jax.tree.map(lambda x: x + 1, state.opt_state)).with_params(params)
     chex.assert_trees_all_equal(state.ema["params"], params)
@@ -113,15 +121,20 @@ def test_with_params_restarts_the_optimizer_and_the_ema():
 
 @pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": 2.5}, {"every": 5, "final_step": 0}])
 def test_lookahead_rejects_bad_periods(kwargs):
-    with pytest.raises(ValueError, match="must be a positive integer"):
-        train.Lookahead(decay_fn=lambda step: 0.5, **kwargs)
+    with pytest.raises(jaxnet.ConfigError, match="must be a positive integer"):
+        train.lookahead_ema(decay_fn=lambda step: 0.5, **kwargs)
+
+
+def test_lookahead_needs_a_state_with_an_ema(data):
+    with pytest.raises(jaxnet.ConfigError, match=r"create_train_state\(..., ema=True\)"):
+        train.lookahead_ema(every=2, decay_fn=lambda step: 0.5)(_state(), data)
 
 
 def test_user_model_without_batchnorm_and_with_dropout(data):
     class Mlp(nn.Module):
         @nn.compact
         def __call__(self, x, train: bool):
-            x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
+            x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1) / 255.0))  # uint8 in, as given
             x = nn.Dropout(0.1, deterministic=not train)(x)
             return nn.Dense(CLASSES)(x)
 
@@ -168,7 +181,7 @@ def test_bad_input_is_a_one_line_value_error(data, change, message):
 
 def test_sgd_decays_kernels_only():
     params = {"conv": {"kernel": jnp.ones((3, 3, 1, 1)), "bias": jnp.ones((1,))}, "bn": {"scale": jnp.ones((1,))}}
-    tx = train.sgd(0.1, momentum=0.9, weight_decay=0.5)
+    tx = optim.sgd(0.1, momentum=0.9, weight_decay=0.5)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     chex.assert_trees_all_close(updates["conv"]["kernel"], -0.05 * params["conv"]["kernel"])
@@ -177,10 +190,126 @@ def test_sgd_decays_kernels_only():
 
 
 def test_schedules():
-    lr = train.piecewise_linear([0, 10, 100], [0.2, 1.0, 0.0])
+    lr = optim.piecewise_linear([0, 10, 100], [0.2, 1.0, 0.0])
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(55), lr(100), lr(200)], [0.2, 0.6, 1.0, 0.5, 0.0, 0.0],
                                atol=1e-6)
-    cos = train.warmup_cosine(1.0, total_steps=100, warmup_steps=10)
+    cos = optim.warmup_cosine(1.0, total_steps=100, warmup_steps=10)
     np.testing.assert_allclose([cos(0), cos(10), cos(55), cos(100)], [0.0, 1.0, 0.5, 0.0], atol=1e-6)
-    with pytest.raises(ValueError, match="increasing steps"):
-        train.piecewise_linear([10, 0], [1.0, 0.0])
+    with pytest.raises(jaxnet.ConfigError, match="increasing steps"):
+        optim.piecewise_linear([10, 0], [1.0, 0.0])
+
+
+# ---- the public contract with a user's own model and Flax's own TrainState ----
+
+class ScalingMlp(nn.Module):
+    """A user's MLP that scales its uint8 input itself: the step must hand it the images as given."""
+
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(jnp.float32).reshape(x.shape[0], -1) / 255.0
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(CLASSES)(x)
+
+
+class BnMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(jnp.float32).reshape(x.shape[0], -1) / 255.0
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(nn.Dense(128)(x)))
+        return nn.Dense(CLASSES)(x)
+
+
+class FlaxStateWithStats(flax_train_state.TrainState):
+    batch_stats: Any = None
+
+
+def _flax_state(model, cls=flax_train_state.TrainState):
+    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), train=False)
+    extra = {"batch_stats": variables["batch_stats"]} if "batch_stats" in variables else {}
+    return cls.create(apply_fn=model.apply, params=variables["params"], tx=optax.adam(3e-3), **extra)
+
+
+def _jaxnet_state(model):
+    return train.create_train_state(model, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8),
+                                    optax.adam(3e-3))
+
+
+@pytest.mark.parametrize("make_state", [_flax_state, _jaxnet_state], ids=["flax_state", "jaxnet_state"])
+def test_user_mlp_scaling_its_own_input_memorises_64_examples(data, make_state):
+    """The issue's case: 0.44 train accuracy when the step rescaled uint8 images before the model did."""
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(jaxnet.train_step, n=1))
+    state = make_state(ScalingMlp())
+    for _ in range(150):
+        state, metrics = step(state, data)
+    assert float(metrics["accuracy"]) >= 0.99 and float(metrics["loss"]) < 0.1, jax.device_get(metrics)
+    assert float(jax.jit(jaxnet.eval_step)(state, data)["accuracy"]) >= 0.99
+
+
+def test_flax_train_state_with_dropout_draws_a_new_mask_each_step(data):
+    state = _flax_state(ScalingMlp(dropout=0.5))
+    step = jaxnet.jit_train_step()
+    losses = []
+    for _ in range(3):
+        same = {k: v for k, v in data.items()}
+        state, metrics = step(state, same)
+        losses.append(float(metrics["loss"]))
+    assert isinstance(state, flax_train_state.TrainState) and int(state.step) == 3
+    # dropout_rng chooses the masks: two different keys give two different losses from one state
+    fresh = _flax_state(ScalingMlp(dropout=0.5))
+    a = train.train_step(fresh, data, dropout_rng=jax.random.key(1))[1]["loss"]
+    b = train.train_step(fresh, data, dropout_rng=jax.random.key(2))[1]["loss"]
+    assert float(a) != float(b)
+    with pytest.raises(Exception, match="PRNG|rng"):  # dropout without any key is Flax's own error
+        fresh.apply_fn({"params": fresh.params}, data["image"], train=True)
+
+
+def test_flax_train_state_subclass_with_batch_stats_updates_them(data):
+    state = _flax_state(BnMlp(), FlaxStateWithStats)
+    before = jax.device_get(state.batch_stats)
+    step = jaxnet.jit_train_step(chex.assert_max_traces(jaxnet.train_step, n=1))
+    for _ in range(100):
+        state, metrics = step(state, data)
+    assert type(state) is FlaxStateWithStats
+    assert not np.allclose(state.batch_stats["BatchNorm_0"]["mean"], before["BatchNorm_0"]["mean"])
+    assert float(metrics["accuracy"]) >= 0.99
+    assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.9
+
+
+def test_the_model_sees_the_batch_exactly_as_given(data):
+    seen = {}
+
+    class Spy(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            seen[train] = (x.dtype, x.shape)
+            return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1).astype(jnp.float32))
+
+    state = _jaxnet_state(Spy())
+    np.testing.assert_array_equal(  # logits of the raw uint8 values, not of a rescaled copy
+        train.predict_logits(state, data["image"]),
+        state.apply_fn({"params": state.params}, jnp.asarray(data["image"]), train=False))
+    train.train_step(state, data)
+    assert seen == {False: (jnp.uint8, (N, SIZE, SIZE, 3)), True: (jnp.uint8, (N, SIZE, SIZE, 3))}
+
+
+def test_flax_train_state_checkpoints_and_runs_on_a_mesh(data, tmp_path):
+    """Flax's own state through jaxnet's other seams: a jit step over an 8-device mesh, and a checkpoint
+    round trip (the fields jaxnet's state adds are absent, not required)."""
+    from jaxnet import checkpoint, parallel
+
+    mesh = parallel.make_mesh(8)
+    state = parallel.put_replicated(_flax_state(ScalingMlp(dropout=0.1)), mesh)
+    step = parallel.jit_train_step(mesh=mesh, num_classes=CLASSES)
+    for _ in range(2):
+        state, _ = step(state, data)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(state, {"epoch": 0})
+    restored, meta = ckpt.restore(_flax_state(ScalingMlp(dropout=0.1)))
+    ckpt.close()
+    assert type(restored) is flax_train_state.TrainState and int(restored.step) == 2 and meta["epoch"] == 0
+    chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
+    chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
