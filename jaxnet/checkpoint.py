@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxnet.errors import CheckpointError
+from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.train import TrainState
 
 
@@ -54,7 +54,7 @@ class Checkpointer:
             case "best":
                 return self._best
             case _:
-                raise ValueError(f"unknown checkpoint kind {which!r}; valid: 'last', 'best'")
+                raise ConfigError(f"unknown checkpoint kind {which!r}; valid: 'last', 'best'")
 
     def save(self, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
         """Save `state` and JSON-able `meta` as the newest checkpoint (and as the best one if `best`)."""

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnet.errors import ConfigError
 from jaxnet.ops import channel as channel_ops
 from jaxnet.ops import conv as conv_ops
 
@@ -42,7 +43,7 @@ class Conv(nn.Module):
         kh, kw = self.kernel_size
         in_features = x.shape[-1]
         if in_features % self.feature_group_count:
-            raise ValueError(
+            raise ConfigError(
                 f"Conv: {in_features} input channels do not divide into {self.feature_group_count} groups")
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, in_features // self.feature_group_count, self.features), self.param_dtype)

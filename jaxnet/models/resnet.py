@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnet.errors import ConfigError
 from jaxnet.layers import BatchNorm, Conv, ModuleDef
 
 
@@ -88,7 +89,7 @@ class ResNet(nn.Module):
                 x = self.act(norm(name="norm_init")(x))
                 x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="SAME")
             case other:
-                raise ValueError(f"unknown stem {other!r}; valid: 'cifar', 'imagenet'")
+                raise ConfigError(f"unknown stem {other!r}; valid: 'cifar', 'imagenet'")
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jaxnet.errors import ConfigError
 from jaxnet.ops import onednn
 
 Impl: TypeAlias = Literal["xla", "im2col", "pallas", "onednn", "auto"]
@@ -55,7 +56,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
         value = (value, value)
     value = tuple(int(v) for v in value)
     if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return value
 
 
@@ -80,7 +81,7 @@ def resolve_padding(
                     pads.append((total // 2, total - total // 2))
                 return tuple(pads)
             case _:
-                raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+                raise ConfigError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
     if isinstance(padding, int):
         return ((padding, padding), (padding, padding))
     pads = tuple(padding)
@@ -88,16 +89,16 @@ def resolve_padding(
         return ((pads[0], pads[0]), (pads[1], pads[1]))
     if len(pads) == 2 and all(len(p) == 2 for p in pads):
         return tuple((int(lo), int(hi)) for lo, hi in pads)
-    raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+    raise ConfigError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
 
 
 def _check(x: jax.Array, w: jax.Array, groups: int) -> None:
     if x.ndim != 4 or w.ndim != 4:
-        raise ValueError(
+        raise ConfigError(
             f"conv2d expects x of rank 4 (N, H, W, C) and w of rank 4 (KH, KW, C/groups, O), "
             f"got x{tuple(x.shape)} and w{tuple(w.shape)}")
     if groups < 1 or x.shape[-1] != w.shape[2] * groups or w.shape[-1] % groups:
-        raise ValueError(
+        raise ConfigError(
             f"conv2d: x has {x.shape[-1]} channels, w expects {w.shape[2]} per group × {groups} groups "
             f"and has {w.shape[-1]} outputs (must divide by groups)")
 
@@ -121,7 +122,7 @@ def conv2d(
       (N, H', W', O) in the promoted dtype of x and w.
 
     Raises:
-      ValueError: for an unknown impl name, or shapes that do not fit together.
+      ConfigError (a ValueError): for an unknown impl name, or shapes that do not fit together.
     """
     _check(x, w, groups)
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
@@ -145,12 +146,12 @@ def _run(impl, x, w, strides, pads, dilation, groups):
             return _im2col(x, w, strides, pads, dilation, groups)
         case "pallas":
             if groups != 1 or dilation != (1, 1):
-                raise ValueError(f"conv impl 'pallas' supports groups=1 and dilation 1 only, got groups={groups}, "
+                raise ConfigError(f"conv impl 'pallas' supports groups=1 and dilation 1 only, got groups={groups}, "
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
         case "onednn":
             if groups != 1 or dilation != (1, 1) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-                raise ValueError(f"conv impl 'onednn' supports float32, groups=1 and dilation 1 only, got "
+                raise ConfigError(f"conv impl 'onednn' supports float32, groups=1 and dilation 1 only, got "
                                  f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
             return _onednn(x, w, strides, pads)
         case "auto":
@@ -162,7 +163,7 @@ def _run(impl, x, w, strides, pads, dilation, groups):
 
             return lax.platform_dependent(x, w, default=on(None), **{p: on(p) for p in AUTO_TABLE})
         case other:
-            raise ValueError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
+            raise ConfigError(f"unknown conv impl {other!r}; valid: {', '.join(IMPLS)}")
 
 
 def _conv(x, w, strides, pads, dilation, groups):
