@@ -234,6 +234,14 @@ def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 # ---- input checks at the API boundary (outside jit: metadata only, plus values of host arrays) ----
 
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from metadata: an array is never read (that would be a host sync per step)."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return tuple(x.shape), np.dtype(x.dtype)
+    x = np.asarray(x)  # a list or scalar from the caller: on the host already
+    return x.shape, x.dtype
+
+
 def validate_batch(batch: Batch, *, num_classes: int | None = None,
                    image_shape: Sequence[int] | None = None) -> None:
     """Raise DataError (a ValueError; one line: expected vs received) if `batch` cannot be an (images,
@@ -250,7 +258,7 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
         if key not in batch:
             raise DataError(f"batch must have keys 'image' and 'label', got {sorted(batch)}")
     images, labels = batch["image"], batch["label"]
-    shape, dtype = tuple(np.shape(images)), np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
+    shape, dtype = _shape_dtype(images)
     if len(shape) != 4:
         raise DataError(f"batch['image'] must be (N, H, W, C), got shape {shape}")
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16):
@@ -259,7 +267,7 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
         raise DataError(f"batch is empty: batch['image'] has shape {shape}")
     if image_shape is not None and shape[1:] != tuple(image_shape):
         raise DataError(f"batch['image'] must be (N, {', '.join(map(str, image_shape))}), got shape {shape}")
-    lshape, ldtype = tuple(np.shape(labels)), np.dtype(getattr(labels, "dtype", np.asarray(labels).dtype))
+    lshape, ldtype = _shape_dtype(labels)
     if len(lshape) != 1 or not np.issubdtype(ldtype, np.integer):
         raise DataError(f"batch['label'] must be (N,) integers, got shape {lshape} dtype {ldtype}")
     if lshape[0] != shape[0]:
