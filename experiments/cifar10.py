@@ -12,6 +12,7 @@ error is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,10 +20,24 @@ from pathlib import Path
 from experiments import configs
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block): `error: argument --seed: invalid int value: 'x'`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _train_parser() -> argparse.ArgumentParser:
     from jaxnet.cache import default_cache_dir
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m experiments.cifar10",
         description="Train and evaluate on CIFAR-10. Subcommand: `predict --workdir W IMAGE...` classifies "
                     "images with a run's exported model.",
@@ -45,7 +60,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    "train and eval steps to DIR, with DIR/index.json")
     p.add_argument("--profile", metavar="DIR", help="profiler trace of 5 steps after warm-up into DIR (open with "
                    "xprof, extra 'profile', or summarize: python -m jaxnet.profiling summarize DIR)")
-    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for the MFU in the summary "
+    p.add_argument("--peak-tflops", type=_positive, help="device peak TFLOP/s for the MFU in the summary "
                    "(default: 0.166 on CPU, 989 on GPU, 197 on TPU)")
     p.add_argument("--compilation-cache", default=str(default_cache_dir() / "xla"), metavar="DIR",
                    help="persistent XLA compilation cache, so a second run starts without compiling "
@@ -54,7 +69,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.cifar10 predict",
+    p = _Parser(prog="python -m experiments.cifar10 predict",
                                 description="Top-3 classes of each image, from WORKDIR/model.jaxexport.")
     p.add_argument("--workdir", required=True, help="a run's workdir, trained with --export jax")
     p.add_argument("images", nargs="+", help="image files (any size; resized to 32×32)")
@@ -87,6 +102,8 @@ def train(args, stop: dict) -> dict:
     if args.coordinator or args.num_processes or args.process_id is not None:
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
         parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after JAX's runtime, whose preemption notifier takes SIGTERM
+        signal.signal(signum, lambda signum, _frame: stop.update(signal=signum))
     if args.compilation_cache:
         compiler.enable_compilation_cache(args.compilation_cache)
     from jaxnet import experiment
@@ -107,21 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["predict"]:
             args = _predict_parser().parse_args(argv[1:])
             return predict(args.workdir, args.images)
-        args = _train_parser().parse_args(argv)
+        args = _train_parser().parse_intermixed_args(argv)
         args.workdir = args.workdir or f"runs/{args.config}"
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda signum, _frame: stop.update(signal=signum))
         summary = train(args, stop)
     except JaxnetError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingDiverged) else 2
+        code = 1 if isinstance(e, TrainingDiverged) else 2
+        if "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
+            sys.stderr.flush()  # JAX's shutdown would wait for peers that may be gone, then abort: leave now
+            os._exit(code)
+        return code
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; checkpoint saved in {args.workdir}/checkpoints; "
               f"continue with --resume", file=sys.stderr)
         return 128 + stop["signal"]
+    where = (f"summary in {args.workdir}/summary.json" if summary["process"] == 0 else
+             f"process {summary['process']} of {summary['processes']}: process 0 writes the outputs")
     print(f"test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['tta_level']}: "
-          f"{summary['test_accuracy_tta']:.4f}); {summary['wall_seconds']:.0f} s; summary in "
-          f"{args.workdir}/summary.json")
+          f"{summary['test_accuracy_tta']:.4f}); {summary['wall_seconds']:.0f} s; {where}")
     return 0
 
 

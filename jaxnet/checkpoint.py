@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxnet import parallel
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.train import TrainState
 
@@ -33,15 +34,41 @@ def _arrays(state: TrainState) -> dict[str, Any]:
     return arrays
 
 
+def _differences(saved: dict[str, Any], expect: dict[str, Any]) -> str:
+    """'' if `saved` agrees with `expect`, else what differs: "config (differs in lr, model)", "seed (0, not 1)"."""
+    expect = json.loads(json.dumps(expect))  # tuples → lists, as saved
+    parts = []
+    for key, wanted in expect.items():
+        have = saved.get(key)
+        if isinstance(wanted, dict) and isinstance(have, dict):
+            if fields := sorted(k for k in set(have) & set(wanted) if have[k] != wanted[k]):
+                parts.append(f"{key} (differs in {', '.join(fields)})")
+        elif have != wanted:
+            parts.append(f"{key} ({have!r}, not {wanted!r})")
+    return "; ".join(parts)
+
+
 class Checkpointer:
     """Checkpoints under `directory`: `last/<step>` (the newest `keep` of them) and `best/<step>` (one).
 
-    `save` is asynchronous where orbax can be; `wait()` (called by `close`) blocks until it is on disk.
+    With several processes (a multi-host run) the state is replicated, so process 0 alone writes it, in its
+    own `directory`, from a host copy; `restore` reads it there and hands it to every process. The other
+    processes' directories stay empty, so the hosts need no shared filesystem. Every process must call
+    `save` and `restore` at the same points.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
         self.directory = Path(directory).resolve()
-        options = dict(create=True, enable_async_checkpointing=False)
+        self._multi = jax.process_count() > 1
+        if self._multi and not parallel.is_main_process():
+            self._last = self._best = None
+            return
+        options = dict(enable_async_checkpointing=False, create=not self._multi)
+        if self._multi:  # process 0 writes alone; orbax cannot create directories then
+            options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=0, active_processes={0}, barrier_sync_key_prefix="jaxnet-process-0")
+            for which in ("last", "best"):
+                (self.directory / which).mkdir(parents=True, exist_ok=True)
         self._last = ocp.CheckpointManager(self.directory / "last",
                                            options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
         self._best = ocp.CheckpointManager(self.directory / "best",
@@ -58,19 +85,45 @@ class Checkpointer:
 
     def save(self, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
         """Save `state` and JSON-able `meta` as the newest checkpoint (and as the best one if `best`)."""
-        step = int(state.step)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta))
+        if self._last is None:  # not process 0 of a multi-process run
+            return
+        arrays = parallel.fetch(_arrays(state)) if self._multi else _arrays(state)
+        step = int(jax.device_get(arrays["step"]))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
         for manager in (self._last, self._best) if best else (self._last,):
             if step not in manager.all_steps():
                 manager.save(step, args=args, force=True)
 
     def restore(self, template: TrainState, which: str = "last",
-                config: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """The newest `which` checkpoint as a TrainState shaped like `template`, and its metadata.
+                expect: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
+        """The newest `which` checkpoint as a TrainState shaped (and placed) like `template`, and its metadata.
+
+        `expect`: metadata the checkpoint must have been saved with (e.g. {"config": {...}, "seed": 0});
+        a dict value is compared field by field over the fields both have.
 
         Raises CheckpointError (naming the directory) if there is none, it is unreadable, its arrays do
-        not fit `template`, or its saved config differs from `config` in any key both have.
+        not fit `template`, or its metadata differs from `expect` (naming the fields) — on every process of a
+        multi-process run.
         """
+        target = _arrays(template)
+        if not self._multi:
+            arrays, meta = self._read(jax.tree.map(ocp.utils.to_shape_dtype_struct, target), which, expect)
+        else:
+            host = {}
+
+            def read() -> dict[str, Any]:
+                abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+                host["arrays"], meta = self._read(abstract, which, expect)
+                return meta
+
+            meta = parallel.broadcast_from_main(read)
+            arrays = parallel.broadcast_arrays(host.get("arrays"), target)
+        if arrays.get("rng") is not None:
+            arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
+        return template.replace(**arrays), meta
+
+    def _read(self, abstract: dict[str, Any], which: str,
+              expect: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
         manager = self._manager(which)
         where = self.directory / which
         step = manager.latest_step()
@@ -81,29 +134,19 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types (ValueError, KeyError, FileNotFoundError, ...)
             raise CheckpointError(f"checkpoint {where}/{step} cannot be read "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        if config is not None:
-            saved, wanted = meta.get("config", {}), json.loads(json.dumps(config))  # tuples → lists, as saved
-            diff = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
-            if diff:
-                raise CheckpointError(f"checkpoint {where}/{step} was made with another config "
-                                      f"(differs in {', '.join(diff)})")
-        target = _arrays(template)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if diff := _differences(meta, expect or {}):
+            raise CheckpointError(f"checkpoint {where}/{step} was made with another {diff}")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # orbax raises many types (ValueError, KeyError, FileNotFoundError, ...)
             raise CheckpointError(f"checkpoint {where}/{step} cannot be restored into this model "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         leaves = jax.tree.leaves(restored.state)
-        if [np.shape(x) for x in leaves] != [np.shape(x) for x in jax.tree.leaves(target)]:
+        if [np.shape(x) for x in leaves] != [np.shape(x) for x in jax.tree.leaves(abstract)]:
             raise CheckpointError(f"checkpoint {where}/{step} holds arrays of other shapes than this model")
-        arrays = jax.tree.unflatten(jax.tree.structure(target), leaves)
-        if arrays.get("rng") is not None:
-            arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
-        state = template.replace(**arrays)
-        return state, meta
+        return jax.tree.unflatten(jax.tree.structure(abstract), leaves), meta
 
     def close(self) -> None:
-        for manager in (self._last, self._best):
+        for manager in (self._last, self._best) if self._last is not None else ():
             manager.wait_until_finished()
             manager.close()

@@ -8,6 +8,7 @@ own types (`jaxnet.errors`): bad config values are ConfigError, raised before an
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -35,6 +36,9 @@ OPTIMIZERS = ("airbench", "sgd", "adam")
 SCHEDULES = ("piecewise", "cosine", "constant")
 FLIPS = ("alternate", "random", "none")
 NUM_CLASSES = 10
+# Config fields a resumed run may change: they do not touch the training math. Every other field, the seed and
+# the data (a fingerprint of the splits) must be those of the checkpoint.
+RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size")
 
 
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
@@ -176,15 +180,33 @@ def _dump_steps(directory: str, train_step: Callable, eval_step: Callable, state
                                    "eval_step": (eval_step.compiled, (state, eval_example))})
 
 
-def _check_workdir(workdir: Path, resume: bool) -> Path:
+def _saved_steps(ckpt_dir: Path) -> list[str]:
+    """The complete checkpoints under `ckpt_dir` (orbax renames a checkpoint to its step only once written)."""
+    return [p.name for which in ("last", "best") if (ckpt_dir / which).is_dir()
+            for p in (ckpt_dir / which).iterdir() if p.name.isdigit()]
+
+
+def _check_workdir(workdir: Path, resume: bool) -> bool:
+    """Whether the run resumes: `resume`, unless the checkpoint folders exist with nothing complete in them
+    (a run killed before its first save), which starts afresh. Raises ConfigError or CheckpointError for a
+    workdir that cannot be used; decided by process 0 (whose workdir holds the checkpoints) for all."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir {workdir} exists and is not a directory")
     ckpt_dir = workdir / "checkpoints"
-    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    if not resume and _saved_steps(ckpt_dir):
         raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue, or another --workdir")
     if resume and not ckpt_dir.exists():
         raise CheckpointError(f"--resume: no checkpoints in {ckpt_dir}")
-    return ckpt_dir
+    return resume and bool(_saved_steps(ckpt_dir))
+
+
+def data_fingerprint(*splits: data_lib.Split) -> str:
+    """A short hash of the splits' images and labels, saved with each checkpoint and compared on resume."""
+    h = hashlib.sha256()
+    for split in splits:
+        for key in ("image", "label"):
+            h.update(np.ascontiguousarray(split[key]).data)
+    return h.hexdigest()[:16]
 
 
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
@@ -207,7 +229,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     if parallel_mode == "pmap" and (dump_hlo or profile):
         raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
     workdir = Path(workdir)
-    ckpt_dir = _check_workdir(workdir, resume)
+    resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
     train_set, val_set, test_set = load_splits(config, data_dir, seed)
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
     steps_per_epoch = len(train_set["label"]) // config.batch_size
@@ -237,21 +259,25 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example,
                         next(data_lib.eval_batches(val_norm if config.val_size else test_norm, config.eval_batch_size)))
     data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh), config.batch_size, data_key)
-    outcome = _fit_and_test(config, workdir, ckpt_dir, state, train_step, eval_step_for, data, total_steps,
-                            val_norm, test_norm, seed=seed, resume=resume, should_stop=should_stop,
-                            show_progress=show_progress, profile=profile)
+    identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
+    with parallel.peer_failures():
+        outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,
+                                test_norm, identity=identity, resume=resume, should_stop=should_stop, show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
     return _finish(config, workdir, outcome, export=export, t0=t0, flops=flops, peak_flops=peak_flops,
                    parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
 
-def _fit_and_test(config, workdir: Path, ckpt_dir: Path, state, train_step, eval_step_for, data, total_steps,
-                  val_norm, test_norm, *, seed, resume, should_stop, show_progress, profile) -> dict:
+def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm, *,
+                  identity, resume, should_stop, show_progress, profile) -> dict:
     """Train (with checkpoints, metrics, early stopping), then test the best (or last) state, plain and
-    with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}."""
+    with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}. `identity` (seed, data
+    fingerprint) is saved with the config and must match on resume."""
     main_process = parallel.is_main_process()
-    checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+    config_dict = config.to_dict()
+    math = {k: v for k, v in config_dict.items() if k not in RESUME_MAY_CHANGE}
     writer = MetricWriter(workdir, enabled=main_process)
     eval_step = eval_step_for(0)
     options = loop.FitOptions(log_every=config.log_every, patience=config.patience or None,
@@ -261,10 +287,10 @@ def _fit_and_test(config, workdir: Path, ckpt_dir: Path, state, train_step, eval
         result = loop.fit(
             state, train_step, data, total_steps, eval_step=eval_step,
             val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
-            checkpointer=checkpointer, writer=writer, meta={"config": config.to_dict(), "seed": seed},
-            resume=resume, should_stop=should_stop, options=options)
+            checkpointer=checkpointer, writer=writer, meta={"config": config_dict, **identity}, resume=resume,
+            resume_check={"config": math, **identity}, should_stop=should_stop, options=options)
         if result.interrupted:
-            return {"interrupted": True, "step": int(result.state.step)}
+            return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
         final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
         test = loop.evaluate(eval_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
         test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
@@ -289,20 +315,22 @@ def _finish(config, workdir: Path, outcome: dict, *, export, t0, flops, peak_flo
     if parallel.is_main_process():
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
         if export:
-            exported = export_lib.export_model(final, lambda impl: build_model(config, conv_impl=impl),
+            exported = export_lib.export_model(parallel.local(final), lambda impl: build_model(config, conv_impl=impl),
                                                config.conv_impl, workdir, export, mean=config.mean, std=config.std)
     steady = result.steady_step_seconds
     peak = peak_flops or profiling.DEFAULT_PEAK_FLOPS.get(jax.default_backend())
     summary = {
         "test_accuracy": outcome["test"]["accuracy"], "test_accuracy_tta": outcome["test_tta"]["accuracy"],
         "tta_level": config.tta_level, "best_val_accuracy": result.best_val_accuracy,
-        "epochs_completed": result.epochs_completed, "steps": int(final.step), "stopped_early": result.stopped_early,
+        "epochs_completed": result.epochs_completed, "steps": int(parallel.fetch(final.step)),
+        "stopped_early": result.stopped_early,
         "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
         "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
         "steady_step_seconds": steady, "images_per_second": config.batch_size / steady if steady else None,
         "step_flops": flops, "peak_flops": peak,
         "mfu": profiling.mfu(flops, steady, peak) if flops and steady else None,
         "parallel": parallel_mode, "devices": n_dev, "processes": jax.process_count(),
+        "process": jax.process_index(),
         "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "exported": exported, "config": config.to_dict(), "seed": seed, "versions": versions(),
     }

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxnet import data as data_lib
+from jaxnet import data as data_lib, parallel
 from jaxnet.checkpoint import Checkpointer
 from jaxnet.errors import ConfigError, TrainingDiverged
 from jaxnet.metrics import MetricWriter, progress
@@ -69,14 +70,22 @@ class FitResult:
 
 def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
     """Exact count-weighted loss and accuracy of `eval_step` over host `batches` (one fetch at the end)."""
-    return merge_metrics(jax.device_get([eval_step(state, b) for b in batches]))
+    return merge_metrics(parallel.fetch([eval_step(state, b) for b in batches]))
+
+
+def _check_finite(state: TrainState, step: int) -> None:
+    """TrainingDiverged if a parameter is NaN or infinite: such a state is never saved, so the newest
+    checkpoint stays the last good one. One scalar fetched per save."""
+    finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda p: jnp.isfinite(p).all(), state.params))
+    if not bool(parallel.fetch(finite)):
+        raise TrainingDiverged(f"parameters are not finite after step {step}")
 
 
 def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: int, *,
         eval_step: Callable | None = None, val_batches: Callable[[], Iterable] | None = None,
         checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
-        meta: dict[str, Any] | None = None, resume: bool = False, should_stop: Callable[[], bool] = lambda: False,
-        options: FitOptions = FitOptions()) -> FitResult:
+        meta: dict[str, Any] | None = None, resume: bool = False, resume_check: dict[str, Any] | None = None,
+        should_stop: Callable[[], bool] = lambda: False, options: FitOptions = FitOptions()) -> FitResult:
     """Train `state` with `train_step` (compiled `(state, batch) -> (state, metrics)`) for `total_steps` steps
     of `data.batch_size` (epochs of `len(data.labels) // data.batch_size`).
 
@@ -84,8 +93,10 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
       eval_step: compiled `(state, batch) -> metrics`; val_batches: zero-argument function giving an
         iterable of host eval batches, evaluated after every epoch (for early stopping, see `FitOptions`).
       checkpointer: saves after each epoch (the best epoch also as "best"), and when `should_stop()` turns
-        True between steps; with `resume`, training continues from its latest checkpoint.
-      meta: JSON-able dict saved with each checkpoint (e.g. the config; compared on resume).
+        True between steps (with several processes: at the next multiple of `log_every` steps, on all of them);
+        with `resume`, training continues from its latest checkpoint.
+      meta: JSON-able dict saved with each checkpoint (e.g. the config and seed); with `resume`, the checkpoint
+        must have been saved with `resume_check` (default: `meta`; see `Checkpointer.restore`).
 
     Raises:
       TrainingDiverged: the training loss is not finite at a log point.
@@ -100,16 +111,17 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
     order_key, aug_key = jax.random.split(data.key)
+    single = jax.process_count() == 1
     meta = dict(meta or {})
     epoch, offset, best, bad = 0, 0, None, 0
     if resume:
-        state, saved = checkpointer.restore(state, config=meta.get("config"))
+        state, saved = checkpointer.restore(state, expect=meta if resume_check is None else resume_check)
         epoch, offset, best, bad = saved["epoch"], saved["step_in_epoch"], saved["best"], saved["bad_epochs"]
 
     def position(epoch, offset):
         return {**meta, "epoch": epoch, "step_in_epoch": offset, "best": best, "bad_epochs": bad}
 
-    step = int(state.step)
+    step = int(parallel.fetch(state.step))
     trace_window = (step + 2, step + 2 + options.profile_steps) if profile_dir else (-1, -1)
     first_step = None
     stopped_early = interrupted = False
@@ -120,40 +132,44 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         last = min(steps_per_epoch, offset + total_steps - step)
         bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
         pending, t_window = [], time.perf_counter()
-        for i in range(offset, last):
-            if step == trace_window[0]:
-                jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch)
-                state, metrics = train_step(state, batch)
-            step += 1
-            if step == trace_window[1]:
-                jax.block_until_ready(metrics)
-                jax.profiler.stop_trace()
-            if first_step is None:  # compile + one step; kept out of the steady-state timing
-                jax.block_until_ready(metrics)
-                first_step = time.perf_counter() - t_window
-                t_window = time.perf_counter()
-            else:
-                pending.append(metrics)
-            bar.update(batch_size)
-            stop = should_stop() and i < last - 1
-            if pending and (len(pending) == log_every or i == last - 1 or stop):
-                fetched = jax.device_get(pending)
-                step_times.append((time.perf_counter() - t_window) / len(pending))
-                scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "count"}
-                if not math.isfinite(scalars["loss"]):
-                    raise TrainingDiverged(f"training loss is {scalars['loss']} at step {step}")
-                if writer:
-                    writer.write("train", step, scalars)
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
-                pending, t_window = [], time.perf_counter()
-            if stop:
-                interrupted = True
-                if checkpointer:
-                    checkpointer.save(state, position(epoch, i + 1))
-                break
-        bar.close()
+        try:  # the bar ends its line even when a step raises, so an error message starts on its own
+            for i in range(offset, last):
+                if step == trace_window[0]:
+                    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch)
+                    state, metrics = train_step(state, batch)
+                step += 1
+                if step == trace_window[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                if first_step is None:  # compile + one step; kept out of the steady-state timing
+                    jax.block_until_ready(metrics)
+                    first_step = time.perf_counter() - t_window
+                    t_window = time.perf_counter()
+                else:
+                    pending.append(metrics)
+                bar.update(batch_size)
+                # Several processes stop together: they agree on the flag every `log_every` steps.
+                stop = i < last - 1 and (single or step % log_every == 0) and parallel.any_process(should_stop())
+                if pending and (len(pending) == log_every or i == last - 1 or stop):
+                    fetched = parallel.fetch(pending)
+                    step_times.append((time.perf_counter() - t_window) / len(pending))
+                    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "count"}
+                    if not math.isfinite(scalars["loss"]):
+                        raise TrainingDiverged(f"training loss is {scalars['loss']} at step {step}")
+                    if writer:
+                        writer.write("train", step, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
+                    pending, t_window = [], time.perf_counter()
+                if stop:
+                    interrupted = True
+                    if checkpointer:
+                        _check_finite(state, step)
+                        checkpointer.save(state, position(epoch, i + 1))
+                    break
+        finally:
+            bar.close()
         if interrupted:
             break
         # A run of fractional epochs ends inside its last epoch: the position stays in that epoch.
@@ -167,8 +183,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
             best, bad = (val["accuracy"], 0) if improved else (best, bad + 1)
             stopped_early = patience is not None and bad >= patience
         if checkpointer:
+            _check_finite(state, step)
             checkpointer.save(state, position(epoch, offset), best=improved)
-        interrupted = should_stop() and step < total_steps
+        interrupted = step < total_steps and parallel.any_process(should_stop())
     if trace_window[0] < step < trace_window[1]:  # the run ended inside the traced window
         jax.profiler.stop_trace()
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,

@@ -14,28 +14,30 @@ from tqdm.auto import tqdm
 class MetricWriter:
     """Appends {"kind": "train"|"val"|..., "step": int, **scalars} to workdir/metrics.jsonl and TensorBoard.
 
-    With `enabled=False` (a non-zero process, in multi-host runs) it writes nothing.
+    The files are opened at the first write, so a run refused before training (a resume that does not fit)
+    leaves nothing behind. With `enabled=False` (a non-zero process, in multi-host runs) it writes nothing.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.workdir, self.enabled = Path(workdir), enabled
-        if enabled:
+        self._jsonl = self._tb = None
+
+    def write(self, kind: str, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is None:
             from tensorboardX import SummaryWriter
 
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-
-    def write(self, kind: str, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
         self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(f"{kind}/{name}", value, int(step))
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.close()
             self._tb.close()
 

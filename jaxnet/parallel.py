@@ -13,11 +13,12 @@ path's numbers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -28,10 +29,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import train
-from jaxnet.errors import ParallelError
+from jaxnet.errors import JaxnetError, ParallelError
 from jaxnet.train import Batch, Metrics
 
 AXIS = "data"
+# Seconds without a heartbeat after which JAX's runtime declares a process dead (and ends the others itself).
+HEARTBEAT_TIMEOUT_S = 30
+# How a collective reports a peer that is gone: gloo's closed connection, the coordination service's verdict.
+PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Gloo", "heartbeat", "UNAVAILABLE")
 
 
 # ---- meshes and shardings ----
@@ -79,6 +84,26 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(put, tree)
+
+
+def local(tree: Any) -> Any:
+    """`tree` with every global array that spans other processes' devices replaced by this process's copy (a
+    single-device array): what can be fetched, exported or saved by one process. Replicated arrays only
+    (the state, metrics); a sharded one is a ParallelError."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if not x.is_fully_replicated:
+            raise ParallelError(f"an array sharded over other processes ({x.sharding}) has no local copy")
+        return x.addressable_data(0)
+
+    return jax.tree.map(one, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Host (NumPy) values of `tree`, global replicated arrays included (`jax.device_get` refuses those)."""
+    return jax.device_get(local(tree))
 
 
 # ---- compiled steps ----
@@ -221,10 +246,25 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
         _wait_for_coordinator(coordinator_address, timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s,
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except Exception as e:  # XlaRuntimeError (DEADLINE_EXCEEDED, UNAVAILABLE, ...) from the coordination service
         raise ParallelError(f"cannot join the JAX cluster at {coordinator_address or '(auto-detected)'} within "
                             f"{timeout_s} s: {str(e).splitlines()[0][:200]}") from None
+
+
+@contextlib.contextmanager
+def peer_failures() -> Iterator[None]:
+    """Turn the error a collective raises when a peer process died (its connection closed, gloo on CPU, or its
+    heartbeats stopped) into a ParallelError: one line, the same on every surviving process."""
+    try:
+        yield
+    except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:  # a collective's error surfaces as any
+        text = str(e)
+        if isinstance(e, JaxnetError) or jax.process_count() == 1 or not any(m in text for m in PEER_FAILURE_MARKERS):
+            raise
+        raise ParallelError(f"a peer process failed or left the run ({text.splitlines()[0][:160]}); every "
+                            f"process stops: start them all again with --resume") from None
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -254,6 +294,51 @@ def assert_same_across_processes(config: dict, what: str = "config") -> None:
     differing = [i for i, h in enumerate(everyone) if not np.array_equal(h, everyone[0])]
     if differing:
         raise ParallelError(f"the {what} differs between processes (process 0 vs {differing}); start all with the same one")
+
+
+def broadcast_from_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` run on process 0 only, its JSON-able result given to every process; a jaxnet error it raises
+    is raised on every process (same type, same message), so all of them stop together instead of the
+    others waiting at the next collective. With one process, just `fn()`."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    from jaxnet import errors
+
+    text = ""
+    if is_main_process():
+        try:
+            text = json.dumps({"ok": fn()})
+        except errors.JaxnetError as e:
+            text = json.dumps({"error": type(e).__name__, "message": str(e)})
+    data = np.frombuffer(text.encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    received = multihost_utils.broadcast_one_to_all(data if is_main_process() else np.zeros(size, np.uint8))
+    payload = json.loads(np.asarray(received, np.uint8).tobytes().decode())
+    if "error" in payload:
+        raise getattr(errors, payload["error"])(payload["message"])
+    return payload["ok"]
+
+
+def broadcast_arrays(tree: Any, like: Any) -> Any:
+    """Process 0's host arrays `tree` as global arrays replicated like `like` (a tree of global arrays of the
+    same shapes) on every process; the other processes pass None. With one process, `tree` placed like `like`."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like)
+        tree = multihost_utils.broadcast_one_to_all(tree if is_main_process() else zeros)
+    return jax.tree.map(lambda x, ref: jax.make_array_from_process_local_data(ref.sharding, np.asarray(x)), tree, like)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (one small all-gather; no-op with one process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 def is_main_process() -> bool:

@@ -352,3 +352,35 @@ def test_default_recipe_at_smoke_scale_still_learns_real_cifar10(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.42 and summary["test_accuracy_tta"] >= 0.44, summary
     assert summary["steps"] == 8 * (4500 // 256)
+
+
+def test_resume_refuses_another_seed_or_data_and_allows_logging_changes(tmp_path, dataset):
+    """A resume must repeat the math (every config field but RESUME_MAY_CHANGE, the seed, the data): the
+    message names what differs. The seed also draws the validation split, so the data differs too."""
+    workdir = tmp_path / "run"
+    stopped = experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=dataset, show_progress=False,
+                                            should_stop=lambda: True)
+    assert stopped["interrupted"]
+    with pytest.raises(CheckpointError, match=r"was made with another seed \(0, not 1\); data \("):
+        experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=dataset, seed=1, resume=True,
+                                      show_progress=False)
+    other = write_binary(tmp_path / "other", synthetic(n_train=600, n_test=200, seed=1))  # same shapes
+    with pytest.raises(CheckpointError, match=r"was made with another data \('[0-9a-f]+', not '[0-9a-f]+'\)$"):
+        experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=other, resume=True, show_progress=False)
+    with pytest.raises(CheckpointError, match=r"another config \(differs in epochs\)"):
+        experiment.train_and_evaluate(smoke(epochs=3.0), workdir, data_dir=dataset, resume=True, show_progress=False)
+    summary = experiment.train_and_evaluate(smoke(epochs=2.0, log_every=3, keep_checkpoints=1, eval_batch_size=32),
+                                            workdir, data_dir=dataset, resume=True, show_progress=False)
+    assert summary["steps"] == 12 and summary["epochs_completed"] == 2
+
+
+def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path, dataset):
+    """Checkpoint folders with nothing complete in them (orbax's temporary directory of a killed save): a plain
+    rerun starts, and so does --resume (from step 0)."""
+    for resume in (False, True):
+        workdir = tmp_path / f"run-{resume}"
+        (workdir / "checkpoints" / "last" / "6.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+        (workdir / "checkpoints" / "best").mkdir()
+        summary = experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=resume,
+                                                show_progress=False)
+        assert summary["steps"] == 6

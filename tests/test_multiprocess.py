@@ -1,0 +1,136 @@
+"""The experiment's real entry point on several processes (JAX's multi-process runtime over gloo on
+127.0.0.1): equal to one process with as many devices, stopped and resumed together, and resume semantics."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import orbax.checkpoint as ocp
+import pytest
+from fixtures import synthetic, write_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_binary(tmp_path_factory.mktemp("cifar"), synthetic(n_train=600, n_test=200))
+
+
+def _env(tmp_path, devices):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tmp_path, dataset, workdirs, *args):
+    """One `python -m experiments.cifar10` per workdir, as the processes of one run (1 device each)."""
+    port, n = _free_port(), len(workdirs)
+    return [subprocess.Popen([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
+                              str(dataset), "--workdir", str(w), "--coordinator", f"127.0.0.1:{port}",
+                              "--num-processes", str(n), "--process-id", str(i), *args],
+                             cwd=ROOT, env=_env(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+            for i, w in enumerate(workdirs)]
+
+
+def _finish(procs, timeout=300):
+    try:
+        return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _one_process(tmp_path, dataset, workdir, *args):
+    return subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
+                           str(dataset), "--workdir", str(workdir), *args], cwd=ROOT, env=_env(tmp_path, 2),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _last(workdir):
+    """(step, arrays) of the newest checkpoint, read onto one device whatever devices saved it."""
+    ckpt = Path(workdir) / "checkpoints" / "last"
+    step = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+    path, device = ckpt / str(step) / "state", jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            checkpointer.metadata(path).item_metadata)
+    return step, checkpointer.restore(path, abstract)
+
+
+def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
+    procs = _start(tmp_path, dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax")
+    one = _one_process(tmp_path, dataset, tmp_path / "one")
+    results = _finish(procs)
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert one.returncode == 0, one.stderr[-2000:]
+    two, single = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("p0", "one"))
+    assert two["processes"] == 2 and two["devices"] == 2 and single["devices"] == 2
+    for key in ("test_accuracy", "test_accuracy_tta", "best_val_accuracy", "steps"):
+        assert two[key] == single[key], key
+    (step_a, a), (step_b, b) = _last(tmp_path / "p0"), _last(tmp_path / "one")
+    assert step_a == step_b == 24
+    chex.assert_trees_all_close(a["params"], b["params"], atol=1e-6, rtol=1e-6)
+    assert (tmp_path / "p0" / "model.jaxexport").exists() and (tmp_path / "p0" / "curves.png").exists()
+    assert not (tmp_path / "p1").exists()  # process 0 writes every output; the others write nothing
+    assert "process 1 of 2" in results[1][1]
+
+
+def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
+    """SIGTERM to both (as a scheduler sends it): they agree on the stop, process 0 saves, both exit 143; the
+    same two commands with --resume finish, equal to one uninterrupted process with two devices."""
+    workdirs = [tmp_path / "p0", tmp_path / "p1"]
+    procs = _start(tmp_path, dataset, workdirs, "epochs=10.0")
+    metrics = workdirs[0] / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    results = _finish(procs, timeout=120)
+    assert [r[0] for r in results] == [143, 143], [r[2][-2000:] for r in results]
+    stopped = [int(r[2].split("interrupted at step ")[1].split(";")[0]) for r in results]
+    assert stopped[0] == stopped[1] < 60 and _last(workdirs[0])[0] == stopped[0]
+    results = _finish(_start(tmp_path, dataset, workdirs, "epochs=10.0", "--resume"))
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    reference = _one_process(tmp_path, dataset, tmp_path / "one", "epochs=10.0")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    (step_a, a), (step_b, b) = _last(workdirs[0]), _last(tmp_path / "one")
+    assert step_a == step_b == 60
+    chex.assert_trees_all_close(a["params"], b["params"], atol=1e-6, rtol=1e-6)
+
+
+def test_a_peer_killed_mid_run_stops_the_other_with_one_line_then_both_resume(tmp_path, dataset):
+    """kill -9 of process 1: process 0 stops within seconds (its next collective finds the connection closed)
+    with one line and exit 2, never hangs; the same two commands with --resume then finish."""
+    workdirs = [tmp_path / "p0", tmp_path / "p1"]
+    procs = _start(tmp_path, dataset, workdirs, "epochs=10.0")
+    metrics = workdirs[0] / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):  # past the first checkpoint
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    procs[1].kill()
+    killed_at = time.monotonic()
+    code, _, stderr = _finish(procs[:1], timeout=60)[0]
+    assert time.monotonic() - killed_at < 30
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "a peer process failed or left the run" in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    results = _finish(_start(tmp_path, dataset, workdirs, "epochs=10.0", "--resume"))
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert _last(workdirs[0])[0] == 60
