@@ -1,0 +1,220 @@
+"""Every kind of wrong input to `python -m experiments.cifar10`, run in-process through `main(argv)`: one line on
+stderr naming the field and what is allowed, exit code 2, nothing created or overwritten, within seconds."""
+
+import contextlib
+import io
+import signal
+import tarfile
+from pathlib import Path
+
+import pytest
+from fixtures import synthetic, write_binary
+
+from experiments import cifar10
+from jaxnet import compiler
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_binary(tmp_path_factory.mktemp("cifar"), synthetic(n_train=600, n_test=200))
+
+
+@pytest.fixture(scope="module")
+def bad_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-data")
+    (root / "empty").mkdir()
+    (root / "junk").mkdir()
+    (root / "junk" / "readme.txt").write_text("not CIFAR-10")
+    good = write_binary(root / "good", synthetic(n_train=300, n_test=100))
+    with tarfile.open(root / "full.tar.gz", "w:gz") as tar:
+        tar.add(good, arcname=".")
+    data = (root / "full.tar.gz").read_bytes()
+    (root / "truncated.tar.gz").write_bytes(data[: len(data) // 2])
+    short = write_binary(root / "short", synthetic(n_train=300, n_test=100))
+    (short / "cifar-10-batches-bin" / "data_batch_3.bin").write_bytes(b"\x01" * 100)
+    from fixtures import png_bytes
+
+    (root / "one.png").write_bytes(png_bytes(synthetic(1, 1)["train"]["image"][0]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    """A workdir after a one-epoch smoke run (for the checkpoint cases)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    code, err = _main(["--config", "smoke", "epochs=1.0", "--workdir", str(workdir), "--data-dir", str(dataset)])
+    assert code == 0, err
+    return workdir
+
+
+def _main(argv):
+    """(exit code, stderr) of `cifar10.main(argv)` in this process, with JAX's per-run options kept out (the
+    test process's JAX has started) and the signal handlers restored."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    original = compiler.set_cpu_conv
+    err = io.StringIO()
+    try:
+        compiler.set_cpu_conv = lambda name: None if name in compiler.CPU_CONV_FLAGS else original(name)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cifar10.main([*argv, "--compilation-cache", ""] if argv[:1] != ["predict"] else argv)
+            except SystemExit as e:
+                code = e.code
+    finally:
+        compiler.set_cpu_conv = original
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, err.getvalue()
+
+
+def _snapshot(path: Path):
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else None
+
+
+CONFIG_CASES = [  # (override(s), what the message must say)
+    (["epochs"], "not key=value"),
+    (["widths=3"], "not key=value with a known key"),
+    (["epochs=fast"], "override epochs=fast: expected a float"),
+    (["batch_size=64.5"], "override batch_size=64.5: expected a int"),
+    (["batch_size=True"], "override batch_size=True: expected a int"),
+    (["whiten_stem=1"], "override whiten_stem=1: expected a bool"),
+    (["mean=0.5"], "override mean=0.5: expected a tuple"),
+    (["mean=(0.5, 0.5)"], "mean must be 3 numbers"),
+    (["std=(1.0, 1.0, 0.0)"], "std must be 3 positive numbers"),
+    (["batch_size=0"], "batch_size must be > 0, got 0"),
+    (["batch_size=-5"], "batch_size must be > 0, got -5"),
+    (["eval_batch_size=0"], "eval_batch_size must be > 0"),
+    (["epochs=0.0"], "epochs must be > 0"),
+    (["epochs=-1.0"], "epochs must be > 0"),
+    (["epochs=0.01"], "make no step"),
+    (["lr=0.0"], "lr must be > 0"),
+    (["lr=-1.0"], "lr must be > 0"),
+    (["momentum=1.0"], "momentum must be in [0, 1), got 1.0"),
+    (["weight_decay=-0.1"], "weight_decay must be >= 0"),
+    (["label_smoothing=2.0"], "label_smoothing must be in [0, 1), got 2.0"),
+    (["label_smoothing=-0.1"], "label_smoothing must be in [0, 1)"),
+    (["patience=-3"], "patience must be >= 0, got -3"),
+    (["min_delta=-0.5"], "min_delta must be >= 0"),
+    (["tta_level=5"], "tta_level must be 0, 1 or 2, got 5"),
+    (["translate=-1"], "translate must be >= 0"),
+    (["cutout=-2"], "cutout must be >= 0"),
+    (["val_size=-1"], "val_size must be >= 0"),
+    (["val_size=512"], "val_size must be in [0, 512)"),  # the whole training subset
+    (["train_subset=-5"], "train_subset must be >= 0"),
+    (["test_subset=100000"], "subset size must be in [1, 200]"),
+    (["log_every=0"], "log_every must be > 0"),
+    (["keep_checkpoints=0"], "keep_checkpoints must be > 0"),
+    (["lookahead_every=-5"], "lookahead_every must be >= 0, got -5"),
+    (["warmup_fraction=1.5"], "warmup_fraction must be in [0, 1)"),
+    (["whiten_bias_epochs=-1.0"], "whiten_bias_epochs must be >= 0"),
+    (["schedule_points=((0.5, 1.0), (0.1, 0.0))"], "increasing steps"),
+    (["model=vgg"], "model must be one of fastnet, fastnet_tiny"),
+    (["dtype=float16"], "dtype must be one of float32, bfloat16"),
+    (["conv_impl=fast"], "conv_impl must be one of xla, im2col"),
+    (["optimizer=rmsprop"], "optimizer must be one of airbench, sgd, adam"),
+    (["schedule=step"], "schedule must be one of piecewise, cosine, constant"),
+    (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
+    (["xla_cpu_conv=mkl"], "xla_cpu_conv must be one of ynnpack, eigen"),
+    (["conv_impl=onednn", "dtype=bfloat16"], "conv impl 'onednn' supports float32"),
+]
+
+FLAG_CASES = [
+    (["--config", "nope"], "argument --config: invalid choice: 'nope'"),
+    (["--seed", "x"], "argument --seed: invalid int value"),
+    (["--parallel", "mpi"], "argument --parallel: invalid choice"),
+    (["--peak-tflops", "-1"], "argument --peak-tflops: must be > 0"),
+    (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0"),
+    (["--num-devices", "0"], "0 devices asked for, but 8 are available"),
+    (["--num-devices", "9"], "9 devices asked for, but 8 are available"),
+    (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),
+    (["--parallel", "pmap", "--dump-hlo", "h"], "--dump-hlo and --profile work with --parallel jit only"),
+    (["--export", "tflite"], "--export takes jax and/or onnx, got tflite"),
+    (["--export", "jax,svg"], "--export takes jax and/or onnx, got svg"),
+    (["--resume"], "--resume: no checkpoints in"),
+    (["--coordinator", "127.0.0.1:1"], "give all three"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "process id 2 is not in [0, 2)"),
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"], "coordinator address must be HOST:PORT"),
+]
+
+DATA_CASES = [  # (the --data-dir under bad_sources, message)
+    ("missing", "does not exist"),
+    ("empty", "unknown layout"),
+    ("junk", "unknown layout"),
+    ("truncated.tar.gz", "not a readable tar archive"),
+    ("short", "data_batch_3.bin has 100 bytes, not a whole number of 3073-byte records"),
+    ("one.png", "not a readable tar archive"),
+]
+
+
+def _check(tmp_path, argv, message, protected=None):
+    before = _snapshot(protected) if protected else None
+    code, err = _main(argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "w").exists()
+    if protected:
+        assert _snapshot(protected) == before
+
+
+@pytest.mark.parametrize("overrides,message", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_bad_config_value(tmp_path, dataset, overrides, message):
+    _check(tmp_path, ["--config", "smoke", *overrides, "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset)],
+           message)
+
+
+@pytest.mark.parametrize("flags,message", FLAG_CASES, ids=[" ".join(c[0]) for c in FLAG_CASES])
+def test_bad_flag(tmp_path, dataset, flags, message):
+    _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), *flags],
+           message)
+
+
+@pytest.mark.parametrize("source,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(tmp_path, bad_sources, source, message):
+    _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(bad_sources / source)],
+           message)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["model=resnet_tiny", "whiten_stem=False"], "was made with another config (differs in model, whiten_stem)"),
+    (["--seed", "1"], "was made with another seed (0, not 1)"),
+    (["epochs=2.0"], "was made with another config (differs in epochs)"),
+], ids=["other-config", "other-seed", "other-epochs"])
+def test_bad_resume_leaves_the_checkpoints_alone(trained, dataset, extra, message, tmp_path):
+    base = ["--config", "smoke", "epochs=1.0", "--workdir", str(trained), "--data-dir", str(dataset), "--resume"]
+    _check(tmp_path, [*base, *extra], message, protected=trained)
+
+
+def test_corrupt_checkpoint_is_one_line_and_left_alone(trained, dataset, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(trained, workdir)
+    (workdir / "checkpoints" / "last" / "6" / "state" / "_METADATA").write_text("{broken")
+    _check(tmp_path, ["--config", "smoke", "epochs=1.0", "--workdir", str(workdir), "--data-dir", str(dataset),
+                      "--resume"], "/last/6 cannot be restored into this model", protected=workdir)
+
+
+def test_a_rerun_without_resume_is_refused_and_overwrites_nothing(trained, dataset, tmp_path):
+    _check(tmp_path, ["--config", "smoke", "epochs=1.0", "--workdir", str(trained), "--data-dir", str(dataset)],
+           "already holds checkpoints: pass --resume", protected=trained)
+
+
+def test_a_workdir_that_is_a_file(tmp_path, dataset):
+    target = tmp_path / "notes"
+    target.write_text("mine")
+    _check(tmp_path, ["--config", "smoke", "--workdir", str(target), "--data-dir", str(dataset)],
+           "exists and is not a directory")
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["predict", "--workdir", "{trained}", "x.png"], "model.jaxexport does not exist: train with --export jax"),
+    (["predict", "--workdir", "{missing}", "x.png"], "model.jaxexport does not exist"),
+    (["predict", "--workdir", "{trained}"], "the following arguments are required: images"),
+    (["predict", "x.png"], "the following arguments are required: --workdir"),
+], ids=["no-export", "no-workdir", "no-images", "no-workdir-flag"])
+def test_bad_predict_input(trained, tmp_path, argv, message):
+    argv = [a.format(trained=trained, missing=tmp_path / "missing") for a in argv]
+    _check(tmp_path, argv, message, protected=trained)
+
