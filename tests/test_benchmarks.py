@@ -146,3 +146,15 @@ def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path, args, messa
     result = _run_tta(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kill_resume_kills_three_times_and_ends_bit_identical(tmp_path, data):
+    """The long tally (benchmarks.kill_resume --kills 10+, RESULTS.md) in small: 3 SIGKILLs at random moments of a
+    smoke run, each followed by --resume; every checkpoint readable after each kill; the end bit-identical."""
+    env = {**_tta_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.kill_resume", "--kills", "3", "--data-dir", str(data),
+                             "--no-record", "epochs=8.0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=500)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "| SIGKILLs in all | 3 |" in result.stdout
+    assert "| final state bit-identical to the uninterrupted run | yes |" in result.stdout
