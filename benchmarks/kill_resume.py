@@ -59,34 +59,21 @@ def _phase(output: str) -> str:
 
 
 def checkpoints_readable(workdir: Path) -> int:
-    """How many complete checkpoints `workdir` holds; AssertionError if one of them cannot be restored."""
-    import jax
-    import orbax.checkpoint as ocp
+    """How many complete checkpoints `workdir` holds; an exception if one of them cannot be read."""
+    from jaxnet import checkpoint
 
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    checkpointer, count = ocp.StandardCheckpointer(), 0
-    for which in ("last", "best"):
-        directory = workdir / "checkpoints" / which
-        for step in sorted(p for p in directory.glob("*") if p.name.isdigit()) if directory.exists() else ():
-            path = step / "state"
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                    checkpointer.metadata(path).item_metadata)
-            checkpointer.restore(path, abstract)
-            count += 1
-    return count
+    steps = [p for which in ("last", "best") for p in (workdir / "checkpoints" / which).glob("*") if p.name.isdigit()]
+    for step in steps:
+        checkpoint.read_arrays(step)
+    return len(steps)
 
 
 def final_arrays(workdir: Path):
-    import jax
-    import orbax.checkpoint as ocp
+    from jaxnet import checkpoint
 
     directory = workdir / "checkpoints" / "last"
     step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-    path, device = directory / str(step) / "state", jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    checkpointer = ocp.StandardCheckpointer()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            checkpointer.metadata(path).item_metadata)
-    return step, checkpointer.restore(path, abstract)
+    return step, checkpoint.read_arrays(directory / str(step))
 
 
 def kill_and_resume(args: argparse.Namespace, root: Path, env: dict) -> dict:

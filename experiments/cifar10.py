@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()  # JAX's shutdown would wait for peers that may be gone, then abort: leave now
             os._exit(code)
         return code
+    if summary.get("interrupted") and summary["step"] is None:
+        print("interrupted before training started; nothing to save", file=sys.stderr)
+        return 128 + stop["signal"]
     if summary.get("interrupted"):
         print(f"interrupted at step {summary['step']}; checkpoint saved in {args.workdir}/checkpoints; "
               f"continue with --resume", file=sys.stderr)

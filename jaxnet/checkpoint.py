@@ -92,7 +92,11 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
         for manager in (self._last, self._best) if best else (self._last,):
             if step not in manager.all_steps():
-                manager.save(step, args=args, force=True)
+                try:  # orbax writes a temporary directory and renames it: a failed save leaves the others intact
+                    manager.save(step, args=args, force=True)
+                except OSError as e:
+                    raise CheckpointError(f"cannot write checkpoint {manager.directory}/{step}: "
+                                          f"{e.strerror or e}") from None
 
     def restore(self, template: TrainState, which: str = "last",
                 expect: dict[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
@@ -150,3 +154,15 @@ class Checkpointer:
         for manager in (self._last, self._best) if self._last is not None else ():
             manager.wait_until_finished()
             manager.close()
+
+
+def read_arrays(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """The arrays of one saved checkpoint (`…/last/<step>`) as saved — params, batch_stats, opt_state, step,
+    rng (as key data), ema — on this process's first device, whatever devices saved them and without a
+    template state: for inspecting or comparing checkpoints."""
+    path = Path(step_dir) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            checkpointer.metadata(path).item_metadata)
+    return checkpointer.restore(path, abstract)

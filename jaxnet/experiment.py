@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -200,6 +201,18 @@ def _check_workdir(workdir: Path, resume: bool) -> bool:
     return resume and bool(_saved_steps(ckpt_dir))
 
 
+def check_disk_space(workdir: Path, state: train.TrainState, keep: int) -> None:
+    """ConfigError before training if the workdir's filesystem cannot hold the checkpoints (`keep` last ones, the
+    best, one being written) plus 50 MB of logs and exports."""
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    need = (keep + 2) * nbytes + 50 * 2 ** 20
+    existing = next(p for p in (workdir.resolve(), *workdir.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(f"{existing} has {free / 2 ** 20:.0f} MB free; this run's checkpoints and logs need "
+                          f"about {need / 2 ** 20:.0f} MB")
+
+
 def data_fingerprint(*splits: data_lib.Split) -> str:
     """A short hash of the splits' images and labels, saved with each checkpoint and compared on resume."""
     h = hashlib.sha256()
@@ -215,7 +228,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                        dump_hlo: str | None = None, profile: str | None = None,
                        peak_flops: float | None = None) -> dict:
     """Run the experiment `config` in `workdir`; return (and write to workdir/summary.json) the summary, or
-    {"interrupted": True, "step": s} when `should_stop()` turned True (a checkpoint is saved at step s).
+    {"interrupted": True, "step": s} when `should_stop()` turned True (a checkpoint is saved at step s; s is
+    None when the stop came before training, while the data was read: nothing to save then).
 
     `parallel_mode` "jit" (a Mesh over `num_devices` devices of all processes, default all) or "pmap"
     (the compatibility path, local devices). Only process 0 writes logs, plots, the summary and exports.
@@ -231,6 +245,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     workdir = Path(workdir)
     resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
     train_set, val_set, test_set = load_splits(config, data_dir, seed)
+    if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)
+        return {"interrupted": True, "step": None}
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
     steps_per_epoch = len(train_set["label"]) // config.batch_size
     if steps_per_epoch < 1:
@@ -242,6 +258,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
     state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
                           train_set["image"])
+    parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
     make_batch = partial(data_lib.train_batch, flip=data_lib.flip_schedule(config.flip, flip_key),
                          translate=config.translate, cutout=config.cutout, mean=config.mean, std=config.std)
     train_arrays = (train_set["image"], train_set["label"])
@@ -262,7 +279,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
     with parallel.peer_failures():
         outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,
-                                test_norm, identity=identity, resume=resume, should_stop=should_stop, show_progress=show_progress, profile=profile)
+                                test_norm, identity=identity, resume=resume, should_stop=should_stop,
+                                show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
     return _finish(config, workdir, outcome, export=export, t0=t0, flops=flops, peak_flops=peak_flops,

@@ -158,3 +158,13 @@ def test_kill_resume_kills_three_times_and_ends_bit_identical(tmp_path, data):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| SIGKILLs in all | 3 |" in result.stdout
     assert "| final state bit-identical to the uninterrupted run | yes |" in result.stdout
+
+
+def test_memory_samples_every_epoch_and_reports_the_drift(tmp_path, data):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--data-dir", str(data), "--no-record",
+                             "epochs=3.0"], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3"], result.stdout
+    assert "| epoch 2 → last |" in result.stdout and "| peak (VmHWM) |" in result.stdout

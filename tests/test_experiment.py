@@ -358,9 +358,10 @@ def test_resume_refuses_another_seed_or_data_and_allows_logging_changes(tmp_path
     """A resume must repeat the math (every config field but RESUME_MAY_CHANGE, the seed, the data): the
     message names what differs. The seed also draws the validation split, so the data differs too."""
     workdir = tmp_path / "run"
+    calls = iter(range(100))
     stopped = experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=dataset, show_progress=False,
-                                            should_stop=lambda: True)
-    assert stopped["interrupted"]
+                                            should_stop=lambda: next(calls) >= 2)  # after step 2
+    assert stopped["interrupted"] and stopped["step"] == 2
     with pytest.raises(CheckpointError, match=r"was made with another seed \(0, not 1\); data \("):
         experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=dataset, seed=1, resume=True,
                                       show_progress=False)
@@ -384,3 +385,68 @@ def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path, datas
         summary = experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=resume,
                                                 show_progress=False)
         assert summary["steps"] == 6
+
+
+def test_divergence_stops_within_one_log_interval_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
+    """lr 1e6 from the third epoch on (1e-6·1e6 before): exit 1, one line naming the quantity and the step, and
+    every checkpoint left is readable with finite parameters, the newest from before the divergence."""
+    workdir = tmp_path / "run"
+    result = _run_cli("--config", "smoke", "optimizer=sgd", "lr=1000000.0", "lookahead_every=0", "epochs=10.0",
+                      "schedule_points=((0.0, 1e-12), (0.2, 1e-12), (0.2001, 1.0), (1.0, 1.0))",
+                      "--workdir", str(workdir), "--data-dir", str(dataset), timeout=200)
+    errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert "training loss is nan at step" in errors[0] and "Traceback" not in result.stderr
+    diverged_at = int(errors[0].rsplit(" ", 1)[1])
+    step, arrays = _last_arrays(workdir)
+    assert 12 <= step < diverged_at <= step + 6 + 2  # within one epoch and one log interval (2) of the last save
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays["params"]))
+
+
+def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
+    """A step whose loss is still finite but whose update made the parameters NaN: fit raises before saving."""
+    import jax.numpy as jnp
+
+    from jaxnet import checkpoint as checkpoint_lib, loop
+    from jaxnet.errors import TrainingDiverged
+
+    state = jaxnet_state()
+    images, labels = jnp.zeros((8, 32, 32, 3), jnp.uint8), jnp.zeros((8,), jnp.int32)
+
+    def poisoned_step(state, batch):
+        metrics = {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.0), "count": jnp.int32(8)}
+        return state.replace(step=state.step + 1, params=jax.tree.map(lambda p: p * jnp.nan, state.params)), metrics
+
+    data = loop.TrainData(images, labels, lambda key, im, lb, idx, epoch: {"image": im[idx], "label": lb[idx]}, 4,
+                          jax.random.key(0))
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(TrainingDiverged, match="parameters are not finite after step 2"):
+        loop.fit(state, poisoned_step, data, 4, checkpointer=ckpt, options=loop.FitOptions(show_progress=False))
+    ckpt.close()
+    assert not [p for p in (tmp_path / "ckpt" / "last").iterdir() if p.name.isdigit()]
+
+
+def jaxnet_state():
+    import jax.numpy as jnp
+
+    import jaxnet
+    from jaxnet import models
+
+    return jaxnet.create_train_state(models.PlainCNNTiny(), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                     jaxnet.sgd(0.1))
+
+
+def test_too_little_disk_space_is_one_line_before_training(tmp_path, dataset, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(experiment.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))  # 1 MB free
+    with pytest.raises(ConfigError, match=r"has 1 MB free; this run's checkpoints and logs need about \d+ MB"):
+        experiment.train_and_evaluate(smoke(), tmp_path / "w", data_dir=dataset, show_progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_stop_asked_for_while_the_data_is_read_ends_before_training(tmp_path, dataset):
+    out = experiment.train_and_evaluate(smoke(), tmp_path / "w", data_dir=dataset, should_stop=lambda: True,
+                                        show_progress=False)
+    assert out == {"interrupted": True, "step": None}
+    assert not (tmp_path / "w" / "checkpoints").exists()
