@@ -222,6 +222,26 @@ def data_fingerprint(*splits: data_lib.Split) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_options(config, export: tuple[str, ...], parallel_mode: str, traced: bool) -> None:
+    """ConfigError for a config value or option that cannot work, before any data is read."""
+    validate_config(config)
+    if unknown := [f for f in export if f not in export_lib.FORMATS]:
+        raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
+    if parallel_mode == "pmap" and traced:
+        raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
+
+
+def _steps(config, num_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of `config` on `num_train` images; ConfigError if either is 0."""
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {num_train} training images")
+    total_steps = round(config.epochs * steps_per_epoch)
+    if total_steps < 1:
+        raise ConfigError(f"epochs {config.epochs} of {steps_per_epoch} steps make no step")
+    return steps_per_epoch, total_steps
+
+
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
                        export: tuple[str, ...] = (), should_stop: Callable[[], bool] = lambda: False,
                        show_progress: bool = True, parallel_mode: str = "jit", num_devices: int | None = None,
@@ -237,23 +257,14 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     profiler trace of 5 steps; `peak_flops`: device peak for the MFU in the summary (default per platform).
     """
     t0 = time.perf_counter()
-    validate_config(config)
-    if unknown := [f for f in export if f not in export_lib.FORMATS]:
-        raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
-    if parallel_mode == "pmap" and (dump_hlo or profile):
-        raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
+    _check_options(config, export, parallel_mode, dump_hlo or profile)
     workdir = Path(workdir)
     resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
     train_set, val_set, test_set = load_splits(config, data_dir, seed)
     if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)
         return {"interrupted": True, "step": None}
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
-    steps_per_epoch = len(train_set["label"]) // config.batch_size
-    if steps_per_epoch < 1:
-        raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_set['label'])} training images")
-    total_steps = round(config.epochs * steps_per_epoch)
-    if total_steps < 1:
-        raise ConfigError(f"epochs {config.epochs} of {steps_per_epoch} steps make no step")
+    steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
     init_key, data_key, flip_key = jax.random.split(jax.random.key(seed), 3)
     model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
     state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
