@@ -450,3 +450,25 @@ def test_a_stop_asked_for_while_the_data_is_read_ends_before_training(tmp_path, 
                                         show_progress=False)
     assert out == {"interrupted": True, "step": None}
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_save_that_fails_mid_run_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, dataset, monkeypatch):
+    """The disk fills after the first epoch's checkpoint: the next save is a CheckpointError naming the
+    checkpoint and the cause, and the first checkpoint stays complete and readable."""
+    from jaxnet import checkpoint as checkpoint_lib
+
+    saves = {"n": 0}
+    original = ocp.CheckpointManager.save
+
+    def filling_up(self, step, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] > 2:  # the first epoch's "last" and "best"
+            raise OSError(28, "No space left on device")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", filling_up)
+    workdir = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*/last/12: No space left on device"):
+        experiment.train_and_evaluate(smoke(epochs=3.0), workdir, data_dir=dataset, show_progress=False)
+    assert sorted(p.name for p in (workdir / "checkpoints" / "last").iterdir()) == ["6"]
+    assert int(checkpoint_lib.read_arrays(workdir / "checkpoints" / "last" / "6")["step"]) == 6
