@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnet import train
+from jaxnet import errors, train
 from jaxnet.errors import JaxnetError, ParallelError
 from jaxnet.train import Batch, Metrics
 
@@ -304,14 +304,13 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
         return fn()
     from jax.experimental import multihost_utils
 
-    from jaxnet import errors
-
     text = ""
     if is_main_process():
         try:
             text = json.dumps({"ok": fn()})
-        except errors.JaxnetError as e:
-            text = json.dumps({"error": type(e).__name__, "message": str(e)})
+        except JaxnetError as e:
+            kind = next(c.__name__ for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
+            text = json.dumps({"error": kind, "message": str(e)})
     data = np.frombuffer(text.encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     received = multihost_utils.broadcast_one_to_all(data if is_main_process() else np.zeros(size, np.uint8))
