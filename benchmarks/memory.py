@@ -1,9 +1,12 @@
-"""Host memory of a recipe's run: peak RSS, and RSS and live device arrays at the end of every epoch, so that a
-leak (host or device) across epochs shows as growth from epoch 2 to the last.
+"""Memory of a recipe's run: peak RSS, and at the end of every epoch the process's RSS, the bytes the C heap
+has in use, and the live device arrays (count and bytes), so that a leak (host or device) across epochs shows
+as growth from epoch 2 to the last.
 
-The experiment runs in this process (`jaxnet.experiment.train_and_evaluate`, as the CLI runs it); a thread reads
-/proc/self/status and `jax.live_arrays()` each time the run appends a validation record (the end of an epoch) to
-its metrics.jsonl.
+The experiment runs in this process (`jaxnet.experiment.train_and_evaluate`, as the CLI runs it). A sample is
+taken in the training thread when the run writes an epoch's validation record (after its evaluation, before
+the next step), so every sample sees the same point of the loop. RSS alone also counts memory glibc's
+allocator has been handed back but keeps (its arenas grow and shrink with XLA's temporaries): the sample is
+read after `malloc_trim(0)`, and `mallinfo2()` gives the heap's bytes in use, which is what a leak would grow.
 
     python -m benchmarks.memory [--config smoke] [--data-dir D] [--no-record] [key=value ...]
 """
@@ -11,12 +14,25 @@ its metrics.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
+import gc
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from unittest import mock
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _libc():
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc
 
 
 def _status_mb(field: str) -> float:
@@ -26,19 +42,19 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _watch(metrics: Path, samples: list, done: threading.Event) -> None:
+def sample() -> dict[str, float]:
+    """RSS as found, then (after a GC and malloc_trim) RSS, the C heap's bytes in use, and the live arrays."""
     import jax
 
-    seen = 0
-    while not done.wait(0.05):
-        if not metrics.exists():
-            continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        for row in rows[seen:]:
-            if row["kind"] == "val":
-                samples.append({"epoch": row["epoch"], "rss_mb": _status_mb("VmRSS"),
-                                "live_arrays": len(jax.live_arrays())})
-        seen = len(rows)
+    libc = _libc()
+    rss = _status_mb("VmRSS")
+    gc.collect()
+    libc.malloc_trim(0)
+    info = libc.mallinfo2()
+    arrays = jax.live_arrays()
+    return {"rss_mb": rss, "trimmed_rss_mb": _status_mb("VmRSS"),
+            "heap_mb": (info.uordblks + info.hblkhd) / 2**20, "live_arrays": len(arrays),
+            "array_mb": sum(a.nbytes for a in arrays) / 2**20}
 
 
 def drift(samples: list[dict], key: str) -> float:
@@ -48,11 +64,17 @@ def drift(samples: list[dict], key: str) -> float:
     return samples[-1][key] / samples[1][key] - 1
 
 
+COLUMNS = (("rss_mb", "RSS MB", "{:.0f}"), ("trimmed_rss_mb", "RSS after malloc_trim MB", "{:.0f}"),
+           ("heap_mb", "C heap in use MB", "{:.0f}"), ("live_arrays", "live device arrays", "{}"),
+           ("array_mb", "device array MB", "{:.1f}"))
+
+
 def table(samples: list[dict], peak_mb: float) -> str:
-    rows = ["| epoch | RSS MB | live device arrays |", "| --- | --- | --- |"]
-    rows += [f"| {s['epoch']} | {s['rss_mb']:.0f} | {s['live_arrays']} |" for s in samples]
-    rows += [f"| peak (VmHWM) | {peak_mb:.0f} | |",
-             f"| epoch 2 → last | {drift(samples, 'rss_mb'):+.1%} | {drift(samples, 'live_arrays'):+.1%} |"]
+    rows = ["| epoch | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "| --- " * (len(COLUMNS) + 1) + "|"]
+    rows += [f"| {s['epoch']} | " + " | ".join(fmt.format(s[key]) for key, _, fmt in COLUMNS) + " |"
+             for s in samples]
+    rows += [f"| peak (VmHWM) | {peak_mb:.0f} |" + " |" * (len(COLUMNS) - 1),
+             "| epoch 2 → last | " + " | ".join(f"{drift(samples, key):+.1%}" for key, _, _ in COLUMNS) + " |"]
     return "\n".join(rows)
 
 
@@ -69,25 +91,28 @@ def main(argv: list[str] | None = None) -> int:
 
     config = configs.override(configs.get_config(args.config), args.overrides)
     compiler.set_cpu_conv(config.xla_cpu_conv)  # before JAX starts, as the CLI does
-    from jaxnet import experiment
+    from jaxnet import experiment, metrics
 
-    samples, done = [], threading.Event()
-    with tempfile.TemporaryDirectory(prefix="jaxnet-memory-") as workdir:
-        watcher = threading.Thread(target=_watch, args=(Path(workdir) / "metrics.jsonl", samples, done), daemon=True)
-        watcher.start()
+    samples = []
+
+    class SamplingWriter(metrics.MetricWriter):
+        def write(self, kind, step, scalars):
+            super().write(kind, step, scalars)
+            if kind == "val":
+                samples.append({"epoch": scalars["epoch"], **sample()})
+
+    with tempfile.TemporaryDirectory(prefix="jaxnet-memory-") as workdir, \
+            mock.patch.object(experiment, "MetricWriter", SamplingWriter):
         t0 = time.perf_counter()
         summary = experiment.train_and_evaluate(config, workdir, data_dir=args.data_dir, show_progress=False)
-        time.sleep(0.2)
-        done.set()
-        watcher.join()
     result = table(samples, _status_mb("VmHWM"))
     print(result)
     if not args.no_record:
         from benchmarks.common import append_results
 
         notes = (f"Recipe `{args.config}` {' '.join(args.overrides)}: {summary['steps']} steps, "
-                 f"{time.perf_counter() - t0:.0f} s, test accuracy {summary['test_accuracy']:.2%}. RSS and live "
-                 "arrays sampled when each epoch's validation record is written (after its evaluation).")
+                 f"{time.perf_counter() - t0:.0f} s, test accuracy {summary['test_accuracy']:.2%}. Sampled in the "
+                 "training thread as each epoch's validation record is written (after its evaluation).")
         append_results(f"Memory over a run, `{args.config}` recipe", result, notes)
     return 0
 
