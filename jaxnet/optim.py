@@ -5,11 +5,18 @@ of its last update and `jaxnet.train_step` reports it from there (`train.learnin
 source of truth. Roles (`param_roles`) come from the structure of the parameters, not from module names:
 "kernel" (weights, ndim > 1), "bias" (the bias of a layer that has a kernel), "norm" (the parameters of a
 layer without a kernel: BatchNorm/LayerNorm scales and shifts, whatever the module is called).
+
+Muon (Jordan et al. 2024: momentum orthogonalised by a Newton–Schulz iteration) is here in the form of
+the CIFAR-10 speed record (airbench94_muon): `scale_by_muon` for any model's matrix and conv kernels,
+`renormalize_kernels`, and `airbench_muon`, the record's parameter groups. optax.contrib.muon keeps an
+exponential moving average with bias correction and no renormalisation; the record's variant is PyTorch's
+momentum buffer (buf = m·buf + g, Nesterov g + m·buf), bf16 iterations and weight renormalisation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -63,6 +70,21 @@ def adamw(learning_rate: float | Schedule, *, b1: float = 0.9, b2: float = 0.999
                      learning_rate)
 
 
+def _torch_sgd(batch_size: int, momentum: float, decay: float, step: float | jax.Array
+               ) -> optax.GradientTransformation:
+    """PyTorch's Nesterov SGD with coupled weight decay on the summed loss, for jaxnet's mean loss:
+    d = batch_size·g + decay·p; buf = m·buf + d; p -= step·(d + m·buf)."""
+    return optax.chain(optax.scale(batch_size), optax.add_decayed_weights(decay),
+                       optax.trace(decay=momentum, nesterov=True), optax.scale(-step))
+
+
+def _whitening_roles(roles: dict, whiten_module: str) -> dict:
+    """`roles` with the whitening stem's kernel "frozen" and its bias "whiten_bias"."""
+    if whiten_module not in roles:
+        return roles
+    return {**roles, whiten_module: {k: "frozen" if k == "kernel" else "whiten_bias" for k in roles[whiten_module]}}
+
+
 def airbench_sgd(learning_rate: float, schedule: Schedule, *, batch_size: int, momentum: float = 0.85,
                  weight_decay: float = 0.0153, norm_lr_mult: float = 64.0, whiten_module: str = "stem",
                  whiten_bias_steps: float = 0.0) -> optax.GradientTransformation:
@@ -82,23 +104,105 @@ def airbench_sgd(learning_rate: float, schedule: Schedule, *, batch_size: int, m
         per_example = learning_rate / batch_size
 
         def group(mult: float, on: float | jax.Array = 1.0) -> optax.GradientTransformation:
-            # PyTorch SGD: buf = m·buf + (g_sum + (wd/lr_g)·p); p -= lr_g·s(t)·(g + m·buf) (Nesterov).
-            return optax.chain(optax.scale(batch_size), optax.add_decayed_weights(wd / (lr * mult)),
-                               optax.trace(decay=momentum, nesterov=True), optax.scale(-per_example * mult * on))
-
-        def label(params):
-            roles = param_roles(params)
-            if whiten_module in roles:
-                roles = {**roles, whiten_module: {k: "frozen" if k == "kernel" else "whiten_bias"
-                                                  for k in roles[whiten_module]}}
-            return roles
+            return _torch_sgd(batch_size, momentum, wd / (lr * mult), per_example * mult * on)
 
         return optax.multi_transform({"kernel": group(1), "bias": group(1), "norm": group(norm_lr_mult),
-                                      "frozen": optax.set_to_zero(), "whiten_bias": group(1, whiten_bias_on)}, label)
+                                      "frozen": optax.set_to_zero(), "whiten_bias": group(1, whiten_bias_on)},
+                                     lambda params: _whitening_roles(param_roles(params), whiten_module))
 
     return optax.inject_hyperparams(groups)(
         learning_rate=lambda step: lr * batch_size * schedule(step),
         whiten_bias_on=lambda step: jnp.where(step < whiten_bias_steps, 1.0, 0.0))
+
+
+# ---- Muon ----
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c): steepest slope at zero (Jordan 2024)
+
+
+def newton_schulz(g: jax.Array, *, steps: int = 3, dtype: Any = jnp.bfloat16, eps: float = 1e-7) -> jax.Array:
+    """≈ U·S'·Vᵀ for g = U·S·Vᵀ (2-D), S' ∈ ~[0.5, 1.5]: g/‖g‖_F, then `steps` times
+    X ← aX + (bA + cA²)X with A = XXᵀ, on the wide orientation of g, computed in `dtype`. Returned in `dtype`."""
+    x = g.astype(dtype)
+    x = x / (jnp.linalg.norm(x) + eps)
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def orthogonalize(kernel: jax.Array, *, steps: int = 3, dtype: Any = jnp.bfloat16) -> jax.Array:
+    """`newton_schulz` of a kernel seen as a matrix (fan-in, output features): HWIO conv and (in, out) dense
+    kernels alike (the last axis is the output). Returned in the kernel's dtype."""
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    return newton_schulz(matrix, steps=steps, dtype=dtype).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def scale_by_muon(momentum: float, *, nesterov: bool = True, ns_steps: int = 3,
+                  ns_dtype: Any = jnp.bfloat16) -> optax.GradientTransformation:
+    """PyTorch's momentum buffer (buf = m·buf + g; Nesterov: g + m·buf), then each leaf `orthogonalize`d.
+    For kernels (ndim ≥ 2): give it only those (e.g. through `optax.multi_transform`)."""
+    return optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
+                       optax.GradientTransformation(
+                           lambda params: optax.EmptyState(),
+                           lambda updates, state, params=None: (jax.tree.map(
+                               partial(orthogonalize, steps=ns_steps, dtype=ns_dtype), updates), state)))
+
+
+def renormalize_kernels(every: int) -> optax.GradientTransformation:
+    """Adds to the update, on steps 0, every, 2·every, …, what scales each kernel to a Frobenius norm of
+    √(output features) (the record's `p *= √len(p)/‖p‖` before its step): p + u = s·p + u'. Needs params."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("renormalize_kernels needs the params (optax `update(updates, state, params)`)")
+        on = (state.count % every == 0).astype(jnp.float32)
+
+        def add(u, p):
+            scale = jnp.sqrt(jnp.float32(p.shape[-1])) / jnp.linalg.norm(p.astype(jnp.float32))
+            return u + (on * (scale - 1) * p).astype(u.dtype)
+
+        return jax.tree.map(add, updates, params), optax.ScaleByScheduleState(count=state.count + 1)
+
+    return optax.GradientTransformation(lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
+                                        update)
+
+
+def airbench_muon(schedule: Schedule, *, batch_size: int, filter_lr: float = 0.24, filter_momentum: float = 0.6,
+                  renorm_every: int = 1, ns_steps: int = 3, ns_dtype: Any = jnp.bfloat16, bias_lr: float = 0.053,
+                  head_lr: float = 0.67, momentum: float = 0.85, weight_decay: float = 2e-6,
+                  whiten_module: str = "stem", whiten_bias_steps: float = 0.0) -> optax.GradientTransformation:
+    """airbench94_muon's optimizer for jaxnet's mean loss. Conv filters (4-D kernels): Muon at `filter_lr`,
+    renormalised every `renorm_every` steps; biases and norm parameters at `bias_lr`, the head (2-D kernels)
+    at `head_lr`: PyTorch's Nesterov SGD on the summed loss with decay `weight_decay`·`batch_size` (per example,
+    coupled: divided by each group's rate). All rates × `schedule(step)`; the whitening stem's kernel is frozen
+    and its bias trains at `bias_lr`·(1 − step/`whiten_bias_steps`) until then. Reported lr: the filters'.
+    """
+    decay = weight_decay * batch_size
+
+    def groups(learning_rate: jax.Array, whiten_bias_rate: jax.Array) -> optax.GradientTransformation:
+        multiplier = learning_rate / filter_lr
+
+        def sgd_group(rate: float, multiplier: jax.Array) -> optax.GradientTransformation:
+            return _torch_sgd(batch_size, momentum, decay / rate, rate * multiplier)
+
+        def label(params):
+            roles = jax.tree.map(lambda role, p: {"kernel": "filter" if jnp.ndim(p) == 4 else "head"}.get(role, "bias"),
+                                 param_roles(params), params)
+            return _whitening_roles(roles, whiten_module)
+
+        filters = optax.chain(scale_by_muon(filter_momentum, ns_steps=ns_steps, ns_dtype=ns_dtype),
+                              optax.scale(-learning_rate), renormalize_kernels(renorm_every))
+        return optax.multi_transform({"filter": filters, "head": sgd_group(head_lr, multiplier),
+                                      "bias": sgd_group(bias_lr, multiplier), "frozen": optax.set_to_zero(),
+                                      "whiten_bias": sgd_group(bias_lr, whiten_bias_rate)}, label)
+
+    return optax.inject_hyperparams(groups)(
+        learning_rate=lambda step: filter_lr * schedule(step),
+        whiten_bias_rate=lambda step: jnp.where(step < whiten_bias_steps, 1 - step / max(whiten_bias_steps, 1), 0.0))
 
 
 # ---- schedules ----

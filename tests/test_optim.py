@@ -88,3 +88,89 @@ def test_optimizers_report_their_scheduled_learning_rate(make):
         _, state = tx.update(params, state, params)
         np.testing.assert_allclose(train.learning_rate(state), schedule(t), rtol=1e-6)
     assert train.learning_rate(optax.adam(1e-3).init(params)) is None  # nothing injected: nothing reported
+
+
+def _newton_schulz_reference(g: np.ndarray, steps: int) -> np.ndarray:
+    """The quintic iteration as the paper writes it, float64, on the matrix as given (PyTorch's (out, fan-in))."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (np.linalg.norm(g) + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(steps):
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x.T if tall else x
+
+
+def _torch_layout_orthogonalized(kernel_hwio: np.ndarray, steps: int) -> np.ndarray:
+    """The record's orthogonalisation of a conv filter: PyTorch's OIHW weight as (O, I·H·W), back to HWIO."""
+    oihw = kernel_hwio.transpose(3, 2, 0, 1).astype(np.float64)
+    out = _newton_schulz_reference(oihw.reshape(len(oihw), -1), steps).reshape(oihw.shape)
+    return out.transpose(2, 3, 1, 0)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 24, 64), (3, 3, 256, 64), (3, 3, 8, 8), (64, 10)])
+def test_orthogonalize_matches_the_newton_schulz_equations_in_the_records_layout(shape):
+    kernel = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    if len(shape) == 4:
+        want = _torch_layout_orthogonalized(kernel, 3)
+    else:  # a dense (in, out) kernel: PyTorch's Linear weight is (out, in)
+        want = _newton_schulz_reference(kernel.T.astype(np.float64), 3).T
+    got32 = optim.orthogonalize(jnp.asarray(kernel), steps=3, dtype=jnp.float32)
+    np.testing.assert_allclose(got32, want, rtol=2e-4, atol=2e-5)
+    got16 = optim.orthogonalize(jnp.asarray(kernel), steps=3)  # bf16 iterations, as the record
+    assert got16.dtype == jnp.float32
+    # bf16 keeps 8 bits of mantissa through three iterations with |a|, |b| > 3: a few percent (the record's own error)
+    assert np.linalg.norm(got16 - want) / np.linalg.norm(want) < 0.06
+    singular = np.linalg.svd(np.asarray(got32).reshape(-1, shape[-1]), compute_uv=False)
+    assert singular.min() > 0.3 and singular.max() < 1.3, singular  # ≈ orthogonal: S' ∈ ~[0.5, 1.5] (3 steps)
+
+
+def test_airbench_muon_is_the_records_update_written_out():
+    """Three steps against airbench94_muon's rules written out (float64, the iteration in float32):
+    filters: buf = m·buf + g; u = g + m·buf; p ← p·√O/‖p‖ − lr·s(t)·NS(u); biases and head: PyTorch SGD on
+    the summed loss with decay wd/lr_g; the stem's kernel frozen, its bias at lr_b·(1 − t/T_w) until T_w."""
+    batch, m_f, m, wd, lr_f, lr_b, lr_h, t_w = 16, 0.6, 0.85, 2e-6, 0.24, 0.053, 0.67, 2
+    schedule = optim.piecewise_linear([0, 3], [1.0, 0.0])
+    rng = np.random.default_rng(1)
+    params = {"stem": {"kernel": rng.normal(size=(2, 2, 3, 4)), "bias": rng.normal(size=(4,))},
+              "conv": {"kernel": rng.normal(size=(3, 3, 4, 6))}, "bn": {"bias": rng.normal(size=(6,))},
+              "head": {"kernel": rng.normal(size=(6, 10))}}
+    params = jax.tree.map(lambda x: x.astype(np.float32), params)
+    tx = optim.airbench_muon(schedule, batch_size=batch, ns_dtype=jnp.float32, whiten_bias_steps=t_w)
+    ref = jax.tree.map(lambda x: x.astype(np.float64), params)
+    buf = jax.tree.map(np.zeros_like, ref)
+    state, p = tx.init(params), params
+    for t in range(3):
+        grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+        s = float(schedule(t))
+        np.testing.assert_allclose(train.learning_rate(state), lr_f * s, rtol=1e-6)
+        g = grads["conv"]["kernel"].astype(np.float64)
+        buf["conv"]["kernel"] = m_f * buf["conv"]["kernel"] + g
+        w = ref["conv"]["kernel"]
+        w = w * np.sqrt(w.shape[-1]) / np.linalg.norm(w)
+        ref["conv"]["kernel"] = w - lr_f * s * _torch_layout_orthogonalized(g + m_f * buf["conv"]["kernel"], 3)
+        for (k, n), rate, mult in ((("bn", "bias"), lr_b, s), (("head", "kernel"), lr_h, s),
+                                   (("stem", "bias"), lr_b, max(0.0, 1 - t / t_w) if t < t_w else 0.0)):
+            d = batch * grads[k][n] + (wd * batch / rate) * ref[k][n]
+            buf[k][n] = m * buf[k][n] + d
+            ref[k][n] = ref[k][n] - rate * mult * (d + m * buf[k][n])
+        for k in ref:
+            for n in ref[k]:
+                np.testing.assert_allclose(p[k][n], ref[k][n], rtol=2e-4, atol=2e-5, err_msg=f"{k}/{n} step {t}")
+    np.testing.assert_array_equal(p["stem"]["kernel"], params["stem"]["kernel"])
+
+
+def test_renormalize_kernels_only_on_its_period():
+    kernel = {"k": jnp.full((3, 3, 2, 4), 5.0)}
+    tx = optim.renormalize_kernels(every=2)
+    state = tx.init(kernel)
+    norms = []
+    for _ in range(3):
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, kernel), state, kernel)
+        norms.append(float(jnp.linalg.norm(optax.apply_updates(kernel, updates)["k"])))
+    np.testing.assert_allclose(norms, [2.0, float(jnp.linalg.norm(kernel["k"])), 2.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the params"):
+        tx.update(kernel, state)
