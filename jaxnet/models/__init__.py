@@ -6,14 +6,14 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from jaxnet.errors import ConfigError
-from jaxnet.models.fast import FastNet, FastNetTiny, whitening_kernel, with_whitening_stem
+from jaxnet.models.fast import FastNet, FastNetMuon, FastNetTiny, whitening_kernel, with_whitening_stem
 from jaxnet.models.plain import PlainCNN, PlainCNNTiny
 from jaxnet.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet20, ResNet34, ResNet50, ResNet56,
                                   ResNetTiny)
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "fastnet": FastNet, "fastnet_tiny": FastNetTiny, "resnet18": ResNet18, "resnet34": ResNet34,
-    "resnet50": ResNet50, "resnet20": ResNet20, "resnet56": ResNet56, "resnet_tiny": ResNetTiny,
+    "fastnet": FastNet, "fastnet_tiny": FastNetTiny, "fastnet_muon": FastNetMuon, "resnet18": ResNet18,
+    "resnet34": ResNet34, "resnet50": ResNet50, "resnet20": ResNet20, "resnet56": ResNet56, "resnet_tiny": ResNetTiny,
     "plain": PlainCNN, "plain_tiny": PlainCNNTiny}
 NAMES = tuple(REGISTRY)
 
@@ -26,6 +26,6 @@ def get(name: str, **kwargs) -> nn.Module:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["NAMES", "REGISTRY", "BasicBlock", "Bottleneck", "FastNet", "FastNetTiny", "PlainCNN", "PlainCNNTiny",
-           "ResNet", "ResNet18", "ResNet20", "ResNet34", "ResNet50", "ResNet56", "ResNetTiny", "get",
+__all__ = ["NAMES", "REGISTRY", "BasicBlock", "Bottleneck", "FastNet", "FastNetMuon", "FastNetTiny", "PlainCNN",
+           "PlainCNNTiny", "ResNet", "ResNet18", "ResNet20", "ResNet34", "ResNet50", "ResNet56", "ResNetTiny", "get",
            "whitening_kernel", "with_whitening_stem"]

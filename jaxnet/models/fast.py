@@ -53,13 +53,15 @@ class ConvGroup(nn.Module):
 
 class FastNet(nn.Module):
     """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
-    BN `bn_momentum` (Flax convention: weight of the running value), head `scale`, compute `dtype`."""
+    BN `bn_momentum` (Flax convention: weight of the running value), head `scale` and `head_init`, compute
+    `dtype`."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
     stem_width: int = 24
     bn_momentum: float = 0.6
     scale: float = 1 / 9
+    head_init: Callable = torch_conv_init
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     dtype: Any = None
@@ -77,7 +79,7 @@ class FastNet(nn.Module):
             x = ConvGroup(width, conv=conv, norm=norm)(x)
         x = max_pool(x, x.shape[1])
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=torch_conv_init, name="head")(x)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=self.head_init, name="head")(x)
         return (x * self.scale).astype(jnp.float32)
 
 
@@ -99,7 +101,19 @@ def whitening_kernel(images: np.ndarray, *, patch_size: int = 2, eps: float = 5e
     return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
 
 
+def unit_std_init(base: Callable = torch_conv_init) -> Callable:
+    """`base`, rescaled to a standard deviation of 1 (airbench94_muon's head: `w *= 1 / w.std()`)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        w = base(key, shape, dtype)
+        return w / jnp.std(w)
+
+    return init
+
+
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))
+# airbench94_muon's head: unit-std weights, logits divided by the 256 features.
+FastNetMuon = partial(FastNet, scale=1 / 256, head_init=unit_std_init())
 
 
 def with_whitening_stem(params: dict, images: np.ndarray, *, module: str = "stem") -> dict:
