@@ -33,7 +33,7 @@ from jaxnet.metrics import MetricWriter, plot_curves
 from jaxnet.ops import IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-OPTIMIZERS = ("airbench", "sgd", "adam")
+OPTIMIZERS = ("airbench", "muon", "sgd", "adam")
 SCHEDULES = ("piecewise", "cosine", "constant")
 FLIPS = ("alternate", "random", "none")
 NUM_CLASSES = 10
@@ -55,7 +55,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "flip": (lambda v: v in FLIPS, f"one of {', '.join(FLIPS)}"),
         "batch_size": positive, "eval_batch_size": positive, "epochs": positive, "lr": positive,
         "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": non_negative,
-        "bias_lr_mult": positive, "whiten_bias_epochs": non_negative, "lookahead_every": non_negative,
+        "bias_lr_mult": positive, "bias_lr": positive, "head_lr": positive,
+        "filter_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "renorm_every": positive, "ns_steps": positive,
+        "whiten_bias_epochs": non_negative, "lookahead_every": non_negative,
         "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "mean": triple,
         "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
@@ -94,6 +96,7 @@ def build_schedule(config, total_steps: int) -> optim.Schedule:
 
 def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
     """`config.optimizer` with its schedule: "airbench" (airbench94's groups, lr and decay per 1024 examples),
+    "muon" (airbench94_muon's: Muon on conv filters at `lr`, SGD for biases and head; decay per example),
     "sgd" (Nesterov, decoupled decay) or "adam" (AdamW)."""
     multiplier = build_schedule(config, total_steps)
     match config.optimizer:
@@ -101,6 +104,12 @@ def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Gra
             return optim.airbench_sgd(config.lr, multiplier, batch_size=config.batch_size, momentum=config.momentum,
                                       weight_decay=config.weight_decay, norm_lr_mult=config.bias_lr_mult,
                                       whiten_bias_steps=config.whiten_bias_epochs * steps_per_epoch)
+        case "muon":
+            return optim.airbench_muon(multiplier, batch_size=config.batch_size, filter_lr=config.lr,
+                                       filter_momentum=config.filter_momentum, renorm_every=config.renorm_every,
+                                       ns_steps=config.ns_steps, bias_lr=config.bias_lr, head_lr=config.head_lr,
+                                       momentum=config.momentum, weight_decay=config.weight_decay,
+                                       whiten_bias_steps=config.whiten_bias_epochs * steps_per_epoch)
         case "sgd":
             return optim.sgd(lambda step: config.lr * multiplier(step), momentum=config.momentum,
                              weight_decay=config.weight_decay)

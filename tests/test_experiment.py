@@ -237,6 +237,37 @@ def test_airbench_optimizer_lr_groups_match_airbench94():
     assert np.all(second["ConvGroup_0"]["Conv_0"]["kernel"])
 
 
+def test_muon_recipe_gives_each_group_the_records_rate():
+    """The muon recipe's optimizer: at step 0, the head and BN shifts take PyTorch's Nesterov SGD step at their
+    own rates (head_lr, bias_lr), the stem's kernel is frozen and its bias trains until `whiten_bias_epochs`, and
+    the filters move by Muon: renormalised to √(out channels), a step of lr on an orthogonalised direction."""
+    from jaxnet import models, optim, train
+
+    config = configs.get_config("muon")
+    config.whiten_bias_epochs = 0.1  # with 10 steps per epoch: the bias trains at step 0 only
+    tx = experiment.build_optimizer(config, total_steps=100, steps_per_epoch=10)
+    params = models.FastNetMuon().init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)["params"]
+    grads = jax.tree.map(np.ones_like, params)
+    state = tx.init(params)
+    first, state = tx.update(grads, state, params)
+    second, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(train.learning_rate(state), config.lr * 0.99, rtol=1e-6)  # linear decay, step 1
+    b, m, wd = config.batch_size, config.momentum, config.weight_decay
+    for leaf, rate in ((("head", "kernel"), config.head_lr), (("ConvGroup_1", "BatchNorm_0", "bias"), config.bias_lr),
+                       (("stem", "bias"), config.bias_lr)):
+        p, u = params, first
+        for key in leaf:
+            p, u = p[key], u[key]
+        d = b * 1.0 + wd * b / rate * np.asarray(p)
+        np.testing.assert_allclose(u, -rate * (1 + m) * d, rtol=1e-5, err_msg=str(leaf))
+    assert not np.any(first["stem"]["kernel"]) and not np.any(second["stem"]["bias"])
+    kernel = params["ConvGroup_1"]["Conv_0"]["kernel"]
+    renormed = kernel * np.sqrt(kernel.shape[-1]) / np.linalg.norm(kernel)
+    direction = (renormed - (kernel + first["ConvGroup_1"]["Conv_0"]["kernel"])) / config.lr
+    np.testing.assert_allclose(direction, optim.orthogonalize(jax.numpy.asarray((1 + config.filter_momentum) *
+                                                                                np.ones_like(kernel))), atol=1e-5)
+
+
 def test_batch_function_compiles_once_over_epochs():
     from jaxnet import parallel
 

@@ -5,7 +5,7 @@ import importlib
 
 from jaxnet.errors import ConfigError
 
-NAMES = ("default", "resnet18", "resnet20", "plain", "smoke")
+NAMES = ("default", "muon", "resnet18", "resnet20", "plain", "smoke")
 
 
 def get_config(name: str):
