@@ -6,8 +6,13 @@ accuracy (plain and with the recipe's TTA), best validation accuracy, steps, tra
 img/s from its `summary.json`, then the mean ± sample std over seeds, and with --target how many runs reached it
 (with TTA, as airbench counts).
 
+With --peer torch_record, the PyTorch record script (`benchmarks/torch_record.py`, airbench94_muon in eager
+PyTorch; extra `bench`) runs too, on the same images (the recipe's train/test subsets, the same seed), seeds
+interleaved (jaxnet, peer, peer, jaxnet, ...), and the table ends with the ratios of their mean times. The peer
+follows the overrides `epochs=` and `batch_size=` when given; otherwise it keeps the record's 8 epochs of 2000.
+
     python -m benchmarks.time_to_accuracy [--config default] [--seeds 0,1,2] [--data-dir D] [--target 0.94]
-        [--workdir DIR] [--no-record] [key=value ...]
+        [--peer torch_record] [--workdir DIR] [--no-record] [key=value ...]
 
 A seed whose run fails stops the benchmark with that run's exit code; nothing is recorded then.
 """
@@ -50,6 +55,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
     p.add_argument("--data-dir", help="local CIFAR-10, as the experiment's --data-dir")
     p.add_argument("--target", type=float, help="test accuracy with TTA to count runs against, e.g. 0.94")
+    p.add_argument("--peer", choices=("torch_record",), help="run the PyTorch record script too, interleaved")
     p.add_argument("--workdir", help="keep each run in DIR/seed<S> (default: a temporary directory, removed)")
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
@@ -84,14 +90,12 @@ def table(summaries: dict[int, dict], target: float | None) -> str:
     return "\n".join(rows)
 
 
-def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
-    """One run of the experiment in its own process: (exit code, its summary, or {} if it failed).
+def _run(command: list[str], summary_path: Path) -> tuple[int, dict]:
+    """`command` in its own process: (exit code, the summary it wrote, or {} if it failed).
 
     SIGINT and SIGTERM are passed on to the run, which saves a checkpoint and exits (130/143); this process
     waits for it.
     """
-    command = [sys.executable, "-m", "experiments.cifar10", "--config", config, "--seed", str(seed),
-               "--workdir", str(workdir), *(["--data-dir", data_dir] if data_dir else []), *overrides]
     with subprocess.Popen(command) as child:
         handlers = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
@@ -100,42 +104,80 @@ def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overri
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
-    summary_path = workdir / "summary.json"
     if code or not summary_path.exists():
         return code or 1, {}
     return 0, json.loads(summary_path.read_text())
 
 
+def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
+    """One run of the experiment, `python -m experiments.cifar10`: (exit code, its summary or {})."""
+    return _run([sys.executable, "-m", "experiments.cifar10", "--config", config, "--seed", str(seed),
+                 "--workdir", str(workdir), *(["--data-dir", data_dir] if data_dir else []), *overrides],
+                workdir / "summary.json")
+
+
+def run_peer(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
+    """One run of the PyTorch record script on the images `config` (with `overrides`) draws for `seed`."""
+    recipe = configs.override(configs.get_config(config), overrides)
+    given = {item.partition("=")[0] for item in overrides}
+    shape = [f"--{key.replace('_', '-')}={recipe[key]}" for key in ("epochs", "batch_size") if key in given]
+    workdir.mkdir(parents=True, exist_ok=True)
+    return _run([sys.executable, "-m", "benchmarks.torch_record", "--seed", str(seed), "--summary",
+                 str(workdir / "summary.json"), f"--train-subset={recipe.train_subset}",
+                 f"--test-subset={recipe.test_subset}", *shape, *(["--data-dir", data_dir] if data_dir else [])],
+                workdir / "summary.json")
+
+
+def ratios(ours: dict[int, dict], peer: dict[int, dict]) -> str:
+    """Mean wall and training time of jaxnet's runs over the peer's, and their mean accuracies with TTA."""
+    def mean(runs, key):
+        return statistics.mean(s[key] for s in runs.values())
+
+    wall = mean(ours, "wall_seconds") / mean(peer, "wall_seconds")
+    return (f"\njaxnet / peer, mean over seeds: wall time {wall:.2f}×, "
+            f"training time {mean(ours, 'train_seconds') / mean(peer, 'train_seconds'):.2f}×; test accuracy with TTA "
+            f"{mean(ours, 'test_accuracy_tta'):.2%} (jaxnet) vs {mean(peer, 'test_accuracy_tta'):.2%} (peer).")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    summaries = {}
+    runners = {"jaxnet": run_seed} | ({"peer": run_peer} if args.peer else {})
+    summaries: dict[str, dict[int, dict]] = {name: {} for name in runners}
     with tempfile.TemporaryDirectory(prefix="jaxnet-tta-") as scratch:
         root = Path(args.workdir or scratch)
-        for seed in args.seeds:
-            print(f"seed {seed}: python -m experiments.cifar10 --config {args.config} --seed {seed}", flush=True)
-            try:
-                code, summary = run_seed(args.config, seed, root / f"seed{seed}", args.data_dir, args.overrides)
-            except KeyboardInterrupt:  # Ctrl-C before the run had started: nothing of it to save
-                code = 130
-            if code:
-                what = "was interrupted" if code in (130, 143) else "failed"
-                print(f"error: the run of seed {seed} {what} (exit code {code}); nothing recorded", file=sys.stderr)
-                return code
-            summaries[seed] = summary
-    result = table(summaries, args.target)
+        for i, seed in enumerate(args.seeds):
+            for name in list(runners)[::-1 if i % 2 else 1]:  # A, B, B, A, ...: drift hits both alike
+                print(f"seed {seed}: {name} ({args.config if name == 'jaxnet' else args.peer})", flush=True)
+                try:
+                    code, summary = runners[name](args.config, seed, root / f"{name}-seed{seed}", args.data_dir,
+                                                  args.overrides)
+                except KeyboardInterrupt:  # Ctrl-C before the run had started: nothing of it to save
+                    code = 130
+                if code:
+                    what = "was interrupted" if code in (130, 143) else "failed"
+                    print(f"error: the {name} run of seed {seed} {what} (exit code {code}); nothing recorded",
+                          file=sys.stderr)
+                    return code
+                summaries[name][seed] = summary
+    result = table(summaries["jaxnet"], args.target)
+    if args.peer:
+        result = (f"jaxnet, `{args.config}`:\n\n{result}\n\nPeer, {args.peer}:\n\n"
+                  f"{table(summaries['peer'], args.target)}\n{ratios(summaries['jaxnet'], summaries['peer'])}")
     print(result)
     if not args.no_record:
         from benchmarks.common import append_results
 
-        first = next(iter(summaries.values()))
+        first = next(iter(summaries["jaxnet"].values()))
         config = first["config"]
         notes = (f"Recipe `{args.config}`{' with ' + ' '.join(args.overrides) if args.overrides else ''}: model "
                  f"{config['model']}, batch {config['batch_size']}, conv impl {config['conv_impl']}, TTA level "
                  f"{first['tta_level']}; {first['devices']} {first['platform']} device(s); XLA_FLAGS of the runs: "
-                 f"`{first['xla_flags']}`. Seeds one after another, each in its own process; wall s = the whole run "
-                 "(data, compilation, training, evaluation), train s = its training loop.")
-        seeds = f"{len(summaries)} seed{'s' if len(summaries) > 1 else ''}"
-        append_results(f"Time to accuracy, `{args.config}` recipe, {seeds}", result, notes)
+                 f"`{first['xla_flags']}`. Each run in its own process"
+                 f"{', interleaved with the peer' if args.peer else ''}; "
+                 "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop.")
+        seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
+        peer = f" vs {args.peer}" if args.peer else ""
+        append_results(f"Time to accuracy, `{args.config}` recipe{peer}, {seeds}", result, notes)
     return 0
 
 

@@ -108,7 +108,7 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
     result = _run_tta(tmp_path, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
                       "--target", "0.5", "epochs=0.5")
     assert result.returncode == 0, result.stderr[-2000:]
-    summaries = {s: json.loads((tmp_path / "runs" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)}
+    summaries = {s: json.loads((tmp_path / "runs" / f"jaxnet-seed{s}" / "summary.json").read_text()) for s in (0, 1)}
     assert [summaries[s]["seed"] for s in (0, 1)] == [0, 1] and summaries[0]["steps"] == 3  # epochs=0.5 reached it
     row = f"| 1 | {summaries[1]['test_accuracy']:.2%} | {summaries[1]['test_accuracy_tta']:.2%} |"
     assert row in result.stdout and "| mean ± std |" in result.stdout
@@ -120,7 +120,7 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
     bench = subprocess.Popen([*TTA, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs),
                               "epochs=1000.0", "log_every=1"], cwd=ROOT, env=_tta_env(tmp_path),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    metrics = runs / "seed0" / "metrics.jsonl"
+    metrics = runs / "jaxnet-seed0" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 240
         while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
@@ -131,14 +131,15 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
         with contextlib.suppress(ProcessLookupError):
             os.killpg(bench.pid, signal.SIGKILL)
     assert bench.returncode == 143, err[-2000:]
-    assert "error: the run of seed 0 was interrupted (exit code 143); nothing recorded" in err
-    assert any((runs / "seed0" / "checkpoints").rglob("*")) and not (runs / "seed1").exists()
+    assert "error: the jaxnet run of seed 0 was interrupted (exit code 143); nothing recorded" in err
+    assert any((runs / "jaxnet-seed0" / "checkpoints").rglob("*")) and not (runs / "jaxnet-seed1").exists()
     assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("args,message", [
     (["--config", "nope"], "invalid choice: 'nope'"),
-    (["--data-dir", "/nonexistent/cifar"], "error: the run of seed 0 failed (exit code 2); nothing recorded"),
+    (["--data-dir", "/nonexistent/cifar"], "error: the jaxnet run of seed 0 failed (exit code 2); nothing recorded"),
+    (["--peer", "tensorflow"], "invalid choice: 'tensorflow'"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
     (["--target", "94"], "--target is an accuracy in (0, 1]"),
 ])
@@ -146,6 +147,34 @@ def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path, args, messa
     result = _run_tta(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_time_to_accuracy_ratios_are_of_the_means():
+    from benchmarks.time_to_accuracy import ratios
+
+    ours = {0: _summary(0.90, 0.93, 10.0), 1: _summary(0.92, 0.95, 14.0)}  # wall 12 s, train 11 s on average
+    peer = {0: _summary(0.91, 0.94, 20.0), 1: _summary(0.91, 0.94, 28.0)}  # wall 24 s, train 23 s
+    assert ratios(ours, peer) == ("\njaxnet / peer, mean over seeds: wall time 0.50×, training time 0.48×; test "
+                                  "accuracy with TTA 94.00% (jaxnet) vs 94.00% (peer).")
+
+
+def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images(tmp_path, data):
+    """The peer at smoke scale, so the benchmark cannot rot: the record script and the muon recipe on the same
+    600 images, seeds in the order jaxnet, peer, peer, jaxnet; both summaries in the table and the ratio line."""
+    pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
+    result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0,1",
+                             "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=2.0",
+                             "batch_size=100"], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    order = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
+    assert order == ["seed 0: jaxnet (muon)", "seed 0: peer (torch_record)", "seed 1: peer (torch_record)",
+                     "seed 1: jaxnet (muon)"], result.stdout
+    peer = json.loads((tmp_path / "runs" / "peer-seed1" / "summary.json").read_text())
+    ours = json.loads((tmp_path / "runs" / "jaxnet-seed1" / "summary.json").read_text())
+    assert peer["steps"] == ours["steps"] == 12  # 600 images: 6 steps of 100 per epoch, for both
+    assert f"| 1 | {peer['test_accuracy']:.2%} | {peer['test_accuracy_tta']:.2%} |" in result.stdout
+    assert "jaxnet / peer, mean over seeds: wall time " in result.stdout
 
 
 def test_kill_resume_kills_three_times_and_ends_bit_identical(tmp_path, data):
