@@ -1,5 +1,6 @@
-"""CIFAR-10 as uint8 arrays (a local copy in any of three layouts, or tensorflow-datasets), a validation
-split, and the device-side augmentation and epoch order of the training loop.
+"""CIFAR-10 as uint8 arrays (a local copy in any of three layouts, the official archive downloaded and
+verified, or tensorflow-datasets), a validation split, and the device-side augmentation and epoch order of
+the training loop.
 
 Host side: `load_cifar10` decodes once and caches `.npz` arrays. Device side: `augment(key, images)`,
 `alternating_flip` and `epoch_indices(key, n, batch_size)` are pure functions for jit (`jaxnet.parallel`
@@ -9,11 +10,14 @@ compiles them).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
-import socket
+import re
 import tarfile
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -21,6 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxnet.cache import default_cache_dir
 from jaxnet.errors import ConfigError, DataError
@@ -31,32 +36,47 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 SPLITS = ("train", "test")
 ENV_VAR = "JAXNET_CIFAR10"
+URL_ENV_VAR = "JAXNET_CIFAR10_URL"
+# The official python-pickle archive (torchvision, keras and airbench fetch the same) and its published SHA-256.
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+OFFICIAL_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Split = dict[str, np.ndarray]  # {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                 tfds_data_dir: str | None = None) -> dict[str, Split]:
+                 tfds_data_dir: str | None = None, show_progress: bool = True) -> dict[str, Split]:
     """CIFAR-10 as {"train": split, "test": split}, each {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}.
 
-    Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10; tensorflow-datasets'
-    prepared `cifar10`. A local source is a directory or a .tar/.tar.gz archive in one of three layouts:
-    image folders `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`.
-    Decoded arrays are cached in `cache_dir` (default ~/.cache/jaxnet) under a key of the source's path,
-    sizes and mtimes, so later loads read one .npz.
+    Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10; the official archive
+    downloaded earlier into `cache_dir`; tensorflow-datasets' `cifar10` where it is prepared; else the official
+    archive (`cifar-10-python.tar.gz`, 163 MiB) is downloaded from JAXNET_CIFAR10_URL (default: its Toronto home,
+    with its published SHA-256; a URL of your own names its checksum as `URL#sha256=HEX`), verified and kept.
+    A local source is a directory or a .tar/.tar.gz archive in one of three layouts: image folders
+    `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`. Decoded arrays
+    are cached in `cache_dir` (default ~/.cache/jaxnet) under a key of the source's path, sizes and mtimes, so
+    later loads read one .npz.
 
     Raises:
       DataError: a missing path, unknown layout, corrupt archive or image, wrong image size, missing or
-        extra class folders, mismatched counts, or no source at all. Nothing is written in that case.
+        extra class folders, mismatched counts; a download that fails (no network, cut short, wrong checksum).
+        Nothing is written in that case.
     """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
     if source is None:
-        return _load_tfds(tfds_data_dir)
+        url, sha256 = _download_source()
+        downloaded = cache / "downloads" / Path(urllib.parse.urlsplit(url).path).name
+        if not downloaded.exists():
+            prepared = _prepared_tfds(tfds_data_dir)
+            if prepared is not None:
+                return prepared
+            download(url, downloaded, sha256=sha256, show_progress=show_progress)
+        source = downloaded
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"CIFAR-10 source {path} does not exist")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"cifar10-{_fingerprint(path)}.npz"
     if cached.exists():
         with np.load(cached) as f:
@@ -192,26 +212,68 @@ def _read_image_folders(files: _Files, root: str, source: Path) -> dict[str, Spl
     return out
 
 
+# ---- the official archive, downloaded ----
+
+def _download_source() -> tuple[str, str]:
+    """(url, sha256) of the archive to download: JAXNET_CIFAR10_URL as `URL#sha256=HEX`, else the official one."""
+    given = os.environ.get(URL_ENV_VAR)
+    if not given:
+        return OFFICIAL_URL, OFFICIAL_SHA256
+    url, _, fragment = given.partition("#sha256=")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", fragment):
+        raise DataError(f"{URL_ENV_VAR} must be URL#sha256=<64 hex digits> (the archive's checksum), got {given!r}")
+    return url, fragment.lower()
+
+
+def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout_s: float = 30,
+             show_progress: bool = True) -> Path:
+    """`url` saved as `dest` once its bytes have the SHA-256 `sha256`; returns `dest`.
+
+    The bytes go to a temporary file beside `dest`, renamed to `dest` only when complete (its announced length)
+    and verified, so `dest` never exists half-written or wrong. Raises DataError (one line, the temporary file
+    removed) when the server cannot be reached within `timeout_s`, answers with an error, the transfer is cut
+    short, or the checksum differs.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.part{os.getpid()}")
+    hint = f"pass --data-dir PATH or set {ENV_VAR} to a local copy of CIFAR-10"
+    digest, received = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, desc=f"downloading {dest.name}", unit="B", unit_scale=True,
+                      disable=not show_progress, leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:
+            raise DataError(f"download of {url} was cut short ({received} of {total} bytes); run again, or {hint}")
+        if digest.hexdigest() != sha256:
+            raise DataError(f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}: not the "
+                            f"CIFAR-10 archive (a proxy page, a corrupted transfer?); {hint}")
+        os.replace(tmp, dest)
+    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, IncompleteRead, disk full
+        raise DataError(f"cannot download CIFAR-10 from {url} ({type(e).__name__}: "
+                        f"{str(getattr(e, 'reason', None) or e).splitlines()[0][:160]}); {hint}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
 # ---- tensorflow-datasets ----
 
-def _load_tfds(data_dir: str | None) -> dict[str, Split]:
-    hint = f"pass --data-dir PATH or set {ENV_VAR} to a local copy of CIFAR-10"
+def _prepared_tfds(data_dir: str | None) -> dict[str, Split] | None:
+    """tensorflow-datasets' cifar10 if tfds is installed and has it prepared, else None."""
     try:
         import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataError(f"no local CIFAR-10 and tensorflow-datasets cannot be imported ({e}); {hint}") from None
+    except ImportError:
+        return None
     builder = tfds.builder("cifar10", data_dir=data_dir)
     if not builder.is_prepared():
-        try:
-            import tensorflow  # noqa: F401  (tfds needs it to download and prepare)
-        except ImportError:
-            raise DataError(f"tensorflow-datasets has no prepared cifar10 in {builder.data_dir} and preparing it "
-                            f"needs TensorFlow; {hint}") from None
-        try:  # fail fast rather than sit in urllib's retry loop
-            socket.create_connection(("www.cs.toronto.edu", 443), timeout=5).close()
-        except OSError:
-            raise DataError(f"tensorflow-datasets cannot download cifar10 (no network); {hint}") from None
-        builder.download_and_prepare()
+        return None
     out = {}
     for split in SPLITS:
         source = builder.as_data_source(split=split)
