@@ -1,1 +1,1 @@
-"""Experiments built on jaxnet: thin command-line entry points over the library."""
+"""The repository's entry-point shims (not installed): see experiments/cifar10.py."""

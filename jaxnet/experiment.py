@@ -1,8 +1,8 @@
-"""The CIFAR-10 experiment as a library: a recipe config (`experiments/configs`) → model, optimizer, data,
+"""The CIFAR-10 experiment as a library: a recipe config (`jaxnet.configs`) → model, optimizer, data,
 the training loop, evaluation with test-time augmentation, summary and exports.
 
 This is the one module that reads a config (flax `examples/imagenet`'s `train.py`); everything it calls takes
-explicit arguments. `python -m experiments.cifar10` is its command line. Errors a user can cause are jaxnet's
+explicit arguments. `jaxnet-cifar10` (`jaxnet/cifar10.py`) is its command line. Errors a user can cause are jaxnet's
 own types (`jaxnet.errors`): bad config values are ConfigError, raised before any work is done.
 """
 

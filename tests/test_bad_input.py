@@ -4,14 +4,15 @@ stderr naming the field and what is allowed, exit code 2, nothing created or ove
 import contextlib
 import io
 import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from fixtures import synthetic, write_binary
 
-from experiments import cifar10
-from jaxnet import compiler
+from jaxnet import cifar10, compiler, configs
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["model=vgg"], "model must be one of fastnet, fastnet_tiny"),
     (["dtype=float16"], "dtype must be one of float32, bfloat16"),
     (["conv_impl=fast"], "conv_impl must be one of xla, im2col"),
-    (["optimizer=rmsprop"], "optimizer must be one of airbench, sgd, adam"),
+    (["optimizer=rmsprop"], "optimizer must be one of airbench, muon, sgd, adam"),
     (["schedule=step"], "schedule must be one of piecewise, cosine, constant"),
     (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
     (["xla_cpu_conv=mkl"], "xla_cpu_conv must be one of ynnpack, eigen"),
@@ -134,6 +135,11 @@ FLAG_CASES = [
     (["--coordinator", "127.0.0.1:1"], "give all three"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "process id 2 is not in [0, 2)"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"], "coordinator address must be HOST:PORT"),
+    (["--config", "muon", "renorm_every=0"], "renorm_every must be > 0, got 0"),
+    (["--config", "muon", "filter_momentum=1.0"], "filter_momentum must be in [0, 1), got 1.0"),
+    (["--config", "muon", "ns_steps=0"], "ns_steps must be > 0"),
+    (["--config", "muon", "head_lr=-0.5"], "head_lr must be > 0"),
+    (["--config", "muon", "bias_lr=0.0"], "bias_lr must be > 0"),
 ]
 
 DATA_CASES = [  # (the --data-dir under bad_sources, message)
@@ -218,3 +224,19 @@ def test_bad_predict_input(trained, tmp_path, argv, message):
     argv = [a.format(trained=trained, missing=tmp_path / "missing") for a in argv]
     _check(tmp_path, argv, message, protected=trained)
 
+
+
+@pytest.mark.parametrize("command", [["jaxnet-cifar10"], ["-m", "jaxnet.cifar10"], ["-m", "experiments.cifar10"]],
+                         ids=["console script", "python -m jaxnet.cifar10", "python -m experiments.cifar10"])
+def test_every_entry_point_is_the_same_command_line(command):
+    """The installed console script, the package module and the repository's shim: --help lists each config with
+    its one line, and bad input is one line with exit 2."""
+    exe = [str(Path(sys.executable).with_name("jaxnet-cifar10"))] if command[0] == "jaxnet-cifar10" else \
+        [sys.executable, *command]
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([*exe, "--help"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: jaxnet-cifar10"), shown.stderr[-2000:]
+    for name, line in configs.SUMMARIES.items():
+        assert f"  {name:9} {line}" in shown.stdout
+    bad = subprocess.run([*exe, "--config", "nope"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "invalid choice: 'nope'" in bad.stderr

@@ -16,7 +16,7 @@ import pytest
 from fixtures import synthetic, write_binary
 from PIL import Image
 
-from experiments import configs
+from jaxnet import configs
 from jaxnet import data, experiment, export
 from jaxnet.errors import CheckpointError, ConfigError
 
@@ -195,7 +195,7 @@ def test_a_workdir_that_is_a_file_is_one_line_exit_2_and_left_alone(tmp_path, da
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, dataset):
     """Only jaxnet's own errors become one line: anything else (here a ValueError from inside the run, as a
     bug in jaxnet or JAX would raise) propagates with its traceback."""
-    from experiments import cifar10
+    from jaxnet import cifar10
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")

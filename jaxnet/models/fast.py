@@ -2,7 +2,7 @@
 
 Stem: a 2×2 VALID "patch-whitening" conv of 2·3·2² = 24 channels + GELU; then three conv-pool-BN-GELU
 blocks; a max-pool to 1×1; a bias-free linear head times `scale`. (N, 32, 32, 3) → (N, num_classes) float32.
-The recipe (experiments/configs/default.py) sets the stem kernel from data with `whitening_kernel` and
+The recipe (jaxnet/configs/default.py) sets the stem kernel from data with `whitening_kernel` and
 freezes it.
 """
 

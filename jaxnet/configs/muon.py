@@ -5,7 +5,7 @@ step; Nesterov SGD for biases and the head; batch 2000, 8 epochs of all 50 000 t
 lr decaying linearly to 0; no lookahead EMA, no validation split (test accuracy at the end, as the record).
 """
 
-from experiments.configs import default
+from jaxnet.configs import default
 
 
 def get_config():

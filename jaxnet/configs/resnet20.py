@@ -1,6 +1,6 @@
 """CIFAR ResNet-20 (He et al. 2015): SGD-Nesterov, cosine LR with warmup."""
 
-from experiments.configs import resnet18
+from jaxnet.configs import resnet18
 
 
 def get_config():

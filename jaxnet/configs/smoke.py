@@ -1,6 +1,6 @@
 """A few hundred images and a tiny FastNet: the whole experiment end to end in well under 2 minutes on a CPU."""
 
-from experiments.configs import default
+from jaxnet.configs import default
 
 
 def get_config():

@@ -1,7 +1,7 @@
 """The reference PyTorch script's recipe, for a side-by-side: PlainCNN, Adam 1e-3, batch 32, 10 epochs,
 inputs normalised with mean = std = 0.5, no augmentation, no label smoothing, plain evaluation."""
 
-from experiments.configs import default
+from jaxnet.configs import default
 
 
 def get_config():

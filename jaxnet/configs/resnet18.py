@@ -1,6 +1,6 @@
 """ResNet-18 (CIFAR stem) with SGD-Nesterov, one-cycle LR, label smoothing and cutout."""
 
-from experiments.configs import default
+from jaxnet.configs import default
 
 
 def get_config():
