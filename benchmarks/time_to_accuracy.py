@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments import configs
+from jaxnet import configs
 
 COLUMNS = (("test acc", "test_accuracy", "{:.2%}"), ("test acc, TTA", "test_accuracy_tta", "{:.2%}"),
            ("best val acc", "best_val_accuracy", "{:.2%}"), ("steps", "steps", "{:d}"),

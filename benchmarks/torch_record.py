@@ -136,7 +136,7 @@ def run(args) -> dict:
     import torch
     from torch import nn
 
-    from experiments import configs
+    from jaxnet import configs
     from jaxnet import experiment
 
     torch.set_num_threads(args.threads)
