@@ -52,8 +52,9 @@ def sample() -> dict[str, float]:
     libc.malloc_trim(0)
     info = libc.mallinfo2()
     arrays = jax.live_arrays()
-    return {"rss_mb": rss, "trimmed_rss_mb": _status_mb("VmRSS"),
-            "heap_mb": (info.uordblks + info.hblkhd) / 2**20, "live_arrays": len(arrays),
+    return {"rss_mb": rss, "trimmed_rss_mb": _status_mb("VmRSS"), "anon_mb": _status_mb("RssAnon"),
+            "file_mb": _status_mb("RssFile"), "heap_mb": (info.uordblks + info.hblkhd) / 2**20,
+            "python_blocks": sys.getallocatedblocks(), "live_arrays": len(arrays),
             "array_mb": sum(a.nbytes for a in arrays) / 2**20}
 
 
@@ -65,8 +66,9 @@ def drift(samples: list[dict], key: str) -> float:
 
 
 COLUMNS = (("rss_mb", "RSS MB", "{:.0f}"), ("trimmed_rss_mb", "RSS after malloc_trim MB", "{:.0f}"),
-           ("heap_mb", "C heap in use MB", "{:.0f}"), ("live_arrays", "live device arrays", "{}"),
-           ("array_mb", "device array MB", "{:.1f}"))
+           ("anon_mb", "of it anonymous MB", "{:.0f}"), ("file_mb", "of it files MB", "{:.0f}"),
+           ("heap_mb", "C heap in use MB", "{:.0f}"), ("python_blocks", "Python blocks", "{}"),
+           ("live_arrays", "live device arrays", "{}"), ("array_mb", "device array MB", "{:.1f}"))
 
 
 def table(samples: list[dict], peak_mb: float) -> str:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_intermixed_args(argv)
 
-    from experiments import configs
+    from jaxnet import configs
     from jaxnet import compiler
 
     config = configs.override(configs.get_config(args.config), args.overrides)
