@@ -7,7 +7,7 @@ from jaxnet.errors import ConfigError
 
 # name → what it is and what a run costs (measured; benchmarks/RESULTS.md), for --help.
 SUMMARIES = {
-    "default": "FastNet, airbench94's recipe: 90.6 % with TTA on the JPEG copy; ~48 min on a 2-core CPU",
+    "default": "FastNet, airbench94's recipe: 90.6 % with TTA on a JPEG copy; ~70 min on a 2-core AMD EPYC",
     "muon": "FastNet, the record's airbench94_muon recipe (Muon, batch 2000, 8 epochs of 50 000 images)",
     "resnet18": "ResNet-18, SGD one-cycle, 30 epochs: a GPU recipe (~12 h on a 2-core CPU)",
     "resnet20": "CIFAR ResNet-20, SGD cosine, 40 epochs: a GPU recipe (hours on a CPU)",
