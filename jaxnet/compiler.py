@@ -4,13 +4,18 @@ for programs whose compile time outweighs their run time."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from jax._src import xla_bridge  # backends_are_initialized: no public equivalent in jax 0.10
 
+from jaxnet.cache import default_cache_dir
 from jaxnet.errors import ConfigError
 
 CPU_CONV_FLAGS = {
@@ -27,6 +32,10 @@ CPU_CONV_FLAGS = {
 def set_cpu_conv(name: str) -> None:
     """Route XLA's CPU convolutions to `name` ("eigen" or "ynnpack") by adding its flag to XLA_FLAGS.
 
+    The flag is experimental: a jaxlib that does not know it would abort at start-up, so it is set only if
+    `xla_knows_flags` says this jaxlib accepts it; otherwise XLA's default (YNNPACK) stays, with a one-line
+    notice on stderr.
+
     Raises:
       ConfigError: an unknown name.
       RuntimeError: JAX's backends have started already, so the flag could no longer take effect.
@@ -39,7 +48,36 @@ def set_cpu_conv(name: str) -> None:
         return
     if xla_bridge.backends_are_initialized():
         raise RuntimeError(f"xla_cpu_conv={name} must be chosen before JAX starts its backends; set it first")
+    if not xla_knows_flags(flags):
+        print(f"notice: jaxlib {jaxlib_version()} does not accept {flags.split('=')[0]}; xla_cpu_conv={name} is "
+              f"ignored and XLA's default CPU convolutions are used", file=sys.stderr)
+        return
     os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+
+
+def jaxlib_version() -> str:
+    return importlib.metadata.version("jaxlib")
+
+
+def xla_knows_flags(flags: str) -> bool:
+    """Whether XLA (this jaxlib) starts with `flags` in XLA_FLAGS: tried once per jaxlib version in a child
+    process that starts the CPU backend (XLA aborts on a flag it does not know), the verdict kept in the
+    jaxnet cache directory."""
+    record = default_cache_dir() / f"xla-flags-jaxlib-{jaxlib_version()}.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if flags not in known:
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        child = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env,
+                               capture_output=True, timeout=120)
+        known[flags] = child.returncode == 0
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, record)
+    return known[flags]
 
 
 def enable_compilation_cache(directory: str | os.PathLike) -> None:

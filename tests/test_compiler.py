@@ -63,3 +63,28 @@ def test_run_once_computes_what_jit_computes():
     # Inside a transformation it is traced into the caller's program (here: shapes only, nothing compiled).
     shapes = jax.eval_shape(lambda key, x: compiler.run_once(init, key, x), *args)
     assert [s.shape for s in shapes] == [(3, 5), (4, 5)]
+
+
+def test_xla_flags_are_checked_against_this_jaxlib_once_and_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compiler.xla_knows_flags(compiler.CPU_CONV_FLAGS["eigen"])
+    assert not compiler.xla_knows_flags("--xla_jaxnet_no_such_flag=1")  # XLA aborts at start-up on it
+    monkeypatch.setattr(compiler.subprocess, "run", lambda *a, **k: pytest.fail("asked the child again"))
+    assert compiler.xla_knows_flags(compiler.CPU_CONV_FLAGS["eigen"])
+    assert not compiler.xla_knows_flags("--xla_jaxnet_no_such_flag=1")
+    assert list(tmp_path.joinpath("jaxnet").glob("xla-flags-jaxlib-*.json"))
+
+
+def test_a_flag_this_jaxlib_does_not_know_is_left_out_with_a_notice(tmp_path):
+    """A jaxlib without the experimental flag (simulated by asking for one no jaxlib knows): XLA starts with its
+    default, the run goes on, and stderr says so in one line."""
+    script = ("import os, jax; from jaxnet import compiler\n"
+              "compiler.CPU_CONV_FLAGS['eigen'] = '--xla_jaxnet_no_such_flag=1'\n"
+              "compiler.set_cpu_conv('eigen'); print(repr(os.environ.get('XLA_FLAGS', '')), len(jax.devices()))")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    child = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0 and child.stdout.split() == ["''", "1"], child.stderr[-2000:]
+    notice = [line for line in child.stderr.splitlines() if line.startswith("notice:")]
+    assert len(notice) == 1 and "does not accept --xla_jaxnet_no_such_flag" in notice[0]
+    assert "XLA's default CPU convolutions are used" in notice[0]
