@@ -41,13 +41,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """The CPU's vector and matrix extensions (AVX2, FMA, AVX-512*, AMX*) from /proc/cpuinfo: what decides which
+    kernels XLA and PyTorch can use, so every recorded number names them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))))
+    except OSError:
+        pass
+    return "unknown"
+
+
 def append_results(title: str, table: str, notes: str = "") -> None:
     """Append a dated section (machine, versions, command, table) to benchmarks/RESULTS.md."""
     installed = {d.metadata["Name"] for d in md.distributions()}
     versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "jaxlib", "flax", "onednn-cpu-gomp") if p in installed)
     devices = ", ".join(sorted({d.platform for d in jax.devices()}))
     environment = "; ".join(f"{k}={os.environ[k]}" for k in ENVIRONMENT if os.environ.get(k))
-    header = [f"- machine: {cpu_name()}, {jax.device_count()} {devices} device(s); Python {platform.python_version()}; "
+    header = [f"- machine: {cpu_name()} ({cpu_flags()}), {jax.device_count()} {devices} device(s); "
+              f"{os.cpu_count()} CPU threads; Python {platform.python_version()}; "
               f"{versions}",
               f"- command: `python -m benchmarks.{Path(sys.argv[0]).stem} {' '.join(sys.argv[1:])}`"]
     if environment:
