@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +152,10 @@ def scale_by_muon(momentum: float, *, nesterov: bool = True, ns_steps: int = 3,
                                partial(orthogonalize, steps=ns_steps, dtype=ns_dtype), updates), state)))
 
 
+class RenormalizeState(NamedTuple):
+    count: jax.Array  # updates so far
+
+
 def renormalize_kernels(every: int) -> optax.GradientTransformation:
     """Adds to the update, on steps 0, every, 2·every, …, what scales each kernel to a Frobenius norm of
     √(output features) (the record's `p *= √len(p)/‖p‖` before its step): p + u = s·p + u'. Needs params."""
@@ -165,10 +169,9 @@ def renormalize_kernels(every: int) -> optax.GradientTransformation:
             scale = jnp.sqrt(jnp.float32(p.shape[-1])) / jnp.linalg.norm(p.astype(jnp.float32))
             return u + (on * (scale - 1) * p).astype(u.dtype)
 
-        return jax.tree.map(add, updates, params), optax.ScaleByScheduleState(count=state.count + 1)
+        return jax.tree.map(add, updates, params), RenormalizeState(count=state.count + 1)
 
-    return optax.GradientTransformation(lambda params: optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)),
-                                        update)
+    return optax.GradientTransformation(lambda params: RenormalizeState(count=jnp.zeros([], jnp.int32)), update)
 
 
 def airbench_muon(schedule: Schedule, *, batch_size: int, filter_lr: float = 0.24, filter_momentum: float = 0.6,
@@ -190,9 +193,10 @@ def airbench_muon(schedule: Schedule, *, batch_size: int, filter_lr: float = 0.2
             return _torch_sgd(batch_size, momentum, decay / rate, rate * multiplier)
 
         def label(params):
-            roles = jax.tree.map(lambda role, p: {"kernel": "filter" if jnp.ndim(p) == 4 else "head"}.get(role, "bias"),
-                                 param_roles(params), params)
-            return _whitening_roles(roles, whiten_module)
+            def group(role: str, p: jax.Array) -> str:
+                return ("filter" if jnp.ndim(p) == 4 else "head") if role == "kernel" else "bias"
+
+            return _whitening_roles(jax.tree.map(group, param_roles(params), params), whiten_module)
 
         filters = optax.chain(scale_by_muon(filter_momentum, ns_steps=ns_steps, ns_dtype=ns_dtype),
                               optax.scale(-learning_rate), renormalize_kernels(renorm_every))
