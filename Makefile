@@ -1,9 +1,12 @@
 # The two commands of the README. Each creates .venv if it is missing, installs the project, then runs.
 PYTHON ?= python3
-VENV   := .venv
+# One virtual environment per interpreter: .venv for python3, .venv-python3.12 for `make test PYTHON=python3.12`.
+VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 BIN    := $(VENV)/bin
 CONFIG ?= smoke
 ARGS   ?=
+# Extras installed for the tests: add bench (PyTorch, CPU build) to run the benchmarks' PyTorch peers too.
+EXTRAS ?= test
 # pytest workers (pytest-xdist): XLA compiles each program on one thread, so two workers overlap compilation.
 JOBS   ?= 2
 # The shared CIFAR-10 copy beside the checkout, if present (else $$JAXNET_CIFAR10, then tensorflow-datasets).
@@ -22,8 +25,8 @@ run: $(BIN)/python
 	$(BIN)/python -m experiments.cifar10 --config $(CONFIG) --workdir $(WORKDIR) $(if $(DATA),--data-dir $(DATA)) $(ARGS)
 
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pytest -q -n $(JOBS) $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf .venv .venv-* build *.egg-info
