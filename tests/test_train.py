@@ -279,6 +279,37 @@ def test_flax_train_state_subclass_with_batch_stats_updates_them(data):
     assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.9
 
 
+class UserConvNet(nn.Module):
+    """A user's conv net with Flax's own layers (nn.Conv, nn.BatchNorm, nn.Dense): not a jaxnet model."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.astype(jnp.float32) / 255.0
+        x = nn.Conv(16, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        x = nn.relu(nn.Conv(32, (3, 3), strides=2, use_bias=False)(x))
+        return nn.Dense(CLASSES)(x.mean(axis=(1, 2)))
+
+
+def test_muon_trains_a_users_flax_conv_net_with_flaxs_own_state(data):
+    """jaxnet.optim's Muon (the record's groups) on a model jaxnet does not ship, through Flax's TrainState and
+    jaxnet.train_step: its filters keep the renormalised norm √(out channels), and it memorises the batch."""
+    model = UserConvNet()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), train=False)
+    # SGD rates are per example of the summed loss (×64 here); this head has no 1/256 scale, so far below the record's
+    tx = optim.airbench_muon(optim.constant(1.0), batch_size=N, filter_lr=0.1, head_lr=0.005, bias_lr=0.002)
+    state = FlaxStateWithStats.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                                      batch_stats=variables["batch_stats"])
+    step = jaxnet.jit_train_step(chex.assert_max_traces(jaxnet.train_step, n=1))
+    for _ in range(150):
+        state, metrics = step(state, data)
+    assert type(state) is FlaxStateWithStats and float(metrics["lr"]) == pytest.approx(0.1)
+    assert float(metrics["accuracy"]) >= 0.95, jax.device_get(metrics)
+    for name, width in (("Conv_0", 16), ("Conv_1", 32)):  # renormalised before each step, then one step of 0.1
+        norm = float(jnp.linalg.norm(state.params[name]["kernel"]))
+        assert abs(norm - width ** 0.5) < 0.1 * width ** 0.5, (name, norm)
+
+
 def test_the_model_sees_the_batch_exactly_as_given(data):
     seen = {}
 
