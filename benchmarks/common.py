@@ -31,27 +31,26 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -
     return statistics.median(times)
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first `field : value` of the Linux kernel's CPU description (/proc/cpuinfo), or None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> str:
-    """The CPU's vector and matrix extensions (AVX2, FMA, AVX-512*, AMX*) from /proc/cpuinfo: what decides which
-    kernels XLA and PyTorch can use, so every recorded number names them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))))
-    except OSError:
-        pass
-    return "unknown"
+    """The CPU's vector and matrix extensions (AVX2, FMA, AVX-512*, AMX*): what decides which kernels XLA and
+    PyTorch can use, so every recorded number names them."""
+    flags = (_cpuinfo("flags") or "").split()
+    return " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))) or "unknown"
 
 
 def append_results(title: str, table: str, notes: str = "") -> None:
