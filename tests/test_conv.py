@@ -15,8 +15,9 @@ from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.ops import conv as conv_ops
 
 # PyPI's oneDNN (the extras test and onednn) is built for Linux x86-64 only.
-onednn_platform = pytest.mark.skipif(not (sys.platform == "linux" and platform.machine() == "x86_64"),
-                                     reason="oneDNN from PyPI (impl 'onednn') is for Linux x86-64 only")
+onednn_platform = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64" and jax.default_backend() == "cpu"),
+    reason="oneDNN from PyPI (impl 'onednn') is for CPUs, on Linux x86-64 only")
 
 # (N, H, W, C, O, K, strides, padding, dilation, groups): stride, padding style, dilation and groups each vary.
 CASES = [
@@ -185,6 +186,18 @@ def test_xla_conv_forward_mode_matches_reference(perturbed):
 
     chex.assert_trees_all_close(jax.jit(lambda: jvp(partial(conv2d, impl="xla")))(),
                                 jvp(conv2d_reference), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_pallas_kernel_across_its_blocks(dtype, tol, strides):
+    """Channel counts and widths that the kernel pads to Triton's powers of two and splits into several
+    64-channel blocks (80 → 128 in, 72 → 2 × 64 out; width 19 → 32), in both compute dtypes."""
+    x, w = (a.astype(dtype) for a in _inputs((2, 11, 19, 80, 72, 3, strides, "SAME", 1, 1)))
+    out = jax.jit(partial(conv2d, impl="pallas", strides=strides))(x, w)
+    ref = conv2d_reference(x.astype(jnp.float32), w.astype(jnp.float32), strides=strides)
+    assert out.dtype == dtype
+    chex.assert_trees_all_close(out.astype(jnp.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))
 
 
 def test_pallas_forward_is_a_pallas_kernel():

@@ -12,9 +12,11 @@ from functools import partial
 from typing import Literal, NamedTuple, TypeAlias
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.interpreters import ad, mlir
 
 from jaxnet.errors import ConfigError
 from jaxnet.ops import onednn
@@ -153,7 +155,12 @@ def _run(impl, x, w, strides, pads, dilation, groups):
             if groups != 1 or dilation != (1, 1) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
                 raise ConfigError(f"conv impl 'onednn' supports float32, groups=1 and dilation 1 only, got "
                                  f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
-            return _onednn(x, w, strides, pads)
+            out = jax.eval_shape(partial(_xla, strides=strides, pads=pads, dilation=dilation, groups=groups), x, w)
+            return lax.platform_dependent(
+                x, w, cpu=partial(_onednn, strides=strides, pads=pads),
+                default=lambda x, w: _refused_at_lowering(
+                    x, w, out=out, message="conv impl 'onednn' runs on CPUs only (oneDNN's CPU kernels); "
+                                           "lowering for {platform}: use impl='xla' or 'auto'"))
         case "auto":
             layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides)
 
@@ -198,7 +205,8 @@ def _xla_jvp(strides, pads, dilation, groups, primals, tangents):
     terms = []  # JAX calls this rule with at least one of the two perturbed
     if not isinstance(tx, SymbolicZero):
         if strides != (1, 1) and dilation == (1, 1):
-            phases = partial(_conv_by_phases, strides=strides, pads=pads, groups=groups)
+            stride1 = lambda x, w, p: _conv(x, w, (1, 1), p, (1, 1), groups)  # noqa: E731
+            phases = partial(_conv_by_phases, strides=strides, pads=pads, conv=stride1)
             terms.append(lax.platform_dependent(tx, w, cpu=phases, default=conv))
         else:
             terms.append(conv(tx, w))
@@ -210,10 +218,11 @@ def _xla_jvp(strides, pads, dilation, groups, primals, tangents):
 _xla.defjvp(_xla_jvp, symbolic_zeros=True)
 
 
-def _conv_by_phases(x, w, strides, pads, groups):
+def _conv_by_phases(x, w, strides, pads, conv):
     """A strided, undilated conv as the sum over the phases (i mod sh, j mod sw) of the padded input of a
-    stride-1 VALID conv of that phase with the kernel taps that land on it. The same FLOPs as the strided
-    conv; its transpose (the input gradient) is stride-1 convs and interior padding, with no dilated conv."""
+    stride-1 VALID conv of that phase with the kernel taps that land on it: `conv(x, w, pads)`. The same FLOPs
+    as the strided conv; its transpose (the input gradient) is stride-1 convs and interior padding, with no
+    dilated conv."""
     (kh, kw), (sh, sw) = w.shape[:2], strides
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
     out_h, out_w = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
@@ -223,7 +232,7 @@ def _conv_by_phases(x, w, strides, pads, groups):
             taps = w[i::sh, j::sw]
             phase = lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (out_h + taps.shape[0] - 2) * sh + 1,
                                                  j + (out_w + taps.shape[1] - 2) * sw + 1, xp.shape[3]), (1, sh, sw, 1))
-            y = _conv(phase, taps, (1, 1), ((0, 0), (0, 0)), (1, 1), groups)
+            y = conv(phase, taps, ((0, 0), (0, 0)))
             out = y if out is None else out + y
     return out
 
@@ -260,38 +269,68 @@ def _im2col(x, w, strides, pads, dilation, groups):
     return out.transpose(1, 0, 2).reshape(n, oh, ow, cout)
 
 
-# ---- Pallas: an implicit-GEMM kernel (one image per program; the taps accumulate in registers/VMEM) ----
+# ---- Pallas: an implicit-GEMM kernel, one output row per program, for Triton on NVIDIA GPUs ----
 
-def _pallas_forward(x, w, strides, pads, *, interpret: bool):
+def _pow2(n: int, least: int = 16) -> int:
+    """The smallest power of two >= max(n, least): Triton's arrays are powers of two, its dots at least 16 wide."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def _pallas_forward(x, w, pads, *, interpret: bool):
+    """A stride-1 conv as a Pallas kernel (Triton on GPU; interpret mode on CPU, the same kernel).
+
+    Program (image b, output row r, block q of 64 output channels): a loop over blocks of 64 input channels,
+    in which each kernel tap adds one (OW, C) row of the padded input times the tap's (C, O) kernel, in float32.
+    Triton takes arrays whose sizes are powers of two and dots at least 16 wide: the input is zero-padded to
+    a power-of-two output width and channel count (at least 16) and the result sliced back.
+    """
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pl_triton
 
     kh, kw, c, o = w.shape
-    sh, sw = strides
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    n, hp, wp, _ = xp.shape
-    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    n, h, width, _ = x.shape
+    oh, ow = h + sum(pads[0]) - kh + 1, width + sum(pads[1]) - kw + 1
+    owp, cp = _pow2(ow), _pow2(c)
+    bc, bo = min(cp, 64), min(_pow2(o), 64)
+    op = -(-o // bo) * bo
+    xp = jnp.pad(x, ((0, 0), pads[0], (pads[1][0], pads[1][1] + owp - ow), (0, cp - c)))
+    wp = jnp.pad(w, ((0, 0), (0, 0), (0, cp - c), (0, op - o)))
 
     def kernel(x_ref, w_ref, o_ref):
-        image = x_ref[0]  # (HP, WP, C): the whole padded image of this program
-        acc = jnp.zeros((oh * ow, o), jnp.float32)
-        for i in range(kh):
-            for j in range(kw):
-                tap = lax.slice(image, (i, j, 0), (i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (sh, sw, 1))
-                acc += jnp.dot(tap.reshape(oh * ow, c), w_ref[i, j], preferred_element_type=jnp.float32)
-        o_ref[0] = acc.reshape(oh, ow, o).astype(o_ref.dtype)
+        row = pl.program_id(1)
 
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((n, oh, ow, o), jnp.result_type(x, w)), grid=(n,),
-        in_specs=[pl.BlockSpec((1, hp, wp, c), lambda b: (b, 0, 0, 0)),
-                  pl.BlockSpec((kh, kw, c, o), lambda b: (0, 0, 0, 0))],
-        out_specs=pl.BlockSpec((1, oh, ow, o), lambda b: (b, 0, 0, 0)), interpret=interpret)(xp, w)
+        def channel_block(k, acc):
+            c0 = pl.multiple_of(k * bc, bc)
+            for i in range(kh):
+                for j in range(kw):
+                    acc += jnp.dot(x_ref[0, row + i, pl.ds(j, owp), pl.ds(c0, bc)], w_ref[i, j, pl.ds(c0, bc), :],
+                                   preferred_element_type=jnp.float32)
+            return acc
+
+        acc = lax.fori_loop(0, cp // bc, channel_block, jnp.zeros((owp, bo), jnp.float32))
+        o_ref[0, 0] = acc.astype(o_ref.dtype)
+
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((n, oh, owp, op), jnp.result_type(x, w)), grid=(n, oh, op // bo),
+        in_specs=[pl.BlockSpec((1, *xp.shape[1:]), lambda b, r, q: (b, 0, 0, 0)),
+                  pl.BlockSpec((kh, kw, cp, bo), lambda b, r, q: (0, 0, 0, q))],
+        out_specs=pl.BlockSpec((1, 1, owp, bo), lambda b, r, q: (b, r, 0, q)),
+        compiler_params=pl_triton.CompilerParams(num_warps=4), interpret=interpret)(xp, wp)
+    return out[:, :, :ow, :o]
+
+
+def _pallas_stride1(x, w, pads):
+    # Interpret mode on CPU (Pallas has no CPU compiler), Triton elsewhere; chosen per platform at lowering.
+    return lax.platform_dependent(x, w, cpu=partial(_pallas_forward, pads=pads, interpret=True),
+                                  default=partial(_pallas_forward, pads=pads, interpret=False))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _pallas(x, w, strides, pads):
-    # Interpret mode on CPU (Pallas has no CPU compiler), compiled elsewhere; chosen per platform at lowering.
-    return lax.platform_dependent(x, w, cpu=partial(_pallas_forward, strides=strides, pads=pads, interpret=True),
-                                  default=partial(_pallas_forward, strides=strides, pads=pads, interpret=False))
+    """The kernel for stride 1; a strided conv as the sum of its phases' stride-1 convs (`_conv_by_phases`)."""
+    if strides == (1, 1):
+        return _pallas_stride1(x, w, pads)
+    return _conv_by_phases(x, w, strides, pads, conv=_pallas_stride1)
 
 
 def _pallas_fwd(x, w, strides, pads):
@@ -306,6 +345,29 @@ def _pallas_bwd(strides, pads, residuals, g):
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+# ---- A branch for a platform an impl cannot run on: it traces, and its lowering is a one-line ConfigError ----
+
+_refusal = jax.extend.core.Primitive("jaxnet_refused_at_lowering")
+_refusal.def_abstract_eval(lambda *args, out, message: jax.core.ShapedArray(out.shape, out.dtype))
+
+
+def _refusal_lowering(ctx, *args, out, message):
+    raise ConfigError(message.format(platform="/".join(ctx.module_context.platforms)))
+
+
+mlir.register_lowering(_refusal, _refusal_lowering)
+# Its output is a constant to differentiation: the gradient program holds the refusal too, and fails alike.
+ad.primitive_jvps[_refusal] = lambda primals, tangents, *, out, message: (
+    _refusal.bind(*primals, out=out, message=message), lax.full(out.shape, 0, out.dtype))
+
+
+def _refused_at_lowering(*args, out: jax.ShapeDtypeStruct, message: str) -> jax.Array:
+    """A value of `out`'s shape that cannot be lowered: lowering raises ConfigError(`message`), with
+    "{platform}" replaced by the platform(s) lowered for. For the branch of `lax.platform_dependent` that an
+    impl cannot run: the refusal comes when (and only when) the program is lowered for that platform."""
+    return _refusal.bind(*args, out=out, message=message)
 
 
 # ---- oneDNN: its forward and input-gradient convs as XLA FFI calls on CPU (extra `onednn`; see onednn.py) ----
