@@ -1,0 +1,78 @@
+"""Every shipped model's train and eval steps lower for NVIDIA GPUs from this CPU machine, with each conv impl
+and compute dtype, and the lowered program is what the impl claims: XLA's convolution (cuDNN's on a GPU) for
+"xla" and "auto", a dot and no convolution for "im2col", Pallas's Triton kernel for "pallas"; "onednn" (a CPU
+library) refuses the GPU in one line, at lowering."""
+
+import re
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from jaxnet import layers, models, train
+from jaxnet.errors import ConfigError
+
+GPU_IMPLS = ("xla", "im2col", "pallas", "auto")
+DTYPES = {"float32": "f32", "bfloat16": "bf16"}
+BATCH = 2
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _lowered(name: str, impl: str, dtype: str, which: str) -> str:
+    """StableHLO of `name`'s train or eval step (batch of BATCH CIFAR images), lowered for CUDA."""
+    model = models.get(name, num_classes=10, conv=partial(layers.Conv, impl=impl), dtype=jnp.dtype(dtype))
+    sample = jax.ShapeDtypeStruct((BATCH, 32, 32, 3), jnp.float32)
+    state = jax.eval_shape(lambda: train.create_train_state(model, jax.random.key(0), jnp.zeros(sample.shape),
+                                                            optax.sgd(0.1, momentum=0.9)))
+    batch = {"image": sample, "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
+    step = train.train_step if which == "train" else train.eval_step
+    return jax.jit(step).trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _conv_layers(name: str) -> int:
+    """How many conv layers `name` has (its Conv modules, counted by a model that records each call)."""
+    calls = []
+
+    class Counting(layers.Conv):
+        @nn.compact
+        def __call__(self, x):
+            calls.append(self.features)
+            return super().__call__(x)
+
+    model = models.get(name, num_classes=10, conv=Counting)
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    return len(calls)
+
+
+def _convolutions(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "stablehlo.convolution" in line]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+@pytest.mark.parametrize("name", models.NAMES)
+def test_steps_lower_for_cuda_as_the_impl_claims(name, impl, dtype):
+    n_convs = _conv_layers(name)
+    for which in ("train", "eval"):
+        text = _lowered(name, impl, dtype, which)
+        convs, triton = _convolutions(text), text.count(TRITON)
+        if impl in ("xla", "auto"):  # no GPU measurement yet: "auto" runs XLA's conv there
+            assert len(convs) >= n_convs and triton == 0
+        elif impl == "im2col":
+            assert not convs and "stablehlo.dot_general" in text and triton == 0
+        elif which == "eval":  # pallas: the forward pass is the kernel, one call per layer (or per phase)
+            assert not convs and triton >= n_convs
+        else:  # pallas, train: the kernel forward, XLA's convs for the gradients
+            assert triton >= n_convs and convs
+        operand_types = {t for line in convs for t in re.findall(r"tensor<[^>]*x(bf16|f32)>", line)}
+        assert operand_types <= {DTYPES[dtype]}, operand_types
+
+
+@pytest.mark.parametrize("which", ("train", "eval"))
+def test_onednn_refuses_a_gpu_at_lowering_in_one_line(which):
+    with pytest.raises(ConfigError, match="onednn") as info:
+        _lowered("fastnet_tiny", "onednn", "float32", which)
+    assert "\n" not in str(info.value)
