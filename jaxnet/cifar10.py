@@ -55,6 +55,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     p.add_argument("--export", default="", metavar="FORMATS",
                    help="comma-separated: jax (jax.export StableHLO), onnx (needs the onnx extra)")
+    p.add_argument("--export-platforms", default="cpu,cuda", metavar="PLATFORMS",
+                   help="comma-separated platforms the jax export is lowered for, from this machine "
+                        "(default: %(default)s; also rocm, tpu)")
     p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
                    help="data parallelism: jit over a device mesh (default) or pmap (compatibility path)")
     p.add_argument("--num-devices", type=int, help="devices to train on (default: all)")
@@ -65,8 +68,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    "train and eval steps to DIR, with DIR/index.json")
     p.add_argument("--profile", metavar="DIR", help="profiler trace of 5 steps after warm-up into DIR (open with "
                    "xprof, extra 'profile', or summarize: python -m jaxnet.profiling summarize DIR)")
-    p.add_argument("--peak-tflops", type=_positive, help="device peak TFLOP/s for the MFU in the summary "
-                   "(default: 0.166 on CPU, 989 on GPU, 197 on TPU)")
+    p.add_argument("--peak-tflops", type=_positive, help="the device's peak TFLOP/s in the compute dtype, for "
+                   "the MFU in the summary (e.g. 989 for an H100/H200 in bf16; default: no MFU)")
     p.add_argument("--compilation-cache", default=str(default_cache_dir() / "xla"), metavar="DIR",
                    help="persistent XLA compilation cache, so a second run starts without compiling "
                    "(default: %(default)s; '' turns it off)")
@@ -114,7 +117,9 @@ def train(args, stop: dict) -> dict:
 
     return experiment.train_and_evaluate(
         config, args.workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
-        export=tuple(f for f in args.export.split(",") if f), should_stop=lambda: stop["signal"] is not None,
+        export=tuple(f for f in args.export.split(",") if f),
+        export_platforms=tuple(p for p in args.export_platforms.split(",") if p),
+        should_stop=lambda: stop["signal"] is not None,
         parallel_mode=args.parallel, num_devices=args.num_devices, dump_hlo=args.dump_hlo, profile=args.profile,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
 

@@ -48,7 +48,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
     triple = (lambda v: len(v) == 3 and all(isinstance(x, (int, float)) for x in v), "3 numbers (R, G, B)")
     return {
         "model": (lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
-        "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+        "widths": (lambda v: v == () or (len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)),
+                   "() or 3 positive integers (channels of FastNet's three blocks)"),
+        "dtype": (lambda v: v == "auto" or v in DTYPES, f"one of auto, {', '.join(DTYPES)}"),
         "conv_impl": (lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}"),
         "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
         "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
@@ -72,14 +74,26 @@ def validate_config(config) -> None:
     for key, (check, wanted) in _rules().items():
         if key in config and not check(config[key]):
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")
+    if config.get("widths") and not config.model.startswith("fastnet"):
+        raise ConfigError(f"widths sets FastNet's blocks; model {config.model} has its own")
+
+
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+    """The compute dtype of config value `name` on `platform` (default: JAX's backend): "auto" is bfloat16 on
+    GPUs and TPUs (their matrix units' fast type; parameters stay float32) and float32 on CPUs, where no
+    bfloat16 path is faster (benchmarks/RESULTS.md)."""
+    if name == "auto":
+        return jnp.bfloat16 if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+    return DTYPES[name]
 
 
 def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None) -> nn.Module:
     """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
     `conv_impl` replaces the config's (the parameters are the same for every impl)."""
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
+    widths = {"widths": tuple(config.widths)} if config.get("widths") else {}
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
-                      norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=DTYPES[config.dtype])
+                      norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=compute_dtype(config.dtype), **widths)
 
 
 def build_schedule(config, total_steps: int) -> optim.Schedule:
@@ -231,11 +245,13 @@ def data_fingerprint(*splits: data_lib.Split) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_options(config, export: tuple[str, ...], parallel_mode: str, traced: bool) -> None:
+def _check_options(config, export: tuple[str, ...], export_platforms: tuple[str, ...], parallel_mode: str,
+                   traced: bool) -> None:
     """ConfigError for a config value or option that cannot work, before any data is read."""
     validate_config(config)
     if unknown := [f for f in export if f not in export_lib.FORMATS]:
         raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
+    export_lib.check_platforms(export_platforms)
     if parallel_mode == "pmap" and traced:
         raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
 
@@ -252,7 +268,8 @@ def _steps(config, num_train: int) -> tuple[int, int]:
 
 
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
-                       export: tuple[str, ...] = (), should_stop: Callable[[], bool] = lambda: False,
+                       export: tuple[str, ...] = (), export_platforms: tuple[str, ...] = export_lib.DEFAULT_PLATFORMS,
+                       should_stop: Callable[[], bool] = lambda: False,
                        show_progress: bool = True, parallel_mode: str = "jit", num_devices: int | None = None,
                        dump_hlo: str | None = None, profile: str | None = None,
                        peak_flops: float | None = None) -> dict:
@@ -263,10 +280,10 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     `parallel_mode` "jit" (a Mesh over `num_devices` devices of all processes, default all) or "pmap"
     (the compatibility path, local devices). Only process 0 writes logs, plots, the summary and exports.
     `dump_hlo`: directory for StableHLO/HLO of the train and eval steps; `profile`: directory for a
-    profiler trace of 5 steps; `peak_flops`: device peak for the MFU in the summary (default per platform).
+    profiler trace of 5 steps; `peak_flops`: the device's peak FLOP/s, for the MFU in the summary (none without it).
     """
     t0 = time.perf_counter()
-    _check_options(config, export, parallel_mode, dump_hlo or profile)
+    _check_options(config, export, export_platforms, parallel_mode, dump_hlo or profile)
     workdir = Path(workdir)
     resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
     train_set, val_set, test_set = load_splits(config, data_dir, seed)
@@ -303,8 +320,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                                 show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
-    return _finish(config, workdir, outcome, export=export, t0=t0, flops=flops, peak_flops=peak_flops,
-                   parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
+    return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0, flops=flops,
+                   peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
 
 def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm, *,
@@ -345,8 +362,8 @@ def versions() -> dict[str, str]:
         "python": platform.python_version()}
 
 
-def _finish(config, workdir: Path, outcome: dict, *, export, t0, flops, peak_flops, parallel_mode, n_dev,
-            seed) -> dict:
+def _finish(config, workdir: Path, outcome: dict, *, export, export_platforms, t0, flops, peak_flops, parallel_mode,
+            n_dev, seed) -> dict:
     """Curves, exports and summary.json (process 0 writes them); returns the summary."""
     result, final = outcome["result"], outcome["final"]
     exported = {}
@@ -354,9 +371,9 @@ def _finish(config, workdir: Path, outcome: dict, *, export, t0, flops, peak_flo
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
         if export:
             exported = export_lib.export_model(parallel.local(final), lambda impl: build_model(config, conv_impl=impl),
-                                               config.conv_impl, workdir, export, mean=config.mean, std=config.std)
+                                               config.conv_impl, workdir, export, mean=config.mean, std=config.std,
+                                               platforms=export_platforms)
     steady = result.steady_step_seconds
-    peak = peak_flops or profiling.DEFAULT_PEAK_FLOPS.get(jax.default_backend())
     summary = {
         "test_accuracy": outcome["test"]["accuracy"], "test_accuracy_tta": outcome["test_tta"]["accuracy"],
         "tta_level": config.tta_level, "best_val_accuracy": result.best_val_accuracy,
@@ -365,8 +382,10 @@ def _finish(config, workdir: Path, outcome: dict, *, export, t0, flops, peak_flo
         "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
         "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
         "steady_step_seconds": steady, "images_per_second": config.batch_size / steady if steady else None,
-        "step_flops": flops, "peak_flops": peak,
-        "mfu": profiling.mfu(flops, steady, peak) if flops and steady else None,
+        "step_flops": flops, "flops_per_second": flops / steady if flops and steady else None,
+        "peak_flops": peak_flops,
+        "mfu": profiling.mfu(flops, steady, peak_flops) if flops and steady and peak_flops else None,
+        "dtype": jnp.dtype(compute_dtype(config.dtype)).name,
         "parallel": parallel_mode, "devices": n_dev, "processes": jax.process_count(),
         "process": jax.process_index(),
         "platform": jax.devices()[0].platform, "xla_flags": os.environ.get("XLA_FLAGS", ""),

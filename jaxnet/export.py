@@ -19,6 +19,25 @@ from jaxnet.errors import ConfigError
 from jaxnet.train import TrainState, predict_logits
 
 FORMATS = ("jax", "onnx")
+# Platforms a jax export can be lowered for from any machine; the default is both of those jaxnet runs on.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+    """`platforms` as a tuple; ConfigError (one line) if empty or naming one jax.export does not know."""
+    if not platforms or (unknown := [p for p in platforms if p not in PLATFORMS]):
+        raise ConfigError(f"export platforms are one or more of {', '.join(PLATFORMS)}, got "
+                          f"{', '.join(map(repr, unknown)) if platforms else 'none'}")
+    return tuple(platforms)
+
+
+def current_platform() -> str:
+    """This process's platform as jax.export names it ("cpu", "cuda", "rocm", "tpu")."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return "rocm" if "rocm" in device.client.platform_version.lower() else "cuda"
+    return device.platform
 
 
 def inference_fn(state: TrainState, *, mean: Sequence[float], std: Sequence[float], tta: int = 0) -> Callable:
@@ -31,10 +50,13 @@ def inference_fn(state: TrainState, *, mean: Sequence[float], std: Sequence[floa
     return predict
 
 
-def export_jax(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3)) -> Path:
-    """Serialize `fn` with a symbolic batch size to `path` (written atomically); returns the path."""
+def export_jax(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3),
+               platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
+    """Serialize `fn` with a symbolic batch size, lowered for each of `platforms` (from any machine: a CPU
+    can export for GPUs), to `path` (written atomically); returns the path."""
     batch = jax.export.symbolic_shape("b")[0]
-    exported = jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8))
+    exported = jax.export.export(jax.jit(fn), platforms=check_platforms(platforms))(
+        jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8))
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(exported.serialize())
@@ -43,8 +65,13 @@ def export_jax(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int]
 
 
 def load_jax(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
-    """The function saved by `export_jax`, callable on uint8 (B, H, W, C) arrays of any B."""
-    return jax.export.deserialize(bytearray(Path(path).read_bytes())).call
+    """The function saved by `export_jax`, callable on uint8 (B, H, W, C) arrays of any B. ConfigError if it
+    was not exported for this process's platform."""
+    exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+    if (here := current_platform()) not in exported.platforms:
+        raise ConfigError(f"{path} was exported for {', '.join(exported.platforms)}, not for {here}: export it "
+                          f"again with --export-platforms {','.join(dict.fromkeys((*exported.platforms, here)))}")
+    return exported.call
 
 
 def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3)) -> Path:
@@ -73,9 +100,9 @@ def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int
 
 def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_impl: str,
                  directory: str | os.PathLike, formats: Sequence[str], *, mean: Sequence[float],
-                 std: Sequence[float]) -> dict[str, str]:
+                 std: Sequence[float], platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, str]:
     """Write the inference function of `state` in each of `formats` ("jax", "onnx") to `directory` as
-    model.jaxexport / model.onnx; returns {format: path}.
+    model.jaxexport (lowered for each of `platforms`) / model.onnx; returns {format: path}.
 
     `model_with_impl(impl)` is the state's model built with conv impl `impl` (the parameters are the same
     for every impl). ONNX has no platform switch, so conv impl "auto" goes out there as XLA's conv; so does
@@ -92,7 +119,7 @@ def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_
     for fmt in formats:
         if fmt == "jax":
             fn = inference("xla" if conv_impl == "onednn" else conv_impl)
-            exported[fmt] = str(export_jax(fn, Path(directory) / "model.jaxexport"))
+            exported[fmt] = str(export_jax(fn, Path(directory) / "model.jaxexport", platforms=platforms))
         else:
             exported[fmt] = str(export_onnx(inference("xla"), Path(directory) / "model.onnx"))
     return exported

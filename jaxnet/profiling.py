@@ -18,11 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Peak dense FLOP/s used for MFU when the user gives none: this project's 2-core Zen4 CPU in fp32 (measured
-# GEMM peak ≈ 166 GFLOP/s), an H100 SXM in bf16 (989 TFLOP/s), a TPU v5e in bf16 (197 TFLOP/s).
-DEFAULT_PEAK_FLOPS = {"cpu": 166e9, "gpu": 989e12, "tpu": 197e12}
-
-
 def compile_stats(fn: Callable, *args: Any) -> dict[str, float | None]:
     """Lower and compile `fn` (a jitted function) for `args` and report what XLA says about it.
 

@@ -68,7 +68,9 @@ def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
                 "config", "versions"):
         assert summary[key] is not None, key
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["config"]["model"] == "fastnet_tiny"
-    assert summary["step_flops"] > 0 and 0 < summary["mfu"] < 1
+    assert summary["step_flops"] > 0 and summary["flops_per_second"] > 0
+    assert summary["mfu"] is None and summary["peak_flops"] is None  # no peak given: no MFU
+    assert summary["dtype"] == "float32"  # dtype "auto" on a CPU
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"train", "val"} and all(np.isfinite(r["loss"]) for r in rows)
@@ -151,7 +153,7 @@ def test_incompatible_and_corrupt_checkpoints_are_errors_and_left_alone(tmp_path
 @pytest.mark.parametrize("args,message", [
     (["--config", "nope"], "invalid choice"),
     (["epochs"], "not key=value"),
-    (["widths=3"], "not key=value with a known key"),
+    (["width=3"], "not key=value with a known key"),
     (["epochs=fast"], "expected a float"),
     (["model=vgg"], "model must be one of fastnet, fastnet_tiny"),
     (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
@@ -298,10 +300,43 @@ def test_jax_export_round_trip_equals_the_live_model(tmp_path, dataset):
     state = jaxnet.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jaxnet.sgd(0.1))
     fn = export.inference_fn(state, mean=(0.5,) * 3, std=(0.25,) * 3, tta=2)
     path = export.export_jax(fn, tmp_path / "m.jaxexport")
+    assert jax.export.deserialize(bytearray(path.read_bytes())).platforms == ("cpu", "cuda")  # made here, runs on GPUs
     loaded = export.load_jax(path)
     for n in (1, 5):  # the batch size is symbolic
         images = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         chex.assert_trees_all_close(loaded(images), fn(jnp.asarray(images)), rtol=1e-5, atol=1e-6)
+    gpu_only = export.export_jax(fn, tmp_path / "gpu.jaxexport", platforms=("cuda",))
+    with pytest.raises(ConfigError, match=r"exported for cuda, not for cpu: export it again with --export-platforms "
+                                          r"cuda,cpu$"):
+        export.load_jax(gpu_only)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus():
+    import jax.numpy as jnp
+
+    assert experiment.compute_dtype("auto", "gpu") == jnp.bfloat16 == experiment.compute_dtype("auto", "tpu")
+    assert experiment.compute_dtype("auto", "cpu") == jnp.float32 == experiment.compute_dtype("auto")  # this machine
+    assert experiment.compute_dtype("float32", "gpu") == jnp.float32  # told otherwise
+    config = smoke(dtype="auto")
+    variables = experiment.build_model(config).init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False)
+    assert experiment.build_model(config).dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(variables["params"])} == {np.dtype(np.float32)}
+
+
+def test_widths_set_fastnets_blocks_and_the_muon_heads_scale():
+    from jaxnet import models
+
+    model = experiment.build_model(smoke(model="fastnet_muon", widths=(8, 16, 12)))
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), images, train=False)
+    assert variables["params"]["head"]["kernel"].shape == (12, 10)
+    logits = model.apply(variables, images, train=False)
+    # airbench94_muon divides the head's output by its input features: 1/12 here, not the full net's 1/256
+    np.testing.assert_allclose(logits, models.FastNet(widths=(8, 16, 12), scale=1 / 12).apply(
+        variables, images, train=False), rtol=1e-6)
+    assert not np.allclose(logits, models.FastNet(widths=(8, 16, 12), scale=1 / 256).apply(
+        variables, images, train=False))
+
 
 
 def _export(state, config, directory, formats):

@@ -12,7 +12,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "fastnet"                 # fastnet | fastnet_tiny | resnet18 | resnet20 | resnet56 | plain | plain_tiny | resnet_tiny
-    c.dtype = "float32"                 # compute dtype: float32 | bfloat16 (params stay float32)
+    c.widths = ()                       # FastNet models: channels of the three blocks, e.g. (32, 128, 128); () = the model's own
+    c.dtype = "auto"                    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; params stay float32
     c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)
     c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
     c.batch_size = 1024                 # images per step

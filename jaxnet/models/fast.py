@@ -53,14 +53,14 @@ class ConvGroup(nn.Module):
 
 class FastNet(nn.Module):
     """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
-    BN `bn_momentum` (Flax convention: weight of the running value), head `scale` and `head_init`, compute
-    `dtype`."""
+    BN `bn_momentum` (Flax convention: weight of the running value), head `scale` (None: 1 / the head's input
+    features) and `head_init`, compute `dtype`."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
     stem_width: int = 24
     bn_momentum: float = 0.6
-    scale: float = 1 / 9
+    scale: float | None = 1 / 9
     head_init: Callable = torch_conv_init
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
@@ -79,8 +79,9 @@ class FastNet(nn.Module):
             x = ConvGroup(width, conv=conv, norm=norm)(x)
         x = max_pool(x, x.shape[1])
         x = x.reshape(x.shape[0], -1)
+        scale = 1 / self.widths[-1] if self.scale is None else self.scale
         x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=self.head_init, name="head")(x)
-        return (x * self.scale).astype(jnp.float32)
+        return (x * scale).astype(jnp.float32)
 
 
 def whitening_kernel(images: np.ndarray, *, patch_size: int = 2, eps: float = 5e-4) -> np.ndarray:
@@ -112,8 +113,8 @@ def unit_std_init(base: Callable = torch_conv_init) -> Callable:
 
 
 FastNetTiny = partial(FastNet, widths=(8, 16, 16))
-# airbench94_muon's head: unit-std weights, logits divided by the 256 features.
-FastNetMuon = partial(FastNet, scale=1 / 256, head_init=unit_std_init())
+# airbench94_muon's head: unit-std weights, logits divided by its input features (256).
+FastNetMuon = partial(FastNet, scale=None, head_init=unit_std_init())
 
 
 def with_whitening_stem(params: dict, images: np.ndarray, *, module: str = "stem") -> dict:
