@@ -1,9 +1,10 @@
-"""jaxnet vs PyTorch train steps on this machine, interleaved in one run, plus the fp32 GEMM peak for MFU.
+"""jaxnet vs PyTorch train steps on this machine, interleaved in one run, plus the peak FLOP/s for MFU.
 
 Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
 excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
-median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU against the
-GEMM peak measured beside each pair of steps. Several conv impls make one jaxnet runner each, and several PyTorch
+median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU: on a CPU against the
+fp32 GEMM peak measured beside each pair of steps, on a GPU (both frameworks on it) against the datasheet's peak
+of its kind in the step's dtype (`common.PEAK_FLOPS`). Several conv impls make one jaxnet runner each, and several PyTorch
 modes (eager, `torch.compile`, each in fp32 or under bf16 autocast) one PyTorch runner each, all in the same
 rotation; each jaxnet row is compared with PyTorch's best mode, the one of lowest median. Needs the `bench` extra
 (PyTorch).
@@ -65,7 +66,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.common import append_results  # noqa: E402
+from benchmarks.common import append_results, published_peak  # noqa: E402
 from jaxnet import layers, models, parallel, profiling, train  # noqa: E402
 
 # benchmark name → (jaxnet.models registry name, batch)
@@ -140,26 +141,28 @@ def jax_runner(name: str, dtype, conv_impl: str, norm: str):
     return run, batch, stats
 
 
-def torch_runner(name: str, mode: str):
-    """One PyTorch train step of `name` in `mode`: eager or `torch.compile`d (compiled at its first call), fp32 or
-    under bf16 autocast."""
+def torch_runner(name: str, mode: str, device: str = "cpu"):
+    """One PyTorch train step of `name` in `mode` on `device` ("cpu" or "cuda"): eager or `torch.compile`d
+    (compiled at its first call), fp32 or under bf16 autocast; on CUDA it waits for the GPU before returning."""
     import torch
 
     batch = JAX_MODELS[name][1]
     bf16 = mode.endswith("-bf16")
-    model = torch_model(name).to(memory_format=torch.channels_last)
+    model = torch_model(name).to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if mode.startswith("compile") else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return run
 
@@ -183,14 +186,14 @@ def compare(jax_times: list[float], torch_times: dict[str, list[float]], peaks: 
     """One jaxnet runner against PyTorch's best mode (lowest median), from times taken in the same rounds.
 
     ratio: median over rounds of PyTorch's time / jaxnet's (> 1: jaxnet faster); MFU: median over rounds of the
-    step's FLOP/s over the GEMM peak of its round, for both (the same FLOPs: the same architecture).
+    step's FLOP/s over the peak of its round, for both (the same FLOPs: the same architecture); None without a peak.
     """
     best = min(torch_times, key=lambda m: statistics.median(torch_times[m]))
     tt = torch_times[best]
     return {"jax_s": statistics.median(jax_times), "torch_mode": best, "torch_s": statistics.median(tt),
             "ratio": statistics.median(t / j for j, t in zip(jax_times, tt)),
-            "jax_mfu": statistics.median(flops / j / p for j, p in zip(jax_times, peaks)),
-            "torch_mfu": statistics.median(flops / t / p for t, p in zip(tt, peaks))}
+            "jax_mfu": statistics.median(flops / j / p for j, p in zip(jax_times, peaks)) if all(peaks) else None,
+            "torch_mfu": statistics.median(flops / t / p for t, p in zip(tt, peaks)) if all(peaks) else None}
 
 
 def _timed(fn) -> float:
@@ -205,11 +208,17 @@ def main() -> None:
     args = ARGS
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    gemms = gemm_runners()
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: JAX runs on a GPU but this PyTorch has no CUDA: the comparison would be unfair")
+    if device == "cuda":  # the datasheet's peak of this GPU in the step's dtype (None: no MFU)
+        peak_now = partial(published_peak, jax.devices()[0].device_kind, args.dtype)
+    else:
+        peak_now = partial(gemm_peak, *gemm_runners())
     impls, modes = args.conv_impl.split(","), args.torch_modes
     rows = ["| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms by mode | PyTorch best | jaxnet img/s | "
             "PyTorch best img/s | PyTorch best/jaxnet time (paired median) | jaxnet compile s | "
-            "jaxnet 1st step / steady | GEMM peak GFLOP/s | jaxnet MFU | PyTorch best MFU |",
+            "jaxnet 1st step / steady | peak GFLOP/s | jaxnet MFU | PyTorch best MFU |",
             "|" + " --- |" * 14]
     for name in args.models.split(","):
         if name not in JAX_MODELS:
@@ -218,7 +227,7 @@ def main() -> None:
         batch = jax_runs[0][1]
         flops = max(stats["flops"] for *_, stats in jax_runs)  # the same math: the count of the impl XLA sees most of
         firsts = [_timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
-        runs = [run for run, *_ in jax_runs] + [torch_runner(name, mode) for mode in modes]
+        runs = [run for run, *_ in jax_runs] + [torch_runner(name, mode, device) for mode in modes]
         for _ in range(2):  # warm-up (torch.compile compiles here)
             for fn in runs:
                 fn()
@@ -226,21 +235,24 @@ def main() -> None:
         for i in range(args.steps):  # A B G, B A G, ...: G measures the GEMM peak at the same moment
             for k in (range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))):
                 times[k].append(_timed(runs[k]))
-            peaks.append(gemm_peak(*gemms))
+            peaks.append(peak_now())
         torch_times = dict(zip(modes, times[len(impls):]))
+        peak_text = f"{statistics.median(peaks) / 1e9:.0f}" if all(peaks) else "n/a"
         by_mode = " · ".join(f"{m} {statistics.median(t) * 1e3:.0f}" for m, t in torch_times.items())
         for impl, (_, _, stats), jt, first in zip(impls, jax_runs, times, firsts):
             c = compare(jt, torch_times, peaks, flops)
             jm, tm = c["jax_s"], c["torch_s"]
-            mfus = f"{c['jax_mfu']:.0%} | {c['torch_mfu']:.0%}" if flops else "n/a | n/a"
+            mfus = f"{c['jax_mfu']:.0%} | {c['torch_mfu']:.0%}" if flops and c["jax_mfu"] else "n/a | n/a"
             compile_s = stats["lower_s"] + stats["compile_s"]
             rows.append(f"| {name} | {batch} | {impl} | {jm * 1e3:.0f} | {by_mode} | {c['torch_mode']} | "
                         f"{batch / jm:.0f} | {batch / tm:.0f} | {c['ratio']:.2f}× | {compile_s:.1f} | "
-                        f"{first / jm:.2f} | {statistics.median(peaks) / 1e9:.0f} | {mfus} |")
+                        f"{first / jm:.2f} | {peak_text} | {mfus} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
-    notes = (f"GEMM peak: fp32 2048² products of JAX and PyTorch after each round of steps, the faster (median "
-             f"shown); MFU is the median over rounds of the step's FLOP/s over the peak of its round, for PyTorch "
+    peak_note = (f"peak: the datasheet's for {jax.devices()[0].device_kind} in {args.dtype} (benchmarks/common.py)"
+                 if device == "cuda" else "peak: fp32 2048² GEMMs of JAX and PyTorch after each round of steps, the "
+                                          "faster (median shown)")
+    notes = (f"Both frameworks on {device}; {peak_note}; MFU is the median over rounds of the step's FLOP/s over the peak of its round, for PyTorch "
              f"with the jaxnet step's FLOPs (the same architecture). jaxnet dtype {args.dtype}; XLA CPU convs: "
              f"{args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch "
              f"{torch.__version__}, channels_last, {args.torch_threads} threads, modes {','.join(modes)} (compile: "
