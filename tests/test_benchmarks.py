@@ -197,3 +197,33 @@ def test_memory_samples_every_epoch_and_reports_the_drift(tmp_path, data):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3"], result.stdout
     assert "| epoch 2 → last |" in result.stdout and "| peak (VmHWM) |" in result.stdout
+
+
+def test_published_peaks_follow_the_device_kind_and_dtype():
+    from benchmarks.common import published_peak
+
+    assert published_peak("NVIDIA H200", "bfloat16") == 989.4e12
+    assert published_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7e12  # TF32 on the tensor cores
+    assert published_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12  # not the SXM figure
+    assert published_peak("cpu", "float32") is None  # CPUs: measured in the run
+
+
+def test_gpu_checks_run_on_this_cpu(monkeypatch):
+    """The GPU script's own checks, here on the CPU: a user's model's train step with each impl equals XLA's, and an
+    export made by a CPU-only process (for cpu and cuda) runs in this one."""
+    from benchmarks import gpu_check
+
+    rows = gpu_check.train_step_rows() + gpu_check.export_rows()
+    assert len(rows) == len(gpu_check.IMPLS) + 1 and all(ok for _, ok in rows), rows
+
+
+def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
+    pytest.importorskip("torch", reason="the train-step comparison needs the bench extra")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert report.count(": ok,") == 4 and "FAIL" not in report, report
+    assert "| plain32 | 32 | xla |" in report and "Recipe fastnet_tiny" in report

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Everything jaxnet claims on an NVIDIA GPU, in one call of about 8 minutes, on a machine with JAX (CUDA) and
+# PyTorch (CUDA) installed but no network. Writes one results file, ready to append to benchmarks/RESULTS.md.
+#
+#   bash benchmarks/gpu_check.sh prepare      # here, with network: the wheels and data to carry, in .gpu-carry/
+#   bash benchmarks/gpu_check.sh [OUT_DIR]    # on the GPU machine (OUT_DIR default: $OUT, else gpu-check-out)
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # the same steps at CPU sizes, to check the script itself
+#
+# Carried (.gpu-carry/, 64 MiB at most): the wheels of what the device image lacks — ml-collections, tensorboardX
+# (jaxnet's imports), pytest, pytest-timeout, pytest-xdist, execnet (the tests) — and the JPEG copy of CIFAR-10.
+# Steps, each with its own time limit, each one's outcome a line of the results file:
+#   1. the machine: nvidia-smi, jax's devices, versions
+#   2. the conv and train-step tests, on the GPU (tests/test_conv.py, tests/test_train.py)
+#   3. every conv impl against the reference on the models' layer shapes, fp32 and bf16; a user's model's train
+#      step per impl; a jax export made on the CPU run on the GPU (python -m benchmarks.gpu_check)
+#   4. train steps against PyTorch (eager, torch.compile, fp32 and bf16 autocast), bf16 jaxnet (benchmarks.train_step)
+#   5. the `default` recipe end to end (bf16 by its dtype "auto"), with a profile of 5 steps: time and accuracy
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CARRY=.gpu-carry
+WHEELS="ml-collections tensorboardX pytest pytest-timeout pytest-xdist execnet"
+
+if [ "${1:-}" = prepare ]; then
+    set -e
+    mkdir -p "$CARRY/wheels"
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_28_x86_64 -d "$CARRY/wheels" $WHEELS
+    cp "${CIFAR10:-../shared/data/cifar10/cifar10-jpeg.tar.gz}" "$CARRY/cifar10-jpeg.tar.gz"
+    du -sh "$CARRY"
+    exit 0
+fi
+
+OUT_DIR=${1:-${OUT:-gpu-check-out}}
+mkdir -p "$OUT_DIR"
+RESULTS="$OUT_DIR/gpu_check.md"
+LOG="$OUT_DIR/gpu_check.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY:-}
+
+step() {  # step NAME LIMIT_S COMMAND...: run it, log its output, record its outcome and time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "== $name" | tee -a "$LOG"
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    local verdict=ok
+    [ $rc -eq 124 ] && verdict="timed out after ${limit} s" || { [ $rc -ne 0 ] && verdict="FAILED (exit $rc)"; }
+    echo "- $name: $verdict, $((SECONDS - t0)) s" | tee -a "$RESULTS"
+}
+
+echo "## GPU check — $(date -u +%Y-%m-%d)" >"$RESULTS"
+echo >>"$RESULTS"
+: >"$LOG"
+if [ -d "$CARRY/wheels" ]; then
+    $PY -m pip install -q --no-index --find-links "$CARRY/wheels" $WHEELS >>"$LOG" 2>&1 ||
+        echo "- installing the carried wheels failed (see the log)" >>"$RESULTS"
+fi
+DATA=${CIFAR10:-$CARRY/cifar10-jpeg.tar.gz}
+[ -f "$DATA" ] || DATA=../shared/data/cifar10/cifar10-jpeg.tar.gz
+
+{
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+    $PY -c 'import jax, jaxlib, flax, optax, torch; print("devices:", jax.devices()); print("jax", jax.__version__,
+"jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__,
+"torch cuda:", torch.cuda.is_available())' 2>&1
+    echo '```'
+} >>"$RESULTS"
+
+if [ -n "$DRY" ]; then
+    step "tests (conv, train step)" 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_conv.py -k "pallas and across"
+    step "impls against the reference, a user's train step, a CPU-made export" 300 \
+        $PY -m benchmarks.gpu_check --small --out "$OUT_DIR/checks.md"
+    step "train steps against PyTorch (bf16)" 300 $PY -m benchmarks.train_step --models plain32 --steps 3 \
+        --dtype bfloat16 --conv-impl xla --torch-modes eager,eager-bf16 --no-record
+    step "recipe smoke (stands in for default), with a profile" 300 $PY -m experiments.cifar10 --config smoke \
+        --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile" --compilation-cache ''
+else
+    # fp32 convs on a GPU run TF32 unless told: the tests compare with a float32 reference to 1e-4
+    step "tests (conv, train step)" 150 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -x \
+        -p no:cacheprovider tests/test_conv.py tests/test_train.py
+    step "impls against the reference, a user's train step, a CPU-made export" 90 \
+        $PY -m benchmarks.gpu_check --out "$OUT_DIR/checks.md"
+    step "train steps against PyTorch (bf16)" 150 $PY -m benchmarks.train_step --models fastnet,resnet18 \
+        --steps 7 --dtype bfloat16 --conv-impl auto,pallas --torch-modes eager-bf16,compile-bf16 --no-record
+    step "recipe default, with a profile" 120 $PY -m experiments.cifar10 --config default \
+        --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile" --peak-tflops 989.4 \
+        --compilation-cache ''
+fi
+
+{
+    echo
+    [ -f "$OUT_DIR/checks.md" ] && cat "$OUT_DIR/checks.md"
+    echo
+    echo "Train steps (bf16 jaxnet; PyTorch's best of its modes):"
+    echo
+    grep '^| ' "$LOG" | grep -E 'resnet18|fastnet|plain32|^\| model' | sort -u
+    echo
+    if [ -f "$OUT_DIR/run/summary.json" ]; then
+        $PY - "$OUT_DIR/run/summary.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"Recipe {s['config']['model']} / {s['dtype']}: test {s['test_accuracy']:.4f}, TTA {s['test_accuracy_tta']:.4f}; "
+      f"wall {s['wall_seconds']:.1f} s, train {s['train_seconds']:.1f} s, compile {s['compile_seconds'] or 0:.1f} s, "
+      f"{s['images_per_second'] or 0:.0f} img/s, MFU {s['mfu'] if s['mfu'] is None else round(s['mfu'], 3)}")
+EOF
+    fi
+    $PY -m jaxnet.profiling summarize "$OUT_DIR/profile" --top 12 2>/dev/null | sed 's/^/    /'
+} >>"$RESULTS" 2>&1
+echo "results: $RESULTS (log: $LOG)"
