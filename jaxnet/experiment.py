@@ -64,6 +64,8 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "mean": triple,
         "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
         "translate": non_negative, "cutout": non_negative, "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+        "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
     }
@@ -76,6 +78,8 @@ def validate_config(config) -> None:
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")
     if config.get("widths") and not config.model.startswith("fastnet"):
         raise ConfigError(f"widths sets FastNet's blocks; model {config.model} has its own")
+    if config.get("activation", "gelu") != "gelu" and not config.model.startswith("fastnet"):
+        raise ConfigError(f"activation sets FastNet's; model {config.model} has its own")
 
 
 def compute_dtype(name: str, platform: str | None = None) -> Any:
@@ -91,9 +95,12 @@ def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | Non
     """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
     `conv_impl` replaces the config's (the parameters are the same for every impl)."""
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
-    widths = {"widths": tuple(config.widths)} if config.get("widths") else {}
+    fastnet = {"widths": tuple(config.widths)} if config.get("widths") else {}
+    if config.get("activation", "gelu") != "gelu":
+        fastnet["activation"] = models.ACTIVATIONS[config.activation]
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
-                      norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=compute_dtype(config.dtype), **widths)
+                      norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=compute_dtype(config.dtype),
+                      **fastnet)
 
 
 def build_schedule(config, total_steps: int) -> optim.Schedule:
@@ -180,15 +187,18 @@ def _devices(parallel_mode: str, num_devices: int | None, config) -> tuple[Any, 
     return mesh, n_dev
 
 
-def _compiled_steps(step_fn: Callable, mesh, n_dev: int) -> tuple[Callable, Callable[[int], Callable]]:
-    """(compiled train step, tta level → compiled eval step), on the mesh or (mesh None) under pmap."""
+def _compiled_steps(step_fn: Callable, mesh, n_dev: int,
+                    tta_fraction: float = 1.0) -> tuple[Callable, Callable[[int], Callable]]:
+    """(compiled train step, tta level → compiled eval step), on the mesh or (mesh None) under pmap; the
+    eval steps with TTA give its views to the `tta_fraction` least confident images of each batch."""
+    def eval_fn(tta):
+        return partial(train.eval_step, tta=tta, tta_fraction=tta_fraction if tta else 1.0)
+
     if mesh is not None:
         return (parallel.jit_train_step(step_fn, mesh=mesh, num_classes=NUM_CLASSES),
-                lambda tta: parallel.jit_eval_step(partial(train.eval_step, tta=tta), mesh=mesh,
-                                                   num_classes=NUM_CLASSES))
+                lambda tta: parallel.jit_eval_step(eval_fn(tta), mesh=mesh, num_classes=NUM_CLASSES))
     return (parallel.pmap_train_step(step_fn, num_devices=n_dev, num_classes=NUM_CLASSES),
-            lambda tta: parallel.pmap_eval_step(partial(train.eval_step, tta=tta), num_devices=n_dev,
-                                                num_classes=NUM_CLASSES))
+            lambda tta: parallel.pmap_eval_step(eval_fn(tta), num_devices=n_dev, num_classes=NUM_CLASSES))
 
 
 def step_flops(config, train_step: Callable, state: train.TrainState, example: Any) -> float | None:
@@ -297,13 +307,15 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                           train_set["image"])
     parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
     make_batch = partial(data_lib.train_batch, flip=data_lib.flip_schedule(config.flip, flip_key),
-                         translate=config.translate, cutout=config.cutout, mean=config.mean, std=config.std)
+                         translate=config.translate, cutout=config.cutout, jitter=config.jitter, mean=config.mean,
+                         std=config.std)
     train_arrays = (train_set["image"], train_set["label"])
     if mesh is not None:
         state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
     else:
         train_arrays = jax.device_put(train_arrays)
-    train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev)
+    train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,
+                                                config.tta_fraction)
     val_norm, test_norm = (data_lib.normalized(s, config.mean, config.std) for s in (val_set, test_set))
     flops = None
     if mesh is not None:

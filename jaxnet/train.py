@@ -182,12 +182,15 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
     return step
 
 
-def predict_logits(state: Any, images: jax.Array, *, tta: int = 0) -> jax.Array:
+def predict_logits(state: Any, images: jax.Array, *, tta: int = 0, tta_fraction: float = 1.0) -> jax.Array:
     """Inference-mode logits (N, K) float32 of `images` (passed to the model as given), averaged over
     test-time augmentations.
 
     tta=0: the images as given; 1: mean with the horizontal mirror; 2: (airbench's) half that, half the
     mean of the mirrored pair at ±1 px diagonal translations (reflect padding). Raises ConfigError otherwise.
+    `tta_fraction` < 1 (selective TTA, as hiverge's speedrun): only the round(fraction · N) images (at least one)
+    of least confident plain prediction (lowest top softmax probability) get the augmented views; the others
+    keep their plain logits. At 0.25 with tta=2, 2.5 forward passes per image instead of 6.
     """
     variables = _variables(state)
 
@@ -197,30 +200,42 @@ def predict_logits(state: Any, images: jax.Array, *, tta: int = 0) -> jax.Array:
     def mirrored(x):
         return 0.5 * (logits(x) + logits(x[:, :, ::-1]))
 
-    match tta:
-        case 0:
-            return logits(images)
-        case 1:
-            return mirrored(images)
-        case 2:
-            h, w = images.shape[1:3]
-            padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
-            shifted = 0.5 * (mirrored(padded[:, :h, :w]) + mirrored(padded[:, 2:h + 2, 2:w + 2]))
-            return 0.5 * mirrored(images) + 0.5 * shifted
-        case _:
-            raise ConfigError(f"tta must be 0, 1 or 2, got {tta!r}")
+    def augmented(x):
+        match tta:
+            case 1:
+                return mirrored(x)
+            case 2:
+                h, w = x.shape[1:3]
+                padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+                shifted = 0.5 * (mirrored(padded[:, :h, :w]) + mirrored(padded[:, 2:h + 2, 2:w + 2]))
+                return 0.5 * mirrored(x) + 0.5 * shifted
+            case _:
+                raise ConfigError(f"tta must be 0, 1 or 2, got {tta!r}")
+
+    if tta == 0:
+        return logits(images)
+    if not 0 < tta_fraction <= 1:
+        raise ConfigError(f"tta_fraction must be in (0, 1], got {tta_fraction!r}")
+    if tta_fraction == 1:
+        return augmented(images)
+    plain = logits(images)
+    k = max(1, round(tta_fraction * images.shape[0]))
+    _, least_confident = jax.lax.top_k(-jax.nn.softmax(plain).max(axis=-1), k)
+    return plain.at[least_confident].set(augmented(images[least_confident]))
 
 
-def eval_step(state: Any, batch: Batch, *, tta: int = 0, axis_name: str | None = None) -> Metrics:
+def eval_step(state: Any, batch: Batch, *, tta: int = 0, tta_fraction: float = 1.0,
+              axis_name: str | None = None) -> Metrics:
     """Loss and accuracy of the model in inference mode (running BN statistics) on `batch`.
 
     `batch` may carry "mask": (N,) bool, False for padding rows, so the last, short batch of a split can be
     padded to the common size (no recompile) and still count exactly: "count" is the number of real rows.
-    `tta` as in `predict_logits`; `axis_name` (pmap only): metrics over all devices of that axis.
+    `tta` and `tta_fraction` as in `predict_logits` (the fraction is of the batch, padding rows included);
+    `axis_name` (pmap only): metrics over all devices of that axis.
     """
     labels = batch["label"]
     mask = batch.get("mask", jnp.ones(labels.shape, bool))
-    logits = predict_logits(state, batch["image"], tta=tta)
+    logits = predict_logits(state, batch["image"], tta=tta, tta_fraction=tta_fraction)
     return _metrics(cross_entropy(logits, labels), logits, labels, mask, axis_name)
 
 

@@ -210,3 +210,31 @@ def test_eval_batches_pad_and_mask(arrays):
     batches = list(data.eval_batches(arrays["test"], 8))
     assert [b["mask"].sum() for b in batches] == [8, 8, 4]
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+
+
+def test_color_jitter_scales_contrast_and_brightness_within_its_strength():
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(64, 192, (256, 8, 8, 3)), jnp.uint8)  # mid-range: nothing clips
+    key = jax.random.key(1)
+    out = data.color_jitter(key, images, 0.2)
+    assert out.dtype == jnp.uint8 and out.shape == images.shape
+    np.testing.assert_array_equal(data.color_jitter(key, images, 0.0), images)
+    np.testing.assert_array_equal(data.color_jitter(key, images, 0.2), out)  # a function of the key
+    x, y = np.asarray(images, np.float64), np.asarray(out, np.float64)
+    brightness = y.mean(axis=(1, 2, 3)) / x.mean(axis=(1, 2, 3))  # contrast keeps the mean; brightness scales it
+    contrast = y.std(axis=(1, 2, 3)) / x.std(axis=(1, 2, 3)) / brightness
+    for factor in (brightness, contrast):
+        assert 0.79 < factor.min() and factor.max() < 1.21  # within [0.8, 1.2], rounding aside
+        assert factor.max() - factor.min() > 0.3  # and spread over it, one draw per image
+
+
+def test_train_batch_jitters_only_when_asked(images):
+    from jaxnet.data import flip_schedule
+
+    labels = jnp.zeros(len(images), jnp.int32)
+    kwargs = dict(flip=flip_schedule("none", jax.random.key(0)), translate=2, cutout=0)
+    plain = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, **kwargs)
+    again = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, jitter=0.0, **kwargs)
+    jittered = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, jitter=0.3, **kwargs)
+    np.testing.assert_array_equal(plain["image"], again["image"])
+    assert not np.allclose(plain["image"], jittered["image"])

@@ -323,6 +323,18 @@ def test_auto_dtype_is_bfloat16_on_accelerators_and_float32_on_cpus():
     assert {x.dtype for x in jax.tree.leaves(variables["params"])} == {np.dtype(np.float32)}
 
 
+def test_activation_sets_fastnets():
+    from jaxnet import models
+
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    silu = experiment.build_model(smoke(activation="silu"))
+    variables = silu.init(jax.random.key(0), images, train=False)
+    np.testing.assert_allclose(silu.apply(variables, images, train=False), models.FastNetTiny(
+        activation=jax.nn.silu).apply(variables, images, train=False), rtol=1e-6)
+    assert not np.allclose(silu.apply(variables, images, train=False),
+                           experiment.build_model(smoke()).apply(variables, images, train=False))
+
+
 def test_widths_set_fastnets_blocks_and_the_muon_heads_scale():
     from jaxnet import models
 

@@ -344,3 +344,21 @@ def test_flax_train_state_checkpoints_and_runs_on_a_mesh(data, tmp_path):
     assert type(restored) is flax_train_state.TrainState and int(restored.step) == 2 and meta["epoch"] == 0
     chex.assert_trees_all_equal(jax.device_get(restored.params), jax.device_get(state.params))
     chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
+
+
+@pytest.mark.parametrize("tta", [1, 2])
+def test_selective_tta_augments_exactly_the_least_confident_images(data, tta):
+    state = _state()
+    images = jnp.asarray(data["image"], jnp.float32) / 255
+    plain = train.predict_logits(state, images)
+    full = train.predict_logits(state, images, tta=tta)
+    chex.assert_trees_all_close(train.predict_logits(state, images, tta=tta, tta_fraction=1.0), full)
+    chosen = train.predict_logits(state, images, tta=tta, tta_fraction=0.25)
+    confidence = np.asarray(jax.nn.softmax(plain).max(axis=-1))
+    least = np.argsort(confidence)[:16]  # 0.25 of 64
+    rest = np.setdiff1d(np.arange(N), least)
+    chex.assert_trees_all_close(chosen[least], full[least], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(chosen[rest], plain[rest])
+    assert not np.allclose(full[rest], plain[rest])  # the augmentation does change the others' logits
+    with pytest.raises(ValueError, match=r"tta_fraction must be in \(0, 1\]"):
+        train.predict_logits(state, images, tta=tta, tta_fraction=0.0)

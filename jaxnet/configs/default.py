@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "fastnet"                 # fastnet | fastnet_tiny | resnet18 | resnet20 | resnet56 | plain | plain_tiny | resnet_tiny
     c.widths = ()                       # FastNet models: channels of the three blocks, e.g. (32, 128, 128); () = the model's own
+    c.activation = "gelu"               # FastNet models: gelu (exact) | silu | relu
     c.dtype = "auto"                    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; params stay float32
     c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)
     c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
@@ -35,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.translate = 2                     # pixels of random translation (reflect padding)
     c.flip = "alternate"                # alternate (airbench: each image mirrored every other epoch) | random | none
     c.cutout = 0                        # side of the zeroed square, pixels; 0 = off
+    c.jitter = 0.0                      # brightness and contrast factors drawn from [1 - jitter, 1 + jitter]; 0 = off
     c.tta_level = 2                     # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
+    c.tta_fraction = 1.0                # fraction of test images, least confident first, given the TTA views
     c.val_size = 5000                   # images carved from train for validation / early stopping
     c.train_subset = 0                  # use only this many train images (0 = all)
     c.test_subset = 0                   # use only this many test images (0 = all)

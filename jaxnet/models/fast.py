@@ -35,26 +35,31 @@ def dirac_init(base: Callable = torch_conv_init) -> Callable:
     return init
 
 
+gelu = partial(nn.gelu, approximate=False)
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"gelu": gelu, "silu": nn.silu, "relu": nn.relu}
+
+
 class ConvGroup(nn.Module):
-    """conv3×3 → max-pool 2 → BN → GELU → conv3×3 → BN → GELU; halves H and W."""
+    """conv3×3 → max-pool 2 → BN → activation → conv3×3 → BN → activation; halves H and W."""
 
     features: int
     conv: ModuleDef
     norm: ModuleDef
+    activation: Callable[[jax.Array], jax.Array] = gelu
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv(self.features, (3, 3))(x)
         x = max_pool(x, 2)
-        x = nn.gelu(self.norm()(x), approximate=False)
+        x = self.activation(self.norm()(x))
         x = self.conv(self.features, (3, 3))(x)
-        return nn.gelu(self.norm()(x), approximate=False)
+        return self.activation(self.norm()(x))
 
 
 class FastNet(nn.Module):
     """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
     BN `bn_momentum` (Flax convention: weight of the running value), head `scale` (None: 1 / the head's input
-    features) and `head_init`, compute `dtype`."""
+    features) and `head_init`, `activation` (exact GELU, airbench's), compute `dtype`."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
@@ -62,6 +67,7 @@ class FastNet(nn.Module):
     bn_momentum: float = 0.6
     scale: float | None = 1 / 9
     head_init: Callable = torch_conv_init
+    activation: Callable[[jax.Array], jax.Array] = gelu
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     dtype: Any = None
@@ -74,9 +80,9 @@ class FastNet(nn.Module):
                        use_scale=False, dtype=self.dtype)
         x = self.conv(self.stem_width, (2, 2), padding="VALID", use_bias=True, dtype=self.dtype,
                       kernel_init=torch_conv_init, name="stem")(x)
-        x = nn.gelu(x, approximate=False)
+        x = self.activation(x)
         for width in self.widths:
-            x = ConvGroup(width, conv=conv, norm=norm)(x)
+            x = ConvGroup(width, conv=conv, norm=norm, activation=self.activation)(x)
         x = max_pool(x, x.shape[1])
         x = x.reshape(x.shape[0], -1)
         scale = 1 / self.widths[-1] if self.scale is None else self.scale
