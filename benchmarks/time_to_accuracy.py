@@ -11,8 +11,12 @@ PyTorch; extra `bench`) runs too, on the same images (the recipe's train/test su
 interleaved (jaxnet, peer, peer, jaxnet, ...), and the table ends with the ratios of their mean times. The peer
 follows the overrides `epochs=` and `batch_size=` when given; otherwise it keeps the record's 8 epochs of 2000.
 
+With --ablate NAME:key=value[,key=value...] (repeatable), each such variant of the recipe runs too, in the same
+rotation, and an ablation table gives each variant's mean accuracy and time against the recipe's: what each
+ingredient buys, measured side by side.
+
     python -m benchmarks.time_to_accuracy [--config default] [--seeds 0,1,2] [--data-dir D] [--target 0.94]
-        [--peer torch_record] [--workdir DIR] [--no-record] [key=value ...]
+        [--peer torch_record] [--ablate NAME:key=value,...] [--workdir DIR] [--no-record] [key=value ...]
 
 A seed whose run fails stops the benchmark with that run's exit code; nothing is recorded then.
 """
@@ -26,9 +30,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 from jaxnet import configs
+from jaxnet.errors import ConfigError
 
 COLUMNS = (("test acc", "test_accuracy", "{:.2%}"), ("test acc, TTA", "test_accuracy_tta", "{:.2%}"),
            ("best val acc", "best_val_accuracy", "{:.2%}"), ("steps", "steps", "{:d}"),
@@ -46,6 +52,14 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, items = text.partition(":")
+    overrides = [item for item in items.split(",") if item]
+    if not sep or not name or not overrides or not all("=" in item for item in overrides):
+        raise argparse.ArgumentTypeError(f"expected NAME:key=value[,key=value...], got {text!r}")
+    return name, overrides
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.time_to_accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,11 +70,23 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="local CIFAR-10, as the experiment's --data-dir")
     p.add_argument("--target", type=float, help="test accuracy with TTA to count runs against, e.g. 0.94")
     p.add_argument("--peer", choices=("torch_record",), help="run the PyTorch record script too, interleaved")
+    p.add_argument("--ablate", type=_variant, action="append", default=[], metavar="NAME:key=value,...",
+                   help="a variant of the recipe to run beside it (repeatable)")
     p.add_argument("--workdir", help="keep each run in DIR/seed<S> (default: a temporary directory, removed)")
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
     if args.target is not None and not 0 < args.target <= 1:
         p.error(f"--target is an accuracy in (0, 1], got {args.target}")
+    names = [name for name, _ in args.ablate]
+    if len(set(names)) != len(names) or {"jaxnet", "peer"} & set(names):
+        p.error(f"--ablate names must differ from each other and from jaxnet and peer, got {', '.join(names)}")
+    for name, overrides in args.ablate:  # a bad key or value fails now, not after hours of runs
+        from jaxnet.experiment import validate_config
+
+        try:
+            validate_config(configs.override(configs.get_config(args.config), [*args.overrides, *overrides]))
+        except ConfigError as e:
+            p.error(f"--ablate {name}: {e}")
     return args
 
 
@@ -139,15 +165,37 @@ def ratios(ours: dict[int, dict], peer: dict[int, dict]) -> str:
             f"{mean(ours, 'test_accuracy_tta'):.2%} (jaxnet) vs {mean(peer, 'test_accuracy_tta'):.2%} (peer).")
 
 
+def ablation(base: dict[int, dict], variants: dict[str, tuple[list[str], dict[int, dict]]]) -> str:
+    """Each variant's mean accuracy (with TTA) and time against the recipe's, over the same seeds."""
+    def mean(runs, key):
+        return statistics.mean(s[key] for s in runs.values())
+
+    rows = ["| variant | overrides | test acc, TTA | Δ points | wall s | wall / recipe's | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| recipe | — | {mean(base, 'test_accuracy_tta'):.2%} | — | {mean(base, 'wall_seconds'):.1f} | 1.00× | "
+            f"{mean(base, 'train_seconds'):.1f} |"]
+    for name, (overrides, runs) in variants.items():
+        delta = 100 * (mean(runs, "test_accuracy_tta") - mean(base, "test_accuracy_tta"))
+        rows.append(f"| {name} | `{' '.join(overrides)}` | {mean(runs, 'test_accuracy_tta'):.2%} | {delta:+.2f} | "
+                    f"{mean(runs, 'wall_seconds'):.1f} | {mean(runs, 'wall_seconds') / mean(base, 'wall_seconds'):.2f}× "
+                    f"| {mean(runs, 'train_seconds'):.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     runners = {"jaxnet": run_seed} | ({"peer": run_peer} if args.peer else {})
+    variants = dict(args.ablate)
+    for name, extra in variants.items():
+        runners[name] = partial(lambda extra, config, seed, workdir, data_dir, overrides:
+                                run_seed(config, seed, workdir, data_dir, [*overrides, *extra]), extra)
     summaries: dict[str, dict[int, dict]] = {name: {} for name in runners}
     with tempfile.TemporaryDirectory(prefix="jaxnet-tta-") as scratch:
         root = Path(args.workdir or scratch)
         for i, seed in enumerate(args.seeds):
             for name in list(runners)[::-1 if i % 2 else 1]:  # A, B, B, A, ...: drift hits both alike
-                print(f"seed {seed}: {name} ({args.config if name == 'jaxnet' else args.peer})", flush=True)
+                what = args.peer if name == "peer" else " ".join([args.config, *variants.get(name, [])])
+                print(f"seed {seed}: {name} ({what})", flush=True)
                 try:
                     code, summary = runners[name](args.config, seed, root / f"{name}-seed{seed}", args.data_dir,
                                                   args.overrides)
@@ -163,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.peer:
         result = (f"jaxnet, `{args.config}`:\n\n{result}\n\nPeer, {args.peer}:\n\n"
                   f"{table(summaries['peer'], args.target)}\n{ratios(summaries['jaxnet'], summaries['peer'])}")
+    for name, overrides in variants.items():
+        result += f"\n\nVariant {name} (`{' '.join(overrides)}`):\n\n{table(summaries[name], args.target)}"
+    if variants:
+        result += "\n\nAblation (means over the seeds):\n\n" + ablation(
+            summaries["jaxnet"], {name: (overrides, summaries[name]) for name, overrides in variants.items()})
     print(result)
     if not args.no_record:
         from benchmarks.common import append_results
@@ -177,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                  "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop.")
         seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
         peer = f" vs {args.peer}" if args.peer else ""
+        peer += f", ablation of {', '.join(variants)}" if variants else ""
         append_results(f"Time to accuracy, `{args.config}` recipe{peer}, {seeds}", result, notes)
     return 0
 

@@ -115,6 +115,26 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
     assert "test accuracy with TTA: " in result.stdout
 
 
+def test_time_to_accuracy_ablates_a_variant_beside_the_recipe(tmp_path, data):
+    result = _run_tta(tmp_path, "--seeds", "0", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
+                      "--ablate", "silu:activation=silu,tta_fraction=0.5", "epochs=0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    base, variant = (json.loads((tmp_path / "runs" / f"{name}-seed0" / "summary.json").read_text())
+                     for name in ("jaxnet", "silu"))
+    assert (base["config"]["activation"], variant["config"]["activation"]) == ("gelu", "silu")
+    assert variant["config"]["tta_fraction"] == 0.5 and variant["config"]["epochs"] == 0.5
+    assert "Variant silu" in result.stdout and "| silu | `activation=silu tta_fraction=0.5` |" in result.stdout
+
+
+def test_ablation_table_compares_each_variant_with_the_recipe():
+    from benchmarks.time_to_accuracy import ablation
+
+    rows = ablation({0: _summary(0.9, 0.90, 10.0), 1: _summary(0.9, 0.92, 14.0)},
+                    {"fast": (["epochs=1"], {0: _summary(0.8, 0.89, 5.0), 1: _summary(0.8, 0.89, 7.0)})}).splitlines()
+    assert rows[2] == "| recipe | — | 91.00% | — | 12.0 | 1.00× | 11.0 |"
+    assert rows[3] == "| fast | `epochs=1` | 89.00% | -2.00 | 6.0 | 0.50× | 5.0 |"
+
+
 def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(tmp_path, data):
     runs = tmp_path / "runs"
     bench = subprocess.Popen([*TTA, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs),
@@ -138,6 +158,10 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
 
 @pytest.mark.parametrize("args,message", [
     (["--config", "nope"], "invalid choice: 'nope'"),
+    (["--ablate", "silu"], "expected NAME:key=value[,key=value...], got 'silu'"),
+    (["--ablate", "x:activation=tanh"], "--ablate x: activation must be one of gelu, silu, relu"),
+    (["--ablate", "x:color=1"], "--ablate x: override 'color=1' is not key=value with a known key"),
+    (["--ablate", "peer:jitter=0.1"], "--ablate names must differ"),
     (["--data-dir", "/nonexistent/cifar"], "error: the jaxnet run of seed 0 failed (exit code 2); nothing recorded"),
     (["--peer", "tensorflow"], "invalid choice: 'tensorflow'"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
