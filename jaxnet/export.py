@@ -105,8 +105,9 @@ def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_
     model.jaxexport (lowered for each of `platforms`) / model.onnx; returns {format: path}.
 
     `model_with_impl(impl)` is the state's model built with conv impl `impl` (the parameters are the same
-    for every impl). ONNX has no platform switch, so conv impl "auto" goes out there as XLA's conv; so does
-    "onednn" in both formats, its FFI calls existing only in a process that loaded jaxnet's handlers.
+    for every impl). ONNX has no platform switch, so conv impl "auto" goes out there as XLA's conv; so do
+    "onednn" in both formats, its FFI calls existing only in a process that loaded jaxnet's handlers, and
+    "pallas" (interpret mode on CPUs, and on GPUs a Triton kernel compiled for one GPU generation).
     Raises ConfigError for an unknown format (before writing anything).
     """
     if unknown := [f for f in formats if f not in FORMATS]:
@@ -118,7 +119,7 @@ def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_
     exported = {}
     for fmt in formats:
         if fmt == "jax":
-            fn = inference("xla" if conv_impl == "onednn" else conv_impl)
+            fn = inference("xla" if conv_impl in ("onednn", "pallas") else conv_impl)
             exported[fmt] = str(export_jax(fn, Path(directory) / "model.jaxexport", platforms=platforms))
         else:
             exported[fmt] = str(export_onnx(inference("xla"), Path(directory) / "model.onnx"))

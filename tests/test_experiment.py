@@ -380,17 +380,21 @@ def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
     assert not (tmp_path / "auto.onnx").exists()
 
 
-def test_experiment_exports_a_onednn_model_with_xlas_convs(tmp_path):
-    """oneDNN's FFI calls cannot be serialized (they exist only where jaxnet loaded its handlers): the jax
-    export of a conv_impl=onednn model is the same function with XLA's convs."""
+@pytest.mark.parametrize("impl", ["onednn", "pallas"])
+def test_experiment_exports_onednn_and_pallas_models_with_xlas_convs(tmp_path, impl):
+    """oneDNN's FFI calls cannot be serialized (they exist only where jaxnet loaded its handlers), and a Pallas
+    kernel is interpret mode on a CPU and on a GPU Triton code for one GPU generation: the jax export (for cpu and
+    cuda) of such a model is the same function with XLA's convs."""
     import jax.numpy as jnp
 
     import jaxnet
 
-    config = smoke(model="plain_tiny", conv_impl="onednn")
+    config = smoke(model="plain_tiny", conv_impl=impl)
     state = jaxnet.create_train_state(experiment.build_model(config), jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                       jaxnet.sgd(0.1))
     path = _export(state, config, tmp_path, ("jax",))["jax"]
+    serialized = Path(path).read_bytes()
+    assert b"xla.gpu.triton" not in serialized and b"JaxnetOnednn" not in serialized  # no kernel, no FFI call
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     live = export.inference_fn(state, mean=config.mean, std=config.std)
     np.testing.assert_allclose(np.asarray(export.load_jax(path)(images)), np.asarray(live(jnp.asarray(images))),

@@ -3,6 +3,7 @@ and compute dtype, and the lowered program is what the impl claims: XLA's convol
 "xla" and "auto", a dot and no convolution for "im2col", Pallas's Triton kernel for "pallas"; "onednn" (a CPU
 library) refuses the GPU in one line, at lowering."""
 
+import contextlib
 import re
 from functools import partial
 
@@ -19,6 +20,11 @@ GPU_IMPLS = ("xla", "im2col", "pallas", "auto")
 DTYPES = {"float32": "f32", "bfloat16": "bf16"}
 BATCH = 2
 TRITON = "__gpu$xla.gpu.triton"
+# The GPU the Pallas kernel is lowered for. A Triton kernel is compiled for one compute capability, which jax >= 0.12
+# takes from the device, or, with none (this CPU machine), from an abstract device: an H100's, Hopper, as the lent
+# H200's. (Only there: with it, jax refuses programs holding primitives that need real devices, onednn's.)
+H100 = jax.sharding.AbstractMesh((1,), ("batch",), abstract_device=jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
 
 
 def _lowered(name: str, impl: str, dtype: str, which: str) -> str:
@@ -29,7 +35,8 @@ def _lowered(name: str, impl: str, dtype: str, which: str) -> str:
                                                             optax.sgd(0.1, momentum=0.9)))
     batch = {"image": sample, "label": jax.ShapeDtypeStruct((BATCH,), jnp.int32)}
     step = train.train_step if which == "train" else train.eval_step
-    return jax.jit(step).trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
+    with jax.sharding.use_abstract_mesh(H100) if impl == "pallas" else contextlib.nullcontext():
+        return jax.jit(step).trace(state, batch).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _conv_layers(name: str) -> int:
