@@ -117,13 +117,15 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
 
 def test_time_to_accuracy_ablates_a_variant_beside_the_recipe(tmp_path, data):
     result = _run_tta(tmp_path, "--seeds", "0", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
-                      "--ablate", "silu:activation=silu,tta_fraction=0.5", "epochs=0.5")
+                      "--ablate", "silu:activation=silu,tta_fraction=0.5,jitter=0.2", "epochs=0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     base, variant = (json.loads((tmp_path / "runs" / f"{name}-seed0" / "summary.json").read_text())
                      for name in ("jaxnet", "silu"))
     assert (base["config"]["activation"], variant["config"]["activation"]) == ("gelu", "silu")
-    assert variant["config"]["tta_fraction"] == 0.5 and variant["config"]["epochs"] == 0.5
-    assert "Variant silu" in result.stdout and "| silu | `activation=silu tta_fraction=0.5` |" in result.stdout
+    assert variant["config"]["tta_fraction"] == 0.5 and variant["config"]["jitter"] == 0.2
+    assert variant["config"]["epochs"] == 0.5 and base["config"]["jitter"] == 0.0
+    assert "Variant silu" in result.stdout
+    assert "| silu | `activation=silu tta_fraction=0.5 jitter=0.2` |" in result.stdout
 
 
 def test_ablation_table_compares_each_variant_with_the_recipe():
