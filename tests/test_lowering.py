@@ -7,11 +7,11 @@ import contextlib
 import re
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from fixtures import counting_conv
 
 from jaxnet import layers, models, train
 from jaxnet.errors import ConfigError
@@ -42,14 +42,7 @@ def _lowered(name: str, impl: str, dtype: str, which: str) -> str:
 def _conv_layers(name: str) -> int:
     """How many conv layers `name` has (its Conv modules, counted by a model that records each call)."""
     calls = []
-
-    class Counting(layers.Conv):
-        @nn.compact
-        def __call__(self, x):
-            calls.append(self.features)
-            return super().__call__(x)
-
-    model = models.get(name, num_classes=10, conv=Counting)
+    model = models.get(name, num_classes=10, conv=counting_conv(calls))
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
     return len(calls)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import counting_conv
 
 from jaxnet import layers, models
 
@@ -62,14 +63,7 @@ def test_bf16_compute_keeps_fp32_params(name):
 @pytest.mark.parametrize("name", TINY)
 def test_injected_conv_is_the_one_used(name):
     calls = []
-
-    class CountingConv(layers.Conv):
-        @nn.compact
-        def __call__(self, x):
-            calls.append(self.kernel_size)
-            return super().__call__(x)
-
-    model = TINY[name](conv=CountingConv)
+    model = TINY[name](conv=counting_conv(calls))
     params = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)), train=False)["params"]
     n_convs = sum(1 for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
                   if path[-1].key == "kernel" and path[0].key != "head")
