@@ -123,7 +123,6 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["schedule=step"], "schedule must be one of piecewise, cosine, constant"),
     (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
     (["xla_cpu_conv=mkl"], "xla_cpu_conv must be one of ynnpack, eigen"),
-    (["conv_impl=onednn", "dtype=bfloat16"], "conv impl 'onednn' supports float32"),
 ]
 
 FLAG_CASES = [

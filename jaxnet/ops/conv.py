@@ -152,8 +152,9 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
         case "onednn":
-            if groups != 1 or dilation != (1, 1) or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-                raise ConfigError(f"conv impl 'onednn' supports float32, groups=1 and dilation 1 only, got "
+            if groups != 1 or dilation != (1, 1) or x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+                raise ConfigError(f"conv impl 'onednn' supports float32 or bfloat16 (both operands alike), groups=1 "
+                                 f"and dilation 1 only, got "
                                  f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
             out = jax.eval_shape(partial(_xla, strides=strides, pads=pads, dilation=dilation, groups=groups), x, w)
             return lax.platform_dependent(
@@ -370,7 +371,7 @@ def _refused_at_lowering(*args, out: jax.ShapeDtypeStruct, message: str) -> jax.
     return _refusal.bind(*args, out=out, message=message)
 
 
-# ---- oneDNN: its forward and input-gradient convs as XLA FFI calls on CPU (extra `onednn`; see onednn.py) ----
+# ---- oneDNN: its convs and their gradients as XLA FFI calls on CPU (extra `onednn`; see onednn.py) ----
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _onednn(x, w, strides, pads):
@@ -382,11 +383,9 @@ def _onednn_fwd(x, w, strides, pads):
 
 
 def _onednn_bwd(strides, pads, residuals, dy):
-    # The weight gradient is XLA's (Eigen's on CPU): in a FastNet step oneDNN's ran slower than it
-    # (benchmarks/RESULTS.md, "oneDNN convolutions through XLA's FFI").
     x, w = residuals
-    _, weight_vjp = jax.vjp(lambda w: _xla(x, w, strides, pads, (1, 1), 1), w)
-    return onednn.input_grad(dy, w, x.shape, strides, pads), weight_vjp(dy)[0]
+    dw = onednn.weight_grad(x, dy, w.shape, strides, pads).astype(w.dtype)
+    return onednn.input_grad(dy, w, x.shape, strides, pads), dw
 
 
 _onednn.defvjp(_onednn_fwd, _onednn_bwd)

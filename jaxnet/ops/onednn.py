@@ -1,11 +1,13 @@
 """oneDNN's convolutions inside XLA programs on CPU, through XLA's FFI: the kernels of conv impl "onednn".
 
-`onednn_conv.cc` (beside this file) holds the two handlers, forward and input gradient. On first use it is
+`onednn_conv.cc` (beside this file) holds the three handlers: forward, input gradient and weight gradient. On
+first use it is
 compiled with the C++ compiler ($CXX, else g++) against oneDNN from PyPI (extra `onednn`) and jaxlib's FFI
 headers, into a directory of the jaxnet cache named by a hash of the source, the compiler, jaxlib's version
 and oneDNN's (version and place); later processes load it from there. The handlers run on CPU only and take
-float32 NHWC inputs, HWIO kernels, one group and no dilation; `conv.py` checks that before calling them. On a
-mesh each device calls them on its shard of the batch.
+float32 or bfloat16 NHWC inputs, HWIO kernels, one group and no dilation; `conv.py` checks that before calling
+them. In bfloat16 oneDNN runs AMX or AVX-512 BF16 instructions where the CPU has them. On a mesh each device
+calls them on its shard of the batch; the weight gradient's partial sums are added across the shards.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from jaxnet.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 ONEDNN = ("onednn-devel-cpu-gomp", "onednn-cpu-gomp")  # the headers, and the library they require
-TARGETS = {"forward": "JaxnetOnednnConvForward", "input_grad": "JaxnetOnednnConvInputGrad"}
+TARGETS = {"forward": "JaxnetOnednnConvForward", "input_grad": "JaxnetOnednnConvInputGrad",
+           "weight_grad": "JaxnetOnednnConvWeightGrad"}
 INSTALL_HINT = "pip install 'jaxnet[onednn]'"
 
 
@@ -70,9 +73,9 @@ def _build(out: Path, header: Path, library: Path, compiler: str) -> None:
 
 
 @functools.cache
-def load() -> None:
+def load() -> ctypes.CDLL:
     """Build the handlers unless this source, compiler, jaxlib and oneDNN have a build already; load and
-    register them, once per process.
+    register them, once per process; the loaded library.
 
     Raises:
       OnednnError: oneDNN (extra `onednn`) or a C++ compiler is missing, or the build failed.
@@ -88,31 +91,61 @@ def load() -> None:
     handlers = ctypes.CDLL(str(path))
     for target in TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handlers, target)), platform="cpu")
+    return handlers
 
 
-def _batch_parallel(target: str, rule: str):
-    """The FFI call of `target` as a custom partitioning: on a mesh, one call per shard of the batch (the leading
-    axis of its input and output), with the whole kernel. XLA's partitioner would otherwise gather the whole
-    batch into every device's call. The other axes stay whole (`rule` names them; b is the batch)."""
+# oneDNN's memory::data_type codes of the dtypes the handlers take.
+DATA_TYPES = {jnp.dtype(jnp.bfloat16): 2, jnp.dtype(jnp.float32): 3}
 
-    def call(a, w, out_tail, strides, pads):
-        load()
-        (pt, pb), (pl, pr) = pads
-        attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr)
-        return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct((a.shape[0], *out_tail), jnp.float32))(
-            a, w, **{k: np.int64(v) for k, v in attrs.items()})
 
-    def batch(mesh, arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        return NamedSharding(mesh, P(spec[0] if spec else None))
+@functools.cache
+def check_dtype(dtype) -> None:
+    """Raise OnednnError unless oneDNN has convolutions in `dtype` on this CPU (bfloat16 needs AVX-512 or AMX)."""
+    if not load().JaxnetOnednnSupports(DATA_TYPES[jnp.dtype(dtype)]):
+        raise OnednnError(f"conv impl 'onednn' has no {jnp.dtype(dtype).name} convolution on this CPU (oneDNN's "
+                          "bfloat16 kernels need AVX-512 or AMX); use dtype float32 or impl 'xla'")
 
-    def partition(out_tail, strides, pads, mesh, arg_shapes, result_shape):
-        sharded = batch(mesh, arg_shapes)
-        return (mesh, lambda a, w: call(a, w, out_tail, strides, pads), sharded,
-                (sharded, NamedSharding(mesh, P())))
 
-    def infer(out_tail, strides, pads, mesh, arg_shapes, result_shape):
-        return batch(mesh, arg_shapes)
+def _pool_threads() -> int:
+    """The threads of XLA's CPU thread pool: one per CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _ffi(target: str, out: jax.ShapeDtypeStruct, a, b, strides, pads):
+    load()
+    (pt, pb), (pl, pr) = pads
+    attrs = dict(sh=strides[0], sw=strides[1], pt=pt, pb=pb, pl=pl, pr=pr)
+    return jax.ffi.ffi_call(TARGETS[target], out)(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def _batch_axes(arg_shapes):
+    spec = arg_shapes[0].sharding.spec
+    return spec[0] if spec else None
+
+
+def _batch_parallel(call, rule: str, reduce_batch: bool = False):
+    """`call` (two operands, then static arguments) as a custom partitioning: on a mesh, one call per shard of the
+    batch (the leading axis of its first operand), with the whole of the other operand. XLA's partitioner would
+    otherwise gather the whole batch into every device's call. The other axes stay whole (`rule` names them; b is
+    the batch). The result is batch-sharded like the first operand, or, with `reduce_batch` (a sum over the batch),
+    replicated: each shard's result is added across the batch's mesh axes."""
+
+    def partition(*static_and_shapes):  # the three static arguments, mesh, arg_shapes, result_shape
+        *static, mesh, arg_shapes, _ = static_and_shapes
+        axes = _batch_axes(arg_shapes)
+        sharded = NamedSharding(mesh, P(axes))
+        if not reduce_batch:
+            return mesh, lambda a, b: call(a, b, *static), sharded, (sharded, NamedSharding(mesh, P()))
+
+        def summed(a, b):
+            local = call(a, b, *static)
+            return jax.lax.psum(local, axes) if axes else local
+
+        return mesh, summed, NamedSharding(mesh, P()), (sharded, sharded)
+
+    def infer(*static_and_shapes):
+        *_, mesh, arg_shapes, _ = static_and_shapes
+        return NamedSharding(mesh, P() if reduce_batch else P(_batch_axes(arg_shapes)))
 
     partitioned = custom_partitioning(call, static_argnums=(2, 3, 4))
     whole = tuple(f for f in dict.fromkeys(re.findall(r"\w+", rule)) if f != "b")  # in order of appearance
@@ -121,12 +154,32 @@ def _batch_parallel(target: str, rule: str):
     return partitioned
 
 
-_forward = _batch_parallel("forward", "b h w c, i j c o -> b p q o")
-_input_grad = _batch_parallel("input_grad", "b p q o, i j c o -> b h w c")
+def _forward_call(x, w, out_tail, strides, pads):
+    return _ffi("forward", jax.ShapeDtypeStruct((x.shape[0], *out_tail), x.dtype), x, w, strides, pads)
+
+
+def _input_grad_call(dy, w, x_tail, strides, pads):
+    return _ffi("input_grad", jax.ShapeDtypeStruct((dy.shape[0], *x_tail), dy.dtype), dy, w, strides, pads)
+
+
+def _weight_grad_call(x, dy, w_shape, strides, pads):
+    chunks = max(1, min(_pool_threads(), x.shape[0]))  # one partial sum per task of the handler
+    partials = _ffi("weight_grad", jax.ShapeDtypeStruct((chunks, *w_shape), jnp.float32), x, dy, strides, pads)
+    return partials.sum(0)
+
+
+_forward = _batch_parallel(_forward_call, "b h w c, i j c o -> b p q o")
+_input_grad = _batch_parallel(_input_grad_call, "b p q o, i j c o -> b h w c")
+_weight_grad = _batch_parallel(_weight_grad_call, "b h w c, b p q o -> i j c o", reduce_batch=True)
 
 
 def forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads) -> jax.Array:
-    """The conv of x (N, H, W, C) with w (KH, KW, C, O): (N, OH, OW, O)."""
+    """The conv of x (N, H, W, C) with w (KH, KW, C, O): (N, OH, OW, O), in x's dtype.
+
+    Raises:
+      OnednnError: oneDNN is missing or failed to build, or has no convolution in x's dtype on this CPU.
+    """
+    check_dtype(x.dtype)
     out_hw = [(size + sum(pad) - k) // s + 1 for size, pad, k, s in zip(x.shape[1:3], pads, w.shape[:2], strides)]
     return _forward(x, w, (*out_hw, w.shape[3]), tuple(strides), tuple(pads))
 
@@ -134,3 +187,8 @@ def forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads) -> jax.A
 def input_grad(dy: jax.Array, w: jax.Array, x_shape: tuple[int, ...], strides: tuple[int, int], pads) -> jax.Array:
     """The gradient in x of the conv's output paired with dy: the transposed conv of dy, of x's shape."""
     return _input_grad(dy, w, tuple(x_shape[1:]), tuple(strides), tuple(pads))
+
+
+def weight_grad(x: jax.Array, dy: jax.Array, w_shape: tuple[int, ...], strides: tuple[int, int], pads) -> jax.Array:
+    """The gradient in w (of `w_shape`) of the conv's output paired with dy: float32, summed over the batch."""
+    return _weight_grad(x, dy, tuple(w_shape), tuple(strides), tuple(pads))
