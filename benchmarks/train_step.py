@@ -3,7 +3,7 @@
 Each model is defined for both frameworks here (same layers and shapes). After warm-up (compilation
 excluded and reported apart), steps alternate A B B A ...; the table gives median step times, img/s, the
 median of the per-pair time ratios (PyTorch / jaxnet: > 1 means jaxnet is faster), and MFU: on a CPU against the
-fp32 GEMM peak measured beside each pair of steps, on a GPU (both frameworks on it) against the datasheet's peak
+GEMM peak in the step's dtype measured beside each pair of steps, on a GPU (both frameworks on it) against the datasheet's peak
 of its kind in the step's dtype (`common.PEAK_FLOPS`). Several conv impls make one jaxnet runner each, and several PyTorch
 modes (eager, `torch.compile`, each in fp32 or under bf16 autocast) one PyTorch runner each, all in the same
 rotation; each jaxnet row is compared with PyTorch's best mode, the one of lowest median. Needs the `bench` extra
@@ -167,11 +167,13 @@ def torch_runner(name: str, mode: str, device: str = "cpu"):
     return run
 
 
-def gemm_runners(n: int = 2048):
-    """fp32 n×n @ n×n products of JAX and of PyTorch, and their FLOPs: the machine's GEMM peak is the faster."""
+def gemm_runners(dtype: str, n: int = 2048):
+    """n×n @ n×n products of JAX and of PyTorch in `dtype` ("float32" or "bfloat16"), and their FLOPs: the
+    machine's GEMM peak in that dtype is the faster (in bfloat16 PyTorch's oneDNN uses AMX where the CPU has it,
+    XLA does not)."""
     import torch
 
-    a, t = jnp.ones((n, n), jnp.float32), torch.ones(n, n)
+    a, t = jnp.ones((n, n), dtype), torch.ones(n, n, dtype=getattr(torch, dtype))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     return (lambda: f(a).block_until_ready()), (lambda: t @ t), 2 * n ** 3
@@ -214,7 +216,7 @@ def main() -> None:
     if device == "cuda":  # the datasheet's peak of this GPU in the step's dtype (None: no MFU)
         peak_now = partial(published_peak, jax.devices()[0].device_kind, args.dtype)
     else:
-        peak_now = partial(gemm_peak, *gemm_runners())
+        peak_now = partial(gemm_peak, *gemm_runners(args.dtype))
     impls, modes = args.conv_impl.split(","), args.torch_modes
     rows = ["| model | batch | jaxnet conv impl | jaxnet ms | PyTorch ms by mode | PyTorch best | jaxnet img/s | "
             "PyTorch best img/s | PyTorch best/jaxnet time (paired median) | jaxnet compile s | "
@@ -250,8 +252,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     peak_note = (f"peak: the datasheet's for {jax.devices()[0].device_kind} in {args.dtype} (benchmarks/common.py)"
-                 if device == "cuda" else "peak: fp32 2048² GEMMs of JAX and PyTorch after each round of steps, the "
-                                          "faster (median shown)")
+                 if device == "cuda" else f"peak: {args.dtype} 2048² GEMMs of JAX and PyTorch after each round of "
+                                          "steps, the faster (median shown)")
     notes = (f"Both frameworks on {device}; {peak_note}; MFU is the median over rounds of the step's FLOP/s over the peak of its round, for PyTorch "
              f"with the jaxnet step's FLOPs (the same architecture). jaxnet dtype {args.dtype}; XLA CPU convs: "
              f"{args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch "

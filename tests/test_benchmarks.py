@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["benchmarks.batch_norm", "--shapes", "plain b32", "--repeats", "1", "--no-record"], "plain b32 layer 1"),
     (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--conv-impl", "auto,onednn", "--no-record"],
      "| plain32 | 32 | onednn |"),  # against PyTorch eager and torch.compile, the default modes
+    (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--dtype", "bfloat16", "--conv-impl", "auto",
+      "--torch-modes", "eager-bf16", "--no-record"], "peak: bfloat16 2048² GEMMs"),  # MFU in the step's dtype
 ])
 def test_benchmark_prints_its_table(args, expect):
     if args[0] == "benchmarks.train_step":
