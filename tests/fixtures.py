@@ -88,3 +88,15 @@ def counting_conv(calls: list) -> type:
             return super().__call__(x)
 
     return CountingConv
+
+
+def require_onednn_bfloat16() -> None:
+    """Skip the calling test, saying why, unless oneDNN (conv impl "onednn") has bfloat16 convs on this CPU."""
+    import pytest
+
+    from jaxnet.ops import onednn
+
+    try:
+        onednn.check_dtype("bfloat16")
+    except onednn.OnednnError as e:
+        pytest.skip(str(e))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fixtures import require_onednn_bfloat16
 
 from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.ops import conv as conv_ops
@@ -230,22 +231,12 @@ def test_onednn_any_batch_size(n):
     chex.assert_trees_all_close(f(partial(conv2d, impl="onednn")), f(conv2d_reference), rtol=1e-4, atol=1e-4)
 
 
-def _onednn_bfloat16():
-    """Skip unless oneDNN has bfloat16 convolutions on this CPU."""
-    from jaxnet.ops import onednn
-
-    try:
-        onednn.check_dtype(jnp.bfloat16)
-    except onednn.OnednnError as e:
-        pytest.skip(str(e))
-
-
 @onednn_platform
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], (4, 12, 10, 40, 24, 3, 2, "SAME", 1, 1)], ids=str)
 def test_onednn_bfloat16_matches_reference_forward_and_gradient(case):
     """In bfloat16 the outputs and the input gradient are bfloat16, the weight gradient is summed in float32 and
     rounded to w's dtype once; all within bfloat16's rounding of the float32 reference on the same inputs."""
-    _onednn_bfloat16()
+    require_onednn_bfloat16()
     x, w = (a.astype(jnp.bfloat16) for a in _inputs(case))
 
     dy = jax.random.normal(jax.random.key(2), jax.eval_shape(partial(conv2d_reference, **_kwargs(case)), x, w).shape)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from fixtures import synthetic, write_binary
+from fixtures import require_onednn_bfloat16, synthetic, write_binary
 from PIL import Image
 
 from jaxnet import configs
@@ -407,6 +407,18 @@ def test_onednn_run_reports_the_flops_of_its_convs(tmp_path, dataset):
                                              show_progress=False)
             for impl in ("xla", "onednn")}
     assert runs["onednn"]["step_flops"] == runs["xla"]["step_flops"] > 0
+
+
+def test_cli_runs_onednn_convs_in_bfloat16(tmp_path, dataset):
+    """The real entry point with oneDNN's convs in bfloat16 (all three passes FFI calls): trains, evaluates and
+    records the dtype; on a CPU without oneDNN bf16 kernels the test says why it cannot run."""
+    require_onednn_bfloat16()
+    workdir = tmp_path / "run"
+    result = _run_cli("--config", "smoke", "--workdir", str(workdir), "--data-dir", str(dataset),
+                      "conv_impl=onednn", "dtype=bfloat16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["dtype"] == "bfloat16" and summary["steps"] > 0 and 0.0 <= summary["test_accuracy"] <= 1.0
 
 
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):

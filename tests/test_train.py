@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fixtures import require_onednn_bfloat16
 from flax.training import train_state as flax_train_state
 
 import jaxnet
@@ -308,6 +309,45 @@ def test_muon_trains_a_users_flax_conv_net_with_flaxs_own_state(data):
     for name, width in (("Conv_0", 16), ("Conv_1", 32)):  # renormalised before each step, then one step of 0.1
         norm = float(jnp.linalg.norm(state.params[name]["kernel"]))
         assert abs(norm - width ** 0.5) < 0.1 * width ** 0.5, (name, norm)
+
+
+class UserBf16ConvNet(nn.Module):
+    """A user's net computing in bfloat16 with jaxnet's Conv (impl chosen by the user) among Flax's own layers."""
+
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = partial(jaxnet.Conv, use_bias=False, dtype=jnp.bfloat16, impl=self.impl)
+        x = x.astype(jnp.float32) / 255.0
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(conv(16, (3, 3))(x)))
+        x = nn.relu(conv(32, (3, 3), strides=2)(x))
+        return nn.Dense(CLASSES)(x.mean(axis=(1, 2)).astype(jnp.float32))
+
+
+def test_users_bf16_net_with_onednn_convs_trains_like_xlas(data):
+    """The onednn impl in bfloat16 (all three convs oneDNN's FFI calls) in a user's module with Flax's TrainState,
+    through jaxnet.jit_train_step: compiled once, and 3 SGD steps make the updates XLA's bf16 convs make, within bf16
+    rounding."""
+    require_onednn_bfloat16()
+    runs = {}
+    for impl in ("xla", "onednn"):
+        model = UserBf16ConvNet(impl)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), train=False)
+        initial = jax.device_get(variables["params"])  # the step donates the state's buffers
+        state = FlaxStateWithStats.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.05),
+                                          batch_stats=variables["batch_stats"])
+        chex.clear_trace_counter()
+        step = jaxnet.jit_train_step(chex.assert_max_traces(jaxnet.train_step, n=1))
+        losses = []
+        for _ in range(3):
+            state, metrics = step(state, data)
+            losses.append(float(metrics["loss"]))
+        assert type(state) is FlaxStateWithStats
+        runs[impl] = (losses, jax.tree.map(lambda new, old: np.asarray(new) - old, state.params, initial))
+    np.testing.assert_allclose(runs["onednn"][0], runs["xla"][0], rtol=2e-2)
+    for got, want in zip(jax.tree.leaves(runs["onednn"][1]), jax.tree.leaves(runs["xla"][1])):  # the updates
+        np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
 
 
 def test_the_model_sees_the_batch_exactly_as_given(data):
