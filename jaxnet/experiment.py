@@ -30,7 +30,7 @@ from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, l
 from jaxnet import train
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.metrics import MetricWriter, plot_curves
-from jaxnet.ops import IMPLS
+from jaxnet.ops import IMPLS, onednn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OPTIMIZERS = ("airbench", "muon", "sgd", "adam")
@@ -264,6 +264,8 @@ def _check_options(config, export: tuple[str, ...], export_platforms: tuple[str,
     export_lib.check_platforms(export_platforms)
     if parallel_mode == "pmap" and traced:
         raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
+    if config.conv_impl == "onednn" and jax.default_backend() == "cpu":  # installed, built, kernels in this dtype
+        onednn.check_dtype(compute_dtype(config.dtype))
 
 
 def _steps(config, num_train: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -419,6 +420,22 @@ def test_cli_runs_onednn_convs_in_bfloat16(tmp_path, dataset):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["dtype"] == "bfloat16" and summary["steps"] > 0 and 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_onednn_without_bfloat16_kernels_is_refused_before_any_data_is_read(tmp_path, monkeypatch):
+    """A CPU where oneDNN has no bfloat16 convs (e.g. AMD Zen 3): the run stops at its options, one ConfigError,
+    before reading data (this data dir does not exist) or creating the workdir."""
+    from jaxnet.ops import onednn
+
+    def no_bfloat16(dtype):
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            raise onednn.OnednnError("conv impl 'onednn' has no bfloat16 convolution on this CPU")
+
+    monkeypatch.setattr(onednn, "check_dtype", no_bfloat16)
+    with pytest.raises(ConfigError, match="no bfloat16 convolution on this CPU"):
+        experiment.train_and_evaluate(smoke(conv_impl="onednn", dtype="bfloat16"), tmp_path / "w",
+                                      data_dir=tmp_path / "no-data", show_progress=False)
+    assert not (tmp_path / "w").exists()
 
 
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
