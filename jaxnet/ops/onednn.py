@@ -1,9 +1,8 @@
 """oneDNN's convolutions inside XLA programs on CPU, through XLA's FFI: the kernels of conv impl "onednn".
 
 `onednn_conv.cc` (beside this file) holds the three handlers: forward, input gradient and weight gradient. On
-first use it is
-compiled with the C++ compiler ($CXX, else g++) against oneDNN from PyPI (extra `onednn`) and jaxlib's FFI
-headers, into a directory of the jaxnet cache named by a hash of the source, the compiler, jaxlib's version
+first use it is compiled with the C++ compiler ($CXX, else g++) against oneDNN from PyPI (extra `onednn`) and
+jaxlib's FFI headers, into a directory of the jaxnet cache named by a hash of the source, the compiler, jaxlib's version
 and oneDNN's (version and place); later processes load it from there. The handlers run on CPU only and take
 float32 or bfloat16 NHWC inputs, HWIO kernels, one group and no dilation; `conv.py` checks that before calling
 them. In bfloat16 oneDNN runs AMX or AVX-512 BF16 instructions where the CPU has them. On a mesh each device

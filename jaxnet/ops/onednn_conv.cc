@@ -211,7 +211,10 @@ ffi::Future Run(ffi::ThreadPool pool, Kind kind, ffi::DataType type, char* a, ch
   return future;
 }
 
-int64_t Chunks(ffi::ThreadPool& pool, int64_t n) { return std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(n, 1)); }
+// One chunk per thread of XLA's pool, at most one per image.
+int64_t Chunks(ffi::ThreadPool& pool, int64_t n) {
+  return std::clamp<int64_t>(pool.num_threads(), 1, std::max<int64_t>(n, 1));
+}
 
 char* Data(ffi::AnyBuffer buffer) { return static_cast<char*>(buffer.untyped_data()); }
 
