@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxnet.errors import ConfigError
 from jaxnet.ops import channel as channel_ops
@@ -100,13 +103,50 @@ class BatchNorm(nn.Module):
         return y.astype(dtype)
 
 
-def max_pool(x: jax.Array, window: int) -> jax.Array:
-    """Non-overlapping `window`×`window` max-pool (stride = window, VALID) of NHWC `x`, as a reshape + max.
-
-    Same values as `nn.max_pool(x, (w, w), strides=(w, w))`, but its gradient is an elementwise mask instead
-    of XLA's select-and-scatter, which is slow on CPU (PlainCNN b32 step 1.38× faster, FastNet b512 1.22×,
-    measured 2026-11-25). Ties share the gradient equally (PyTorch gives it to the first maximum).
-    """
+def _windows(x: jax.Array, window: int) -> list[jax.Array]:
+    """The `window`² strided slices of NHWC `x` whose elementwise max is the pool, offsets in row-major order."""
     n, h, w, c = x.shape
-    h, w = h // window * window, w // window * window
-    return x[:, :h, :w].reshape(n, h // window, window, w // window, window, c).max(axis=(2, 4))
+    ho, wo = h // window, w // window
+    return [lax.slice(x, (0, i, j, 0), (n, i + max(window * (ho - 1) + 1, 0), j + max(window * (wo - 1) + 1, 0), c),
+                      (1, window, window, 1))
+            for i in range(window) for j in range(window)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, window: int) -> jax.Array:
+    """Non-overlapping `window`×`window` max-pool (stride = window, VALID) of NHWC `x`.
+
+    Same values and gradient as `nn.max_pool(x, (w, w), strides=(w, w))` — a tie's gradient goes to the first
+    maximum in row-major window order, as there and in PyTorch — but computed as the elementwise max of the
+    window's strided slices, and the gradient as one elementwise pass: no select-and-scatter (slow on XLA's
+    CPU backend) and no window reduction. Per (fwd + bwd) call on a (512, 15, 15, 256) float32 input: 33 ms
+    against 127 ms for a reshape + max with JAX's autodiff, 2026-11-30 (Xeon). Computes in `x`'s dtype;
+    in bfloat16 XLA's CPU backend is faster pooling a float32 copy (FastNet does).
+    """
+    return functools.reduce(jnp.maximum, _windows(x, window))
+
+
+def _max_pool_fwd(x, window):
+    y = max_pool(x, window)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, residuals, dy):
+    x, y = residuals
+    n, h, w, c = x.shape
+    ho, wo = y.shape[1:3]
+    zero = jnp.zeros((), dy.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    dx = zero
+    for offset, slice_ in enumerate(_windows(x, window)):
+        i, j = divmod(offset, window)
+        first = (slice_ == y) & ~taken
+        taken = taken | first
+        # Scatter this offset's share back with interior padding: position (i + window·a, j + window·b).
+        dx = dx + lax.pad(jnp.where(first, dy, zero), zero,
+                          ((0, 0, 0), (i, h - i - max(window * (ho - 1) + 1, 0), window - 1),
+                           (j, w - j - max(window * (wo - 1) + 1, 0), window - 1), (0, 0, 0)))
+    return (jnp.broadcast_to(dx, x.shape).astype(x.dtype),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
