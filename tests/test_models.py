@@ -60,6 +60,36 @@ def test_bf16_compute_keeps_fp32_params(name):
     chex.assert_type(model.apply(variables, x, train=False), jnp.float32)
 
 
+def _equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it (jit, custom VJPs, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _equations(getattr(sub, "jaxpr", sub))
+
+
+def test_fastnet_in_bf16_convolves_in_bf16_and_pools_normalises_activates_in_float32():
+    """The dtype policy of `widened`: XLA's CPU backend rounds after every bf16 elementwise op (slow, inexact)."""
+    model = models.FastNetTiny(dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(logits)
+
+    eqns = list(_equations(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr))
+    by_dtype = {}
+    for eqn in eqns:
+        by_dtype.setdefault(eqn.primitive.name, set()).update(v.aval.dtype for v in eqn.invars if hasattr(v, "aval"))
+    assert by_dtype["conv_general_dilated"] == {jnp.dtype(jnp.bfloat16)}  # forward and both gradients
+    gelu = {p for p in ("erf", "erfc") if p in by_dtype}
+    assert gelu and all(by_dtype[p] == {jnp.dtype(jnp.float32)} for p in gelu)
+    assert by_dtype["max"] == {jnp.dtype(jnp.float32)}  # the pools (the forward's and the gradient's)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_injected_conv_is_the_one_used(name):
     calls = []

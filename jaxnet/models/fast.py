@@ -36,6 +36,18 @@ def dirac_init(base: Callable = torch_conv_init) -> Callable:
 
 
 gelu = partial(nn.gelu, approximate=False)
+
+
+def widened(x: jax.Array) -> jax.Array:
+    """`x` in float32 if it is narrower (bfloat16 from a conv), else as it is.
+
+    FastNet's convs and head compute in the model's `dtype`; its pooling, BatchNorm and activations in
+    float32, rounded once into the next conv's dtype. XLA's CPU backend computes each bf16 elementwise op in
+    float32 and rounds its result, so a bf16 GELU is a chain of converts — slower than the float32 one and
+    rounded at every op; and XLA pools a float32 copy faster than bf16 (2026-11-30, Xeon: with both, a FastNet
+    b512 bf16 train step with oneDNN's convs takes 0.78× the time).
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"gelu": gelu, "silu": nn.silu, "relu": nn.relu}
 
 
@@ -50,7 +62,7 @@ class ConvGroup(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv(self.features, (3, 3))(x)
-        x = max_pool(x, 2)
+        x = max_pool(widened(x), 2)
         x = self.activation(self.norm()(x))
         x = self.conv(self.features, (3, 3))(x)
         return self.activation(self.norm()(x))
@@ -59,7 +71,8 @@ class ConvGroup(nn.Module):
 class FastNet(nn.Module):
     """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
     BN `bn_momentum` (Flax convention: weight of the running value), head `scale` (None: 1 / the head's input
-    features) and `head_init`, `activation` (exact GELU, airbench's), compute `dtype`."""
+    features) and `head_init`, `activation` (exact GELU, airbench's), compute `dtype` of the convs and the
+    head (pooling, BatchNorm and activations compute in float32: see `widened`)."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
@@ -77,10 +90,10 @@ class FastNet(nn.Module):
         conv = partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=dirac_init())
         # airbench's BN: no learnable scale, eps 1e-12, fast-moving running statistics.
         norm = partial(self.norm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-12,
-                       use_scale=False, dtype=self.dtype)
+                       use_scale=False)
         x = self.conv(self.stem_width, (2, 2), padding="VALID", use_bias=True, dtype=self.dtype,
                       kernel_init=torch_conv_init, name="stem")(x)
-        x = self.activation(x)
+        x = self.activation(widened(x))
         for width in self.widths:
             x = ConvGroup(width, conv=conv, norm=norm, activation=self.activation)(x)
         x = max_pool(x, x.shape[1])
