@@ -9,9 +9,12 @@ epochs with the rate falling linearly to 0, the whitening bias trained for 3 epo
 ±2-pixel reflect-padded translations; test with TTA level 2 (mirror + 1-pixel translations, 6 views).
 Times as the record does: `train_seconds` is whitening init + training, without data loading or
 per-epoch evaluation (the record's per-epoch test pass is skipped); `wall_seconds` is the whole process.
+`--dtype bfloat16` runs the net's forward passes (training and test) under `torch.autocast("cpu",
+torch.bfloat16)` — the record runs its net in half precision on GPUs; on CPUs with AMX or AVX-512 BF16 this is
+PyTorch's fast mode (oneDNN) — with parameters, optimizer and whitening in float32.
 
     python -m benchmarks.torch_record --data-dir D --summary out.json [--seed 0] [--epochs 8]
-        [--batch-size 2000] [--train-subset N] [--test-subset N] [--threads N]
+        [--batch-size 2000] [--train-subset N] [--test-subset N] [--threads N] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ def run(args) -> dict:
     from jaxnet import configs
     from jaxnet import experiment
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -183,8 +189,9 @@ def run(args) -> dict:
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             x = _crop(torch, source[idx], 32, generator).contiguous(memory_format=torch.channels_last)
-            loss = nn.functional.cross_entropy(net(x, whiten_bias_grad=step < whiten_steps), train_y[idx],
-                                               label_smoothing=0.2, reduction="sum")
+            with autocast():
+                logits = net(x, whiten_bias_grad=step < whiten_steps)
+            loss = nn.functional.cross_entropy(logits.float(), train_y[idx], label_smoothing=0.2, reduction="sum")
             loss.backward()
             sgd.param_groups[0]["lr"] = 0.053 * (1 - step / whiten_steps)
             for g in sgd.param_groups[1:]:
@@ -197,12 +204,13 @@ def run(args) -> dict:
                 break
     train_seconds = time.perf_counter() - t_train
     net.eval()
-    plain = (_plain_logits(torch, net, test_x, 2000).argmax(1) == test_y).float().mean().item()
-    tta = (_tta_logits(torch, net, test_x, 2000).argmax(1) == test_y).float().mean().item()
+    with autocast():
+        plain = (_plain_logits(torch, net, test_x, 2000).argmax(1) == test_y).float().mean().item()
+        tta = (_tta_logits(torch, net, test_x, 2000).argmax(1) == test_y).float().mean().item()
     return {"peer": "torch_record (airbench94_muon)", "seed": args.seed, "test_accuracy": plain,
             "test_accuracy_tta": tta, "steps": step, "train_seconds": train_seconds,
             "images_per_second": step * batch / train_seconds, "wall_seconds": time.perf_counter() - T0,
-            "torch": torch.__version__, "threads": args.threads}
+            "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-subset", type=int, default=0, help="use only this many train images (0 = all)")
     p.add_argument("--test-subset", type=int, default=0, help="use only this many test images (0 = all)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the net's compute dtype (bfloat16: under torch.autocast; parameters stay float32)")
     args = p.parse_args(argv)
     try:
         import torch  # noqa: F401

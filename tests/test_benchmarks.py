@@ -168,6 +168,8 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
     (["--ablate", "peer:jitter=0.1"], "--ablate names must differ"),
     (["--data-dir", "/nonexistent/cifar"], "error: the jaxnet run of seed 0 failed (exit code 2); nothing recorded"),
     (["--peer", "tensorflow"], "invalid choice: 'tensorflow'"),
+    (["--peer-dtype", "bfloat16"], "--peer-dtype sets the peer's dtype: give --peer too"),
+    (["--peer", "torch_record", "--peer-dtype", "float16"], "invalid choice: 'float16'"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
     (["--target", "94"], "--target is an accuracy in (0, 1]"),
 ])
@@ -187,10 +189,12 @@ def test_time_to_accuracy_ratios_are_of_the_means():
 
 
 def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images(tmp_path, data):
-    """The peer at smoke scale, so the benchmark cannot rot: the record script and the muon recipe on the same
-    600 images, seeds in the order jaxnet, peer, peer, jaxnet; both summaries in the table and the ratio line."""
+    """The peer at smoke scale, so the benchmark cannot rot: the record script (under bf16 autocast, float32 is
+    the default) and the muon recipe on the same 600 images, seeds in the order jaxnet, peer, peer, jaxnet; both
+    summaries in the table and the ratio line."""
     pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
     result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0,1",
+                             "--peer-dtype", "bfloat16",
                              "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=2.0",
                              "batch_size=100"], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
                             timeout=600)
@@ -201,6 +205,7 @@ def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images
     peer = json.loads((tmp_path / "runs" / "peer-seed1" / "summary.json").read_text())
     ours = json.loads((tmp_path / "runs" / "jaxnet-seed1" / "summary.json").read_text())
     assert peer["steps"] == ours["steps"] == 12  # 600 images: 6 steps of 100 per epoch, for both
+    assert peer["dtype"] == "bfloat16" and "Peer, torch_record (bfloat16):" in result.stdout
     assert f"| 1 | {peer['test_accuracy']:.2%} | {peer['test_accuracy_tta']:.2%} |" in result.stdout
     assert "jaxnet / peer, mean over seeds: wall time " in result.stdout
 
