@@ -84,8 +84,9 @@ def validate_config(config) -> None:
 
 def compute_dtype(name: str, platform: str | None = None) -> Any:
     """The compute dtype of config value `name` on `platform` (default: JAX's backend): "auto" is bfloat16 on
-    GPUs and TPUs (their matrix units' fast type; parameters stay float32) and float32 on CPUs, where no
-    bfloat16 path is faster (benchmarks/RESULTS.md)."""
+    GPUs and TPUs (their matrix units' fast type; parameters stay float32) and float32 on CPUs, where only conv
+    impl "onednn" on a CPU with AMX or AVX-512 BF16 is faster in bfloat16 — a run asks for it with
+    `dtype=bfloat16` (benchmarks/RESULTS.md)."""
     if name == "auto":
         return jnp.bfloat16 if (platform or jax.default_backend()) in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
     return DTYPES[name]
