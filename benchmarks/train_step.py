@@ -167,6 +167,13 @@ def torch_runner(name: str, mode: str, device: str = "cpu"):
     return run
 
 
+def step_flops(name: str, dtype, norm: str, impls: list[str], stats: list[dict]) -> float:
+    """The FLOPs of one train step of `name`, the same math for every impl: XLA's count of it (`stats`, one per
+    impl), which leaves out oneDNN's convs — FFI calls it cannot see — so from an XLA-conv step if none ran."""
+    counted = [s["flops"] for impl, s in zip(impls, stats) if impl != "onednn"]
+    return max(counted) if counted else jax_runner(name, dtype, "xla", norm)[2]["flops"]
+
+
 def gemm_runners(dtype: str, n: int = 2048):
     """n×n @ n×n products of JAX and of PyTorch in `dtype` ("float32" or "bfloat16"), and their FLOPs: the
     machine's GEMM peak in that dtype is the faster (in bfloat16 PyTorch's oneDNN uses AMX where the CPU has it,
@@ -227,7 +234,7 @@ def main() -> None:
             raise SystemExit(f"error: unknown model {name!r}; valid: {', '.join(JAX_MODELS)}")
         jax_runs = [jax_runner(name, dtype, impl, args.norm) for impl in impls]
         batch = jax_runs[0][1]
-        flops = max(stats["flops"] for *_, stats in jax_runs)  # the same math: the count of the impl XLA sees most of
+        flops = step_flops(name, dtype, args.norm, impls, [stats for *_, stats in jax_runs])
         firsts = [_timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
         runs = [run for run, *_ in jax_runs] + [torch_runner(name, mode, device) for mode in modes]
         for _ in range(2):  # warm-up (torch.compile compiles here)

@@ -61,6 +61,20 @@ def test_train_step_compares_with_pytorchs_fastest_mode_paired_by_round():
     assert c["torch_mfu"] == pytest.approx(6.0 / 1.2 / 10.0)  # rounds: 0.5, 0.333, 1.09
 
 
+def test_train_step_counts_onednn_steps_flops_as_xla_convs_steps():
+    """XLA's cost analysis does not see oneDNN's FFI convs: a onednn-only run's MFU must use XLA's conv count."""
+    pytest.importorskip("torch", reason="benchmarks.train_step imports PyTorch")
+    import jax.numpy as jnp
+
+    from benchmarks.train_step import jax_runner, step_flops
+
+    xla = jax_runner("plain32", jnp.float32, "xla", "jaxnet")[2]
+    onednn = jax_runner("plain32", jnp.float32, "onednn", "jaxnet")[2]
+    assert onednn["flops"] < 0.5 * xla["flops"]  # what the table divided by before: the convs were missing
+    assert step_flops("plain32", jnp.float32, "jaxnet", ["onednn"], [onednn]) == xla["flops"]
+    assert step_flops("plain32", jnp.float32, "jaxnet", ["auto", "onednn"], [xla, onednn]) == xla["flops"]
+
+
 def test_train_step_rejects_an_unknown_pytorch_mode_in_one_line():
     result = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--torch-modes", "eager,jit"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
