@@ -103,12 +103,15 @@ class BatchNorm(nn.Module):
         return y.astype(dtype)
 
 
+def _span(size: int, window: int) -> int:
+    """Extent along one axis of the strided slice that holds one element of each of the `size // window` windows."""
+    return max(window * (size // window - 1) + 1, 0)
+
+
 def _windows(x: jax.Array, window: int) -> list[jax.Array]:
     """The `window`² strided slices of NHWC `x` whose elementwise max is the pool, offsets in row-major order."""
     n, h, w, c = x.shape
-    ho, wo = h // window, w // window
-    return [lax.slice(x, (0, i, j, 0), (n, i + max(window * (ho - 1) + 1, 0), j + max(window * (wo - 1) + 1, 0), c),
-                      (1, window, window, 1))
+    return [lax.slice(x, (0, i, j, 0), (n, i + _span(h, window), j + _span(w, window), c), (1, window, window, 1))
             for i in range(window) for j in range(window)]
 
 
@@ -136,19 +139,18 @@ def _max_pool_fwd(x, window):
 def _max_pool_bwd(window, residuals, dy):
     x, y = residuals
     n, h, w, c = x.shape
-    ho, wo = y.shape[1:3]
     zero = jnp.zeros((), dy.dtype)
     taken = jnp.zeros(y.shape, bool)
-    dx = zero
+    shares = []
     for offset, slice_ in enumerate(_windows(x, window)):
         i, j = divmod(offset, window)
         first = (slice_ == y) & ~taken
         taken = taken | first
-        # Scatter this offset's share back with interior padding: position (i + window·a, j + window·b).
-        dx = dx + lax.pad(jnp.where(first, dy, zero), zero,
-                          ((0, 0, 0), (i, h - i - max(window * (ho - 1) + 1, 0), window - 1),
-                           (j, w - j - max(window * (wo - 1) + 1, 0), window - 1), (0, 0, 0)))
-    return (jnp.broadcast_to(dx, x.shape).astype(x.dtype),)
+        # This offset's share, put back with interior padding at positions (i + window·a, j + window·b).
+        shares.append(lax.pad(jnp.where(first, dy, zero), zero,
+                              ((0, 0, 0), (i, h - i - _span(h, window), window - 1),
+                               (j, w - j - _span(w, window), window - 1), (0, 0, 0))))
+    return (functools.reduce(jnp.add, shares).astype(x.dtype),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -48,6 +48,8 @@ def widened(x: jax.Array) -> jax.Array:
     b512 bf16 train step with oneDNN's convs takes 0.78× the time).
     """
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"gelu": gelu, "silu": nn.silu, "relu": nn.relu}
 
 
