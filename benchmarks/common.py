@@ -15,6 +15,8 @@ from pathlib import Path
 import jax
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# The packages whose versions each recorded section names when installed (torch: the peer of the comparisons).
+VERSIONED = ("jax", "jaxlib", "flax", "onednn-cpu-gomp", "torch")
 # Read when the process starts and able to change every number: XLA's flags, the allocator and its settings.
 ENVIRONMENT = ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "OMP_NUM_THREADS")
 
@@ -75,7 +77,7 @@ def published_peak(device_kind: str, dtype: str) -> float | None:
 def append_results(title: str, table: str, notes: str = "") -> None:
     """Append a dated section (machine, versions, command, table) to benchmarks/RESULTS.md."""
     installed = {d.metadata["Name"] for d in md.distributions()}
-    versions = ", ".join(f"{p} {md.version(p)}" for p in ("jax", "jaxlib", "flax", "onednn-cpu-gomp") if p in installed)
+    versions = ", ".join(f"{p} {md.version(p)}" for p in VERSIONED if p in installed)
     devices = ", ".join(sorted({d.device_kind if d.platform == "gpu" else d.platform for d in jax.devices()}))
     environment = "; ".join(f"{k}={os.environ[k]}" for k in ENVIRONMENT if os.environ.get(k))
     header = [f"- machine: {cpu_name()} ({cpu_flags()}), {jax.device_count()} {devices} device(s); "

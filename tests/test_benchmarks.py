@@ -37,7 +37,9 @@ def test_benchmark_prints_its_table(args, expect):
     assert expect in result.stdout
 
 
-def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_path, monkeypatch):
+def test_recorded_section_names_the_versions_and_environment_that_change_the_numbers(tmp_path, monkeypatch):
+    from importlib import metadata
+
     from benchmarks import common
 
     monkeypatch.setattr(common, "RESULTS", tmp_path / "RESULTS.md")
@@ -47,6 +49,8 @@ def test_recorded_section_names_the_environment_that_changes_the_numbers(tmp_pat
     text = (tmp_path / "RESULTS.md").read_text()
     assert "- environment: `" in text and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in text
     assert "LD_PRELOAD" not in text and text.rstrip().endswith("| a |\n\nnotes")  # a blank line ends the table
+    installed = {d.metadata["Name"] for d in metadata.distributions()}
+    assert "jax" in installed and all(f"{p} {metadata.version(p)}" in text for p in common.VERSIONED if p in installed)
 
 
 def test_train_step_compares_with_pytorchs_fastest_mode_paired_by_round():
