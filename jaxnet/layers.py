@@ -138,7 +138,7 @@ def _max_pool_fwd(x, window):
 
 def _max_pool_bwd(window, residuals, dy):
     x, y = residuals
-    n, h, w, c = x.shape
+    h, w = x.shape[1:3]
     zero = jnp.zeros((), dy.dtype)
     taken = jnp.zeros(y.shape, bool)
     shares = []
