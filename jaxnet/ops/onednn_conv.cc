@@ -18,11 +18,13 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -101,6 +103,18 @@ const Primitive& Lookup(const Geometry& g) {
   return *slot;
 }
 
+// A buffer of `size` bytes for oneDNN, page-aligned: its AMX and AVX-512 kernels load whole cache lines, and
+// `new char[]` aligns to 16 bytes only (under glibc the bf16 FastNet step ran 16 % slower on AMX for that,
+// benchmarks/RESULTS.md, "Alignment of the oneDNN handler's buffers").
+using Buffer = std::unique_ptr<char, decltype(&std::free)>;
+
+Buffer Aligned(size_t size) {
+  constexpr size_t kPage = 4096;
+  char* data = static_cast<char*>(std::aligned_alloc(kPage, std::max<size_t>((size + kPage - 1) / kPage, 1) * kPage));
+  if (data == nullptr) throw std::bad_alloc();
+  return Buffer(data, &std::free);
+}
+
 // One chunk of a call: images [lo, lo + g[2]) of the batch. `a` and `b` are the whole-batch operands (forward:
 // x, the HWIO kernel; input gradient: dy, the kernel; weight gradient: x, dy), `out` this chunk's result (the
 // whole-batch y or dx, or this chunk's slot of HWIO float32 partial sums), `a_image`, `b_image`, `out_image` the
@@ -113,13 +127,13 @@ void RunChunk(const Geometry& g, int64_t lo, char* a, char* b, char* out, int64_
   int64_t oh = (h + g[11] + g[12] - kh) / g[9] + 1, ow = (w + g[13] + g[14] - kw) / g[10] + 1;
   memory::desc x_desc({n, c, h, w}, dt, Tag::nhwc), y_desc({n, o, oh, ow}, dt, Tag::nhwc);
   dnnl::stream stream(Engine());
-  std::unique_ptr<char[]> blocked_data, scratch_data(new char[p.scratch_desc.get_size()]);
+  Buffer blocked_data(nullptr, &std::free), scratch_data = Aligned(p.scratch_desc.get_size());
   memory scratch(p.scratch_desc, Engine(), scratch_data.get());
   if (g[0] == kWeightGrad) {
     memory plain({p.weights, kF32, Tag::hwio}, Engine(), out);
     memory diff_weights = plain;
     if (p.kernel_desc != plain.get_desc()) {
-      blocked_data.reset(new char[p.kernel_desc.get_size()]);
+      blocked_data = Aligned(p.kernel_desc.get_size());
       diff_weights = memory(p.kernel_desc, Engine(), blocked_data.get());
     }
     memory x(x_desc, Engine(), a + lo * a_image), dy(y_desc, Engine(), b + lo * b_image);
@@ -132,7 +146,7 @@ void RunChunk(const Geometry& g, int64_t lo, char* a, char* b, char* out, int64_
   memory plain({p.weights, dt, Tag::hwio}, Engine(), b);
   memory weights = plain;
   if (p.kernel_desc != plain.get_desc()) {
-    blocked_data.reset(new char[p.kernel_desc.get_size()]);
+    blocked_data = Aligned(p.kernel_desc.get_size());
     weights = memory(p.kernel_desc, Engine(), blocked_data.get());
     dnnl::reorder(plain, weights).execute(stream, plain, weights);
   }
