@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = configs.override(configs.get_config(args.config), args.overrides)
     compiler.set_cpu_conv(config.xla_cpu_conv)  # before JAX starts, as the CLI does
+    compiler.set_host_memory(config.host_memory)
     from jaxnet import experiment, metrics
 
     samples = []

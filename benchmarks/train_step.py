@@ -10,8 +10,9 @@ rotation; each jaxnet row is compared with PyTorch's best mode, the one of lowes
 (PyTorch).
 
     python -m benchmarks.train_step [--models resnet18,fastnet,plain32,plain256] [--steps 5]
-        [--xla-cpu-conv eigen|ynnpack] [--conv-impl auto[,onednn,...]] [--norm jaxnet|flax] [--dtype float32|bfloat16]
-        [--torch-modes eager,compile[,eager-bf16,compile-bf16]] [--torch-threads 2] [--no-record]
+        [--xla-cpu-conv eigen|ynnpack] [--host-memory keep|system] [--conv-impl auto[,onednn,...]]
+        [--norm jaxnet|flax] [--dtype float32|bfloat16] [--torch-modes eager,compile[,eager-bf16,compile-bf16]]
+        [--torch-threads 2] [--no-record]
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
     p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
+    p.add_argument("--host-memory", default="keep", choices=("keep", "system"),
+                   help="malloc's settings for the process, both frameworks (jaxnet.compiler.set_host_memory; "
+                        "default: %(default)s, as jaxnet's experiment)")
     p.add_argument("--conv-impl", default="auto",
                    help="jaxnet conv impl(s) of the models, comma-separated (default: %(default)s)")
     p.add_argument("--norm", default="jaxnet", choices=("jaxnet", "flax"),
@@ -59,6 +63,7 @@ if ARGS is not None:  # XLA reads its flags once, when JAX starts its backends
     from jaxnet import compiler
 
     compiler.set_cpu_conv(ARGS.xla_cpu_conv)
+    compiler.set_host_memory(ARGS.host_memory)
 
 import flax.linen  # noqa: E402
 import jax  # noqa: E402
@@ -263,7 +268,8 @@ def main() -> None:
                                           "steps, the faster (median shown)")
     notes = (f"Both frameworks on {device}; {peak_note}; MFU is the median over rounds of the step's FLOP/s over the peak of its round, for PyTorch "
              f"with the jaxnet step's FLOPs (the same architecture). jaxnet dtype {args.dtype}; XLA CPU convs: "
-             f"{args.xla_cpu_conv}; jaxnet conv impls: {args.conv_impl}; BatchNorm: {args.norm}; PyTorch "
+             f"{args.xla_cpu_conv}; host memory (malloc, both frameworks): {args.host_memory}; jaxnet conv impls: "
+             f"{args.conv_impl}; BatchNorm: {args.norm}; PyTorch "
              f"{torch.__version__}, channels_last, {args.torch_threads} threads, modes {','.join(modes)} (compile: "
              f"`torch.compile` of the model, default backend; -bf16: under bf16 autocast); PyTorch best = the mode "
              f"of lowest median, against which the ratio is paired. FLOPs from XLA's cost analysis of the jaxnet "

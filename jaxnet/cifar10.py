@@ -101,11 +101,13 @@ def predict(workdir: str, paths: list[str]) -> int:
 
 
 def train(args, stop: dict) -> dict:
-    """Config and JAX set up from the flags (the XLA flag before JAX starts), then the experiment."""
+    """Config and JAX set up from the flags (the XLA flag and malloc's settings before JAX starts), then the
+    experiment."""
     from jaxnet import compiler, parallel
 
     config = configs.override(configs.get_config(args.config), args.overrides)
     compiler.set_cpu_conv(config.xla_cpu_conv)
+    compiler.set_host_memory(config.host_memory)
     if args.coordinator or args.num_processes or args.process_id is not None:
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
         parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})

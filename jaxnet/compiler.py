@@ -1,9 +1,11 @@
-"""XLA compiler options: per run, the library behind XLA's CPU convolutions and the persistent compilation
-cache (both set before JAX starts its backends: the first array or device query); per program, `run_once`
-for programs whose compile time outweighs their run time."""
+"""XLA compiler and runtime options: per run, the library behind XLA's CPU convolutions, how the C library's
+malloc keeps the host memory of XLA's buffers (both set before JAX starts its backends: the first array or device
+query) and the persistent compilation cache; per program, `run_once` for programs whose compile time outweighs
+their run time."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import json
 import os
@@ -53,6 +55,46 @@ def set_cpu_conv(name: str) -> None:
               f"ignored and XLA's default CPU convolutions are used", file=sys.stderr)
         return
     os.environ["XLA_FLAGS"] = f"{current} {flags}".strip()
+
+
+# glibc's mallopt parameters (malloc.h) and the values of host_memory="keep": one arena, no block served by mmap,
+# the heap never trimmed (-1: mallopt's way to say so). A finite threshold, an int, is at most 2 GiB: under the
+# temporaries of the `muon` recipe's step (2000 images, about 4x the 650 MiB of 512), which then still gave their
+# block back and faulted it in again every step (13.2 M minor faults in 10 steps against 1.4 M with -1).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+KEEP_HOST_MEMORY = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+HOST_MEMORY = ("keep", "system")
+
+
+def set_host_memory(name: str) -> None:
+    """How the C library's malloc keeps the host memory of XLA's CPU buffers: "keep" or "system".
+
+    XLA's CPU runtime takes a program's temporaries as one block per execution and frees it after (650 MiB for a
+    FastNet b512 bf16 train step). glibc serves a block that large (over its mmap threshold, 32 MiB at most) with a
+    fresh `mmap` and unmaps it when freed, so every step faulted in all its pages again: 166 000 minor page
+    faults, a fifth of the step (benchmarks/RESULTS.md, "Host memory of XLA's buffers"). "keep" makes every thread
+    allocate from glibc's main heap, never by `mmap`, and never trims that heap: the block is mapped once and
+    reused by every step. The cost is that the process holds its peak memory until it exits. "system" leaves the
+    C library's defaults. C libraries other than glibc have no such settings: "keep" leaves them as they are, with
+    a one-line notice on stderr.
+
+    Raises:
+      ConfigError: an unknown name.
+      RuntimeError: JAX's backends have started already: XLA's threads have their malloc arenas.
+    """
+    if name not in HOST_MEMORY:
+        raise ConfigError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {name!r}")
+    if name == "system":
+        return
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(f"host_memory={name} must be chosen before JAX starts its backends; set it first")
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        print(f"notice: the C library is not glibc; host_memory={name} is ignored", file=sys.stderr)
+        return
+    for parameter, value in KEEP_HOST_MEMORY:
+        if libc.mallopt(parameter, value) != 1:
+            raise RuntimeError(f"glibc's mallopt({parameter}, {value}) failed")
 
 
 def jaxlib_version() -> str:

@@ -39,7 +39,7 @@ FLIPS = ("alternate", "random", "none")
 NUM_CLASSES = 10
 # Config fields a resumed run may change: they do not touch the training math. Every other field, the seed and
 # the data (a fingerprint of the splits) must be those of the checkpoint.
-RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size")
+RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size", "host_memory")
 
 
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:

@@ -52,17 +52,18 @@ def _main(argv):
     """(exit code, stderr) of `cifar10.main(argv)` in this process, with JAX's per-run options kept out (the
     test process's JAX has started) and the signal handlers restored."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    original = compiler.set_cpu_conv
+    original, original_memory = compiler.set_cpu_conv, compiler.set_host_memory
     err = io.StringIO()
     try:
         compiler.set_cpu_conv = lambda name: None if name in compiler.CPU_CONV_FLAGS else original(name)
+        compiler.set_host_memory = lambda name: None if name in compiler.HOST_MEMORY else original_memory(name)
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
                 code = cifar10.main([*argv, "--compilation-cache", ""] if argv[:1] != ["predict"] else argv)
             except SystemExit as e:
                 code = e.code
     finally:
-        compiler.set_cpu_conv = original
+        compiler.set_cpu_conv, compiler.set_host_memory = original, original_memory
         for s, h in handlers.items():
             signal.signal(s, h)
     return code, err.getvalue()
@@ -123,6 +124,7 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["schedule=step"], "schedule must be one of piecewise, cosine, constant"),
     (["flip=sideways"], "flip must be one of alternate, random, none, got 'sideways'"),
     (["xla_cpu_conv=mkl"], "xla_cpu_conv must be one of ynnpack, eigen"),
+    (["host_memory=jemalloc"], "host_memory must be one of keep, system, got 'jemalloc'"),
 ]
 
 FLAG_CASES = [

@@ -1,6 +1,7 @@
 """Per-run XLA options: the CPU-conv choice reaches XLA before JAX starts and changes the compiled program, is
-refused after, and names the valid choices when unknown."""
+refused after, and names the valid choices when unknown; likewise malloc's settings for XLA's host buffers."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -49,6 +50,52 @@ def test_cpu_conv_choice_reaches_the_compiled_program(name, uses_ynnpack):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", str(uses_ynnpack)]
+
+
+def test_unknown_host_memory_names_the_choices():
+    with pytest.raises(ValueError, match="host_memory must be one of keep, system, got 'jemalloc'"):
+        compiler.set_host_memory("jemalloc")
+
+
+def test_keeping_host_memory_after_the_backends_started_is_refused():
+    jax.devices()
+    with pytest.raises(RuntimeError, match="before JAX starts its backends"):
+        compiler.set_host_memory("keep")
+    compiler.set_host_memory("system")  # the C library's defaults need nothing, so they are never refused
+
+
+FAULTS = """
+import resource, sys
+import jax, jax.numpy as jnp
+from jaxnet import compiler
+compiler.set_host_memory(sys.argv[1])
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+grad = jax.jit(jax.grad(lambda w, x: conv(jax.nn.relu(conv(x, w)), w).sum()))  # 16 MiB activations: temporaries
+w, x = jnp.full((3, 3, 16, 16), 0.01), jnp.ones((64, 64, 64, 16))
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    grad(w, x).block_until_ready()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"), reason="malloc's settings are glibc's")
+def test_kept_host_memory_stops_the_page_faults_of_every_step():
+    """In fresh processes, the same jitted gradient called 20 times: with glibc's defaults every call faults its
+    temporaries' pages in again (their blocks are mapped and unmapped per call); with "keep", once the heap has
+    grown to the program's need (a few calls), most calls fault nothing (under jax 0.12 about one call in five
+    still faults a block in, as live results move the heap's free blocks around)."""
+    faults = {}
+    for name in compiler.HOST_MEMORY:
+        child = subprocess.run([sys.executable, "-c", FAULTS, name], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert child.returncode == 0, child.stderr[-2000:]
+        faults[name] = [int(n) for n in child.stdout.split()]
+    def faulting(calls):  # calls after the third that fault in at least one activation's pages (16 MiB)
+        return sum(n * 4096 > 16 * 2**20 for n in calls[3:])
+
+    assert faulting(faults["system"]) == 17, faults
+    assert faulting(faults["keep"]) <= 8, faults
 
 
 def test_run_once_computes_what_jit_computes():

@@ -47,4 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2              # newest checkpoints kept (the best is kept besides)
     c.log_every = 10                    # steps between metric fetches (host syncs)
     c.xla_cpu_conv = "eigen"            # CPU convolutions: eigen | ynnpack (XLA's default); set before JAX starts
+    c.host_memory = "keep"              # malloc: keep (XLA's step buffers stay mapped) | system; set before JAX starts
     return c
