@@ -204,8 +204,8 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, dataset):
 
     monkeypatch.setattr(experiment, "train_and_evaluate", broken)
     with pytest.raises(ValueError, match="an internal bug"):
-        cifar10.main(["--config", "smoke", "xla_cpu_conv=ynnpack", "--workdir", str(tmp_path / "w"),
-                      "--data-dir", str(dataset), "--compilation-cache", ""])
+        cifar10.main(["--config", "smoke", "xla_cpu_conv=ynnpack", "host_memory=system",
+                      "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), "--compilation-cache", ""])
 
 
 def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, dataset):
@@ -237,6 +237,16 @@ def test_airbench_optimizer_lr_groups_match_airbench94():
     np.testing.assert_allclose(np.abs(first["stem"]["bias"]), conv, rtol=1e-6)
     assert not np.any(first["stem"]["kernel"]) and not np.any(second["stem"]["bias"])
     assert np.all(second["ConvGroup_0"]["Conv_0"]["kernel"])
+
+
+@pytest.mark.parametrize("name", configs.NAMES)
+def test_every_recipe_passes_validation_and_its_model_gives_ten_logits(name):
+    config = configs.get_config(name)
+    experiment.validate_config(config)
+    model = experiment.build_model(config)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x).shape == (2, 10)
 
 
 def test_muon_recipe_gives_each_group_the_records_rate():
@@ -482,7 +492,8 @@ def test_resume_refuses_another_seed_or_data_and_allows_logging_changes(tmp_path
         experiment.train_and_evaluate(smoke(epochs=2.0), workdir, data_dir=other, resume=True, show_progress=False)
     with pytest.raises(CheckpointError, match=r"another config \(differs in epochs\)"):
         experiment.train_and_evaluate(smoke(epochs=3.0), workdir, data_dir=dataset, resume=True, show_progress=False)
-    summary = experiment.train_and_evaluate(smoke(epochs=2.0, log_every=3, keep_checkpoints=1, eval_batch_size=32),
+    summary = experiment.train_and_evaluate(smoke(epochs=2.0, log_every=3, keep_checkpoints=1, eval_batch_size=32,
+                                                  host_memory="system"),
                                             workdir, data_dir=dataset, resume=True, show_progress=False)
     assert summary["steps"] == 12 and summary["epochs_completed"] == 2
 
