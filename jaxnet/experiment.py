@@ -50,6 +50,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "model": (lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
         "widths": (lambda v: v == () or (len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)),
                    "() or 3 positive integers (channels of FastNet's three blocks)"),
+        "depth": (lambda v: v in (2, 3), "2 or 3 (convs in each of FastNet's blocks)"),
         "dtype": (lambda v: v == "auto" or v in DTYPES, f"one of auto, {', '.join(DTYPES)}"),
         "conv_impl": (lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}"),
         "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
@@ -80,6 +81,8 @@ def validate_config(config) -> None:
         raise ConfigError(f"widths sets FastNet's blocks; model {config.model} has its own")
     if config.get("activation", "gelu") != "gelu" and not config.model.startswith("fastnet"):
         raise ConfigError(f"activation sets FastNet's; model {config.model} has its own")
+    if config.get("depth", 2) != 2 and not config.model.startswith("fastnet"):
+        raise ConfigError(f"depth sets FastNet's blocks; model {config.model} has its own")
 
 
 def compute_dtype(name: str, platform: str | None = None) -> Any:
@@ -99,6 +102,8 @@ def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | Non
     fastnet = {"widths": tuple(config.widths)} if config.get("widths") else {}
     if config.get("activation", "gelu") != "gelu":
         fastnet["activation"] = models.ACTIVATIONS[config.activation]
+    if config.get("depth", 2) != 2:
+        fastnet["depth"] = config.depth
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
                       norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=compute_dtype(config.dtype),
                       **fastnet)

@@ -117,6 +117,8 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["model=plain_tiny", "widths=(8, 16, 16)"], "widths sets FastNet's blocks; model plain_tiny has its own"),
     (["activation=tanh"], "activation must be one of gelu, silu, relu, got 'tanh'"),
     (["model=plain_tiny", "activation=silu"], "activation sets FastNet's; model plain_tiny has its own"),
+    (["model=plain_tiny", "depth=3"], "depth sets FastNet's blocks; model plain_tiny has its own"),
+    (["depth=4"], "depth must be 2 or 3 (convs in each of FastNet's blocks), got 4"),
     (["jitter=1.5"], "jitter must be in [0, 1), got 1.5"),
     (["tta_fraction=0.0"], "tta_fraction must be in (0, 1], got 0.0"),
     (["conv_impl=fast"], "conv_impl must be one of xla, im2col"),

@@ -34,8 +34,9 @@ def _param_count(model, shape):
     (models.ResNet34(num_classes=1000, stem="imagenet"), (1, 224, 224, 3), 21_797_672),  # torchvision
     (models.ResNet50(num_classes=1000, stem="imagenet"), (1, 224, 224, 3), 25_557_032),  # torchvision
     (models.FastNet(), (1, 32, 32, 3), 1_971_640),                        # airbench94 (all its tensors)
+    (models.FastNet(widths=(128, 384, 512), depth=3), (1, 32, 32, 3), 9_915_704),  # airbench96 (trained tensors)
 ], ids=["resnet18", "resnet20", "resnet56", "resnet18_imagenet", "resnet34_imagenet", "resnet50_imagenet",
-        "fastnet"])
+        "fastnet", "fastnet_airbench96"])
 def test_parameter_counts_match_references(model, shape, expected):
     assert _param_count(model, shape) == expected
 
@@ -176,3 +177,50 @@ def test_whitening_stem_sets_the_stem_kernel_from_data_only():
     chex.assert_trees_all_equal({k: v for k, v in whitened.items() if k != "stem"},
                                 {k: v for k, v in params.items() if k != "stem"})
     chex.assert_trees_all_equal(whitened["stem"]["bias"], params["stem"]["bias"])
+
+
+def _fastnet_reference(variables, x, depth):
+    """FastNet's eval-mode forward written out from airbench's network definition, with `variables`' values:
+    stem conv + GELU; per block conv, pool, BN, GELU, conv, BN, GELU (depth 3: then conv, BN, plus the first
+    GELU's output, GELU); global max-pool; head times 1/9."""
+    params, stats = variables["params"], variables["batch_stats"]
+    conv = partial(jax.lax.conv_general_dilated, window_strides=(1, 1), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                   precision="highest")
+    gelu = partial(jax.nn.gelu, approximate=False)
+
+    def channels(v):  # a per-channel vector, broadcast over NHWC explicitly (the tests raise on rank promotion)
+        return v.reshape(1, 1, 1, -1)
+
+    def bn(x, group, i):
+        s, b = stats[group][f"BatchNorm_{i}"], params[group][f"BatchNorm_{i}"]["bias"]
+        return (x - channels(s["mean"])) / channels(jnp.sqrt(s["var"] + 1e-12)) + channels(b)
+
+    x = gelu(conv(x, params["stem"]["kernel"], padding="VALID") + channels(params["stem"]["bias"]))
+    for g in range(3):
+        group, kernel = f"ConvGroup_{g}", lambda i: params[f"ConvGroup_{g}"][f"Conv_{i}"]["kernel"]
+        x = nn.max_pool(conv(x, kernel(0), padding="SAME"), (2, 2), strides=(2, 2))
+        x = shortcut = gelu(bn(x, group, 0))
+        x = gelu(bn(conv(x, kernel(1), padding="SAME"), group, 1))
+        if depth == 3:
+            x = gelu(bn(conv(x, kernel(2), padding="SAME"), group, 2) + shortcut)
+    return x.max(axis=(1, 2)) @ params["head"]["kernel"] / 9
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_fastnet_blocks_of_two_and_three_convs_match_airbenchs_definition(depth):
+    model = models.FastNet(widths=(8, 16, 12), depth=depth)
+    x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    # non-trivial BN statistics and biases, so that every term of the reference counts
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    variables = jax.tree.unflatten(treedef, [
+        leaf + 0.1 * jax.random.uniform(k, leaf.shape) if leaf.ndim == 1 else leaf for leaf, k in zip(leaves, keys)])
+    assert len(variables["params"]["ConvGroup_0"]) == 2 * depth  # its convs and BatchNorms
+    np.testing.assert_allclose(model.apply(variables, x, train=False), _fastnet_reference(variables, x, depth),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fastnet_refuses_another_depth():
+    with pytest.raises(ValueError, match="ConvGroup depth must be 2 or 3, got 4"):
+        models.FastNet(widths=(8, 16, 16), depth=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)

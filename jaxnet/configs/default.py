@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "fastnet"                 # fastnet | fastnet_tiny | resnet18 | resnet20 | resnet56 | plain | plain_tiny | resnet_tiny
     c.widths = ()                       # FastNet models: channels of the three blocks, e.g. (32, 128, 128); () = the model's own
+    c.depth = 2                         # FastNet models: convs per block: 2 (airbench94's) | 3 (airbench96's, a residual)
     c.activation = "gelu"               # FastNet models: gelu (exact) | silu | relu
     c.dtype = "auto"                    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; params stay float32
     c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)

@@ -54,30 +54,42 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"gelu": gelu, "silu"
 
 
 class ConvGroup(nn.Module):
-    """conv3×3 → max-pool 2 → BN → activation → conv3×3 → BN → activation; halves H and W."""
+    """conv3×3 → max-pool 2 → BN → activation → conv3×3 → BN → activation; halves H and W.
+
+    `depth` 3 is airbench96's group: a third conv3×3 → BN, added to the output of the first activation (a
+    residual over the last two convs), then the activation."""
 
     features: int
     conv: ModuleDef
     norm: ModuleDef
     activation: Callable[[jax.Array], jax.Array] = gelu
+    depth: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.depth not in (2, 3):
+            raise ValueError(f"ConvGroup depth must be 2 or 3, got {self.depth}")
         x = self.conv(self.features, (3, 3))(x)
         x = max_pool(widened(x), 2)
-        x = self.activation(self.norm()(x))
+        x = shortcut = self.activation(self.norm()(x))
         x = self.conv(self.features, (3, 3))(x)
-        return self.activation(self.norm()(x))
+        x = self.activation(self.norm()(x))
+        if self.depth == 2:
+            return x
+        x = self.conv(self.features, (3, 3))(x)
+        return self.activation(self.norm()(x) + shortcut)
 
 
 class FastNet(nn.Module):
-    """airbench-class net. Attributes: `widths` of the three blocks, `stem_width` (2·3·2² for whitening),
+    """airbench-class net. Attributes: `widths` of the three blocks, their `depth` in convs (2, airbench94's;
+    3, airbench96's: see `ConvGroup`), `stem_width` (2·3·2² for whitening),
     BN `bn_momentum` (Flax convention: weight of the running value), head `scale` (None: 1 / the head's input
     features) and `head_init`, `activation` (exact GELU, airbench's), compute `dtype` of the convs and the
     head (pooling, BatchNorm and activations compute in float32: see `widened`)."""
 
     num_classes: int = 10
     widths: Sequence[int] = (64, 256, 256)
+    depth: int = 2
     stem_width: int = 24
     bn_momentum: float = 0.6
     scale: float | None = 1 / 9
@@ -97,7 +109,7 @@ class FastNet(nn.Module):
                       kernel_init=torch_conv_init, name="stem")(x)
         x = self.activation(widened(x))
         for width in self.widths:
-            x = ConvGroup(width, conv=conv, norm=norm, activation=self.activation)(x)
+            x = ConvGroup(width, conv=conv, norm=norm, activation=self.activation, depth=self.depth)(x)
         x = max_pool(x, x.shape[1])
         x = x.reshape(x.shape[0], -1)
         scale = 1 / self.widths[-1] if self.scale is None else self.scale
