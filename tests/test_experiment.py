@@ -345,6 +345,13 @@ def test_activation_sets_fastnets():
                            experiment.build_model(smoke()).apply(variables, images, train=False))
 
 
+def test_depth_sets_fastnets_blocks():
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    for depth, convs in ((2, {"Conv_0", "Conv_1"}), (3, {"Conv_0", "Conv_1", "Conv_2"})):
+        variables = experiment.build_model(smoke(depth=depth)).init(jax.random.key(0), images, train=False)
+        assert {name for name in variables["params"]["ConvGroup_2"] if name.startswith("Conv")} == convs
+
+
 def test_widths_set_fastnets_blocks_and_the_muon_heads_scale():
     from jaxnet import models
 
