@@ -1,7 +1,8 @@
 """`make run`'s recipe: the record's (`muon`) on a FastNet of half the width, for 5 epochs.
 
 Half the channels (32, 128, 128) is about a quarter of the FLOPs: on 2 CPU cores the whole run — data,
-compilation, training and the TTA test — fits in 10 minutes (benchmarks/RESULTS.md, "make run's recipe").
+compilation, training and the TTA test — took 8 min on a Xeon and 13 min on an AMD EPYC (Zen 3)
+(benchmarks/RESULTS.md, "make run's recipe").
 """
 
 from jaxnet.configs import muon
