@@ -40,6 +40,9 @@ NUM_CLASSES = 10
 # Config fields a resumed run may change: they do not touch the training math. Every other field, the seed and
 # the data (a fingerprint of the splits) must be those of the checkpoint.
 RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size", "host_memory")
+# Config fields only FastNet models take: (the value that leaves the model's own, what the field sets).
+FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "FastNet's"),
+                  "depth": (2, "FastNet's blocks")}
 
 
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
@@ -77,12 +80,10 @@ def validate_config(config) -> None:
     for key, (check, wanted) in _rules().items():
         if key in config and not check(config[key]):
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")
-    if config.get("widths") and not config.model.startswith("fastnet"):
-        raise ConfigError(f"widths sets FastNet's blocks; model {config.model} has its own")
-    if config.get("activation", "gelu") != "gelu" and not config.model.startswith("fastnet"):
-        raise ConfigError(f"activation sets FastNet's; model {config.model} has its own")
-    if config.get("depth", 2) != 2 and not config.model.startswith("fastnet"):
-        raise ConfigError(f"depth sets FastNet's blocks; model {config.model} has its own")
+    if not config.model.startswith("fastnet"):
+        for key, (default, what) in FASTNET_FIELDS.items():
+            if config.get(key, default) != default:
+                raise ConfigError(f"{key} sets {what}; model {config.model} has its own")
 
 
 def compute_dtype(name: str, platform: str | None = None) -> Any:
@@ -99,11 +100,11 @@ def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | Non
     """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
     `conv_impl` replaces the config's (the parameters are the same for every impl)."""
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
-    fastnet = {"widths": tuple(config.widths)} if config.get("widths") else {}
-    if config.get("activation", "gelu") != "gelu":
-        fastnet["activation"] = models.ACTIVATIONS[config.activation]
-    if config.get("depth", 2) != 2:
-        fastnet["depth"] = config.depth
+    fastnet = {key: config[key] for key, (default, _) in FASTNET_FIELDS.items() if config.get(key, default) != default}
+    if "widths" in fastnet:
+        fastnet["widths"] = tuple(fastnet["widths"])
+    if "activation" in fastnet:
+        fastnet["activation"] = models.ACTIVATIONS[fastnet["activation"]]
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
                       norm=partial(layers.BatchNorm, axis_name=bn_axis_name), dtype=compute_dtype(config.dtype),
                       **fastnet)
