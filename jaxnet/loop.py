@@ -131,7 +131,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
         last = min(steps_per_epoch, offset + total_steps - step)
         bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
-        pending, t_window = [], time.perf_counter()
+        pending, t_window, untimed = [], time.perf_counter(), 0
         try:  # the bar ends its line even when a step raises, so an error message starts on its own
             for i in range(offset, last):
                 if step == trace_window[0]:
@@ -143,18 +143,19 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                 if step == trace_window[1]:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
-                if first_step is None:  # compile + one step; kept out of the steady-state timing
+                pending.append(metrics)
+                if first_step is None:  # compile + one step: logged, but kept out of the steady-state timing
                     jax.block_until_ready(metrics)
                     first_step = time.perf_counter() - t_window
-                    t_window = time.perf_counter()
-                else:
-                    pending.append(metrics)
+                    t_window, untimed = time.perf_counter(), 1
                 bar.update(batch_size)
                 # Several processes stop together: they agree on the flag every `log_every` steps.
                 stop = i < last - 1 and (single or step % log_every == 0) and parallel.any_process(should_stop())
-                if pending and (len(pending) == log_every or i == last - 1 or stop):
+                if len(pending) == log_every or i == last - 1 or stop:
                     fetched = parallel.fetch(pending)
-                    step_times.append((time.perf_counter() - t_window) / len(pending))
+                    if len(pending) > untimed:
+                        step_times.append((time.perf_counter() - t_window) / (len(pending) - untimed))
+                    untimed = 0
                     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "count"}
                     if not math.isfinite(scalars["loss"]):
                         raise TrainingDiverged(f"training loss is {scalars['loss']} at step {step}")

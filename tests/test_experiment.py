@@ -89,6 +89,20 @@ def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
     assert len([l for l in result.stderr.splitlines() if "cannot read image" in l]) == 2
 
 
+def test_a_one_step_run_without_validation_logs_its_step_and_plots(tmp_path, dataset):
+    """The first step (compile + run) is logged too: a run of one step and no validation split (as the muon
+    recipes) still has a training curve, and a summary without a steady-state time (no second step)."""
+    workdir = tmp_path / "run"
+    result = _run_cli("--config", "smoke", "val_size=0", "epochs=0.1", "log_every=5", "--workdir", str(workdir),
+                      "--data-dir", str(dataset))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1)] and np.isfinite(rows[0]["loss"])
+    assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["steady_step_seconds"] is None
+
+
 def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
     config = smoke(epochs=3.0)
     experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
