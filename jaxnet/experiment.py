@@ -100,9 +100,12 @@ def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | Non
     """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
     `conv_impl` replaces the config's (the parameters are the same for every impl)."""
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
-    fastnet = {key: config[key] for key, (default, _) in FASTNET_FIELDS.items() if config.get(key, default) != default}
-    if "widths" in fastnet:
-        fastnet["widths"] = tuple(fastnet["widths"])
+    fastnet = {}
+    for key, (default, _) in FASTNET_FIELDS.items():
+        value = config.get(key, default)
+        value = tuple(value) if isinstance(value, list) else value  # a config read back from JSON holds lists
+        if value != default:
+            fastnet[key] = value
     if "activation" in fastnet:
         fastnet["activation"] = models.ACTIVATIONS[fastnet["activation"]]
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,

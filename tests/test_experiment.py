@@ -366,6 +366,18 @@ def test_depth_sets_fastnets_blocks():
         assert {name for name in variables["params"]["ConvGroup_2"] if name.startswith("Conv")} == convs
 
 
+@pytest.mark.parametrize("name", ["smoke", "quick"])
+def test_a_config_read_back_from_json_builds_the_same_model(name):
+    """A summary's or checkpoint's config holds lists where the recipe had tuples (widths () or (32, 128, 128))."""
+    import ml_collections
+
+    config = configs.get_config(name)
+    read_back = ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))
+    shapes = [jax.eval_shape(partial(experiment.build_model(c).init, train=False), jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3))) for c in (config, read_back)]
+    chex.assert_trees_all_equal_shapes_and_dtypes(*shapes)
+
+
 def test_widths_set_fastnets_blocks_and_the_muon_heads_scale():
     from jaxnet import models
 
