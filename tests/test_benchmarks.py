@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,56 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
 def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = _run_tta(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _tta_bench(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.tta", "--no-record", *args], cwd=ROOT,
+                          env=_tta_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def test_tta_benchmark_evaluates_the_state_the_run_tested_as_the_run_did(tmp_path, data):
+    """On a finished smoke run (a validation split: its best checkpoint is the tested state), level 0 and full
+    TTA reproduce the run's own test accuracies; a selective variant runs beside them."""
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "epochs=2.0",
+                              "--workdir", str(run), "--data-dir", str(data)], cwd=ROOT, env=_tta_env(tmp_path),
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    shutil.rmtree(run / "checkpoints" / "last")  # the run tested its best checkpoint: the benchmark needs no other
+    result = _tta_bench(tmp_path, "--workdir", str(run), "--data-dir", str(data), "--variants", "0:1,2:1,2:0.5",
+                        "--rounds", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [r for r in result.stdout.splitlines() if r.startswith("| ") and r[2].isdigit()]
+    assert [r.split(" | ")[:3] for r in rows] == [["| 0", "1", f"{summary['test_accuracy']:.2%}"],
+                                                  ["| 2", "1", f"{summary['test_accuracy_tta']:.2%}"],
+                                                  ["| 2", "0.5", rows[2].split(" | ")[2]]]
+    assert rows[0].endswith("| 1.00 |")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--variants", "3:1"], "variant 3:1.0: the level is 0, 1 or 2"),
+    (["--variants", "0:0.5"], "(1 for level 0)"),
+    (["--variants", "2:all"], "variants are LEVEL:FRACTION"),
+    (["--variants", "2:1,2:1.0"], "variants repeat"),
+    (["--rounds", "0"], "--rounds must be ≥ 1, got 0"),
+    (["--workdir", "/nonexistent/run"], "/nonexistent/run/summary.json not found: --workdir must be a finished run"),
+])
+def test_tta_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = _tta_bench(tmp_path, *(["--workdir", str(tmp_path)] if "--workdir" not in args else []), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_tta_benchmark_names_a_run_without_checkpoints_in_one_line(tmp_path, data):
+    from jaxnet import configs
+
+    (tmp_path / "run").mkdir()
+    summary = {"seed": 0, "config": configs.get_config("smoke").to_dict()}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    result = _tta_bench(tmp_path, "--workdir", str(tmp_path / "run"), "--data-dir", str(data))
+    assert result.returncode == 2 and "error: no checkpoint in" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
