@@ -52,7 +52,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     summary = Path(args.workdir) / "summary.json"
     if not summary.is_file():
         p.error(f"{summary} not found: --workdir must be a finished run")
-    args.summary = json.loads(summary.read_text())
+    try:
+        args.summary = json.loads(summary.read_text())
+    except ValueError as e:
+        p.error(f"{summary} is not a run's summary (not JSON: {e})")
+    if not (isinstance(args.summary, dict) and isinstance(args.summary.get("config"), dict) and "seed" in args.summary):
+        p.error(f"{summary} is not a run's summary (no config and seed)")
     return args
 
 

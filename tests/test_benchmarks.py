@@ -246,6 +246,14 @@ def test_tta_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, args, message)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"seed": 0}', "[]"])
+def test_tta_benchmark_refuses_a_summary_that_is_not_a_runs_in_one_line(tmp_path, text):
+    (tmp_path / "summary.json").write_text(text)
+    result = _tta_bench(tmp_path, "--workdir", str(tmp_path))
+    assert result.returncode == 2 and "summary.json is not a run's summary (" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_tta_benchmark_names_a_run_without_checkpoints_in_one_line(tmp_path, data):
     from jaxnet import configs
 
