@@ -176,8 +176,10 @@ def replicate(tree: Any, devices: Sequence, axis_name: str = AXIS) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-    """The first copy of every leaf of a pmapped output."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """The first copy of every leaf of a pmapped output: the first device's buffer, taken as it is. (`x[0]` would
+    be a program over all the devices, an all-reduce per leaf and per step; on XLA's CPU client many of those in
+    flight at once can deadlock in its collective rendezvous.)"""
+    return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), tree)
 
 
 def _split_batch(batch: Batch, devices: Sequence, axis_name: str) -> Batch:

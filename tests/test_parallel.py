@@ -63,6 +63,17 @@ def test_jit_path_shardings_are_as_documented(runs):
     assert out.addressable_shards[0].data.shape == (2, 4, 4, 3)
 
 
+def test_pmap_path_hands_back_the_first_devices_state_without_a_program_over_all_devices(runs):
+    """The pmap path's state and metrics come back as the first device's buffers. Taking them with `x[0]` ran an
+    all-reduce over the 8 devices per leaf and per step, and XLA's CPU client deadlocked in its collective
+    rendezvous now and then with many in flight (`Termination timeout ... only 7 of them arrived`, an abort)."""
+    state, metrics = runs["pmap8"]
+    leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state, metrics))
+    assert all(leaf.devices() == {jax.local_devices()[0]} for leaf in leaves)
+    replicated = parallel.replicate({"w": jnp.arange(6.0).reshape(2, 3)}, jax.local_devices())
+    np.testing.assert_array_equal(parallel.unreplicate(replicated)["w"], np.arange(6.0).reshape(2, 3))
+
+
 class InputNorm(nn.Module):
     """BatchNorm straight on the inputs, so its batch statistics are those of the images."""
 
