@@ -73,6 +73,12 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str,
     return merge_metrics(parallel.fetch([eval_step(state, b) for b in batches]))
 
 
+def _done(metrics: Any) -> bool:
+    """Whether a step's metrics are computed, asked without waiting (no host sync): the progress bar counts
+    finished steps, so its img/s is the true rate rather than that of asynchronous dispatch."""
+    return all(leaf.is_ready() for leaf in jax.tree.leaves(metrics) if isinstance(leaf, jax.Array))
+
+
 def _check_finite(state: TrainState, step: int) -> None:
     """TrainingDiverged if a parameter is NaN or infinite: such a state is never saved, so the newest
     checkpoint stays the last good one. One scalar fetched per save."""
@@ -131,7 +137,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
         last = min(steps_per_epoch, offset + total_steps - step)
         bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
-        pending, t_window, untimed = [], time.perf_counter(), 0
+        pending, shown, t_window, untimed = [], 0, time.perf_counter(), 0
         try:  # the bar ends its line even when a step raises, so an error message starts on its own
             for i in range(offset, last):
                 if step == trace_window[0]:
@@ -148,11 +154,15 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     jax.block_until_ready(metrics)
                     first_step = time.perf_counter() - t_window
                     t_window, untimed = time.perf_counter(), 1
-                bar.update(batch_size)
+                while shown < len(pending) and _done(pending[shown]):  # finished steps, not dispatched ones
+                    shown += 1
+                    bar.update(batch_size)
                 # Several processes stop together: they agree on the flag every `log_every` steps.
                 stop = i < last - 1 and (single or step % log_every == 0) and parallel.any_process(should_stop())
                 if len(pending) == log_every or i == last - 1 or stop:
                     fetched = parallel.fetch(pending)
+                    if len(fetched) > shown:
+                        bar.update((len(fetched) - shown) * batch_size)
                     if len(pending) > untimed:
                         step_times.append((time.perf_counter() - t_window) / (len(pending) - untimed))
                     untimed = 0
@@ -162,7 +172,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     if writer:
                         writer.write("train", step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
-                    pending, t_window = [], time.perf_counter()
+                    pending, shown, t_window = [], 0, time.perf_counter()
                 if stop:
                     interrupted = True
                     if checkpointer:

@@ -582,6 +582,41 @@ def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
     assert not [p for p in (tmp_path / "ckpt" / "last").iterdir() if p.name.isdigit()]
 
 
+@pytest.mark.parametrize("finished,updates", [(True, [4] * 7), (False, [12, 12, 4])])
+def test_the_progress_bar_counts_finished_steps_not_dispatched_ones(monkeypatch, finished, updates):
+    """7 steps of 4 images, metrics fetched every 3 steps: a step whose metrics are computed moves the bar at
+    once; one still running (asynchronous dispatch) only when its metrics are fetched."""
+    import jax.numpy as jnp
+
+    from jaxnet import loop
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.total, self.updates = total, []
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            bars.append(self)
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.5),
+                                                     "count": jnp.int32(4)}
+
+    bars = []
+    monkeypatch.setattr(loop, "progress", Bar)
+    monkeypatch.setattr(loop, "_done", lambda metrics: finished)
+    images, labels = jnp.zeros((28, 32, 32, 3), jnp.uint8), jnp.zeros((28,), jnp.int32)
+    data = loop.TrainData(images, labels, lambda key, im, lb, idx, epoch: {"image": im[idx], "label": lb[idx]}, 4,
+                          jax.random.key(0))
+    loop.fit(jaxnet_state(), step, data, 14, options=loop.FitOptions(log_every=3))
+    assert [bar.updates for bar in bars] == [updates, updates] and all(bar.total == 28 for bar in bars)
+
+
 def jaxnet_state():
     import jax.numpy as jnp
 
