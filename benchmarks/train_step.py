@@ -126,8 +126,11 @@ def torch_model(name: str):
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
 
 
-def jax_runner(name: str, dtype, conv_impl: str, norm: str):
-    registered, batch = JAX_MODELS[name]
+def jax_step(name: str, dtype, conv_impl: str, norm: str, batch: int | None = None):
+    """The jitted train step of `name` (SGD with momentum), its first state and a batch of random images (of
+    the model's size in `JAX_MODELS` unless `batch` is given)."""
+    registered, default_batch = JAX_MODELS[name]
+    batch = batch or default_batch
     model = models.get(registered, num_classes=10, dtype=dtype, conv=partial(layers.Conv, impl=conv_impl),
                        norm={"jaxnet": layers.BatchNorm, "flax": flax.linen.BatchNorm}[norm])
     state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
@@ -135,7 +138,12 @@ def jax_runner(name: str, dtype, conv_impl: str, norm: str):
     rng = np.random.default_rng(0)
     data = jax.device_put({"image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
                            "label": rng.integers(0, 10, batch).astype(np.int32)})
-    step = parallel.jit_train_step()
+    return parallel.jit_train_step(), state, data
+
+
+def jax_runner(name: str, dtype, conv_impl: str, norm: str):
+    step, state, data = jax_step(name, dtype, conv_impl, norm)
+    batch = data["label"].shape[0]
     stats = profiling.compile_stats(step.compiled, state, data)  # jit reuses this compilation at the first call
     holder = {"state": state}
 
@@ -146,12 +154,13 @@ def jax_runner(name: str, dtype, conv_impl: str, norm: str):
     return run, batch, stats
 
 
-def torch_runner(name: str, mode: str, device: str = "cpu"):
+def torch_runner(name: str, mode: str, device: str = "cpu", batch: int | None = None):
     """One PyTorch train step of `name` in `mode` on `device` ("cpu" or "cuda"): eager or `torch.compile`d
-    (compiled at its first call), fp32 or under bf16 autocast; on CUDA it waits for the GPU before returning."""
+    (compiled at its first call), fp32 or under bf16 autocast; on CUDA it waits for the GPU before returning.
+    The batch is the model's in `JAX_MODELS` unless `batch` is given."""
     import torch
 
-    batch = JAX_MODELS[name][1]
+    batch = batch or JAX_MODELS[name][1]
     bf16 = mode.endswith("-bf16")
     model = torch_model(name).to(device, memory_format=torch.channels_last)
     forward = torch.compile(model) if mode.startswith("compile") else model
@@ -193,7 +202,7 @@ def gemm_runners(dtype: str, n: int = 2048, probe: int = 256) -> tuple[dict, int
         f(a).block_until_ready()
         return {"JAX": lambda: f(a).block_until_ready(), "PyTorch": lambda: t @ t}
 
-    kept = within({name: min(_timed(g), _timed(g)) for name, g in runners(probe).items()}, 4.0)
+    kept = within({name: min(timed(g), timed(g)) for name, g in runners(probe).items()}, 4.0)
     return {name: g for name, g in runners(n).items() if name in kept}, 2 * n ** 3
 
 
@@ -204,7 +213,7 @@ def within(times: dict[str, float], factor: float) -> list[str]:
 
 def gemm_peak(gemms: dict, flops: int) -> float:
     """FLOP/s of the faster of `gemms` now (each timed twice, the best kept)."""
-    return flops / min(_timed(g) for g in [*gemms.values(), *gemms.values()])
+    return flops / min(timed(g) for g in [*gemms.values(), *gemms.values()])
 
 
 def compare(jax_times: list[float], torch_times: dict[str, list[float]], peaks: list[float], flops: float) -> dict:
@@ -221,7 +230,7 @@ def compare(jax_times: list[float], torch_times: dict[str, list[float]], peaks: 
             "torch_mfu": statistics.median(flops / t / p for t, p in zip(tt, peaks)) if all(peaks) else None}
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -252,7 +261,7 @@ def main() -> None:
         jax_runs = [jax_runner(name, dtype, impl, args.norm) for impl in impls]
         batch = jax_runs[0][1]
         flops = step_flops(name, dtype, args.norm, impls, [stats for *_, stats in jax_runs])
-        firsts = [_timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
+        firsts = [timed(run) for run, *_ in jax_runs]  # the first steps (compiled above)
         runs = [run for run, *_ in jax_runs] + [torch_runner(name, mode, device) for mode in modes]
         for _ in range(2):  # warm-up (torch.compile compiles here)
             for fn in runs:
@@ -260,7 +269,7 @@ def main() -> None:
         times, peaks = [[] for _ in runs], []
         for i in range(args.steps):  # A B G, B A G, ...: G measures the GEMM peak at the same moment
             for k in (range(len(runs)) if i % 2 == 0 else reversed(range(len(runs)))):
-                times[k].append(_timed(runs[k]))
+                times[k].append(timed(runs[k]))
             peaks.append(peak_now())
         torch_times = dict(zip(modes, times[len(impls):]))
         peak_text = f"{statistics.median(peaks) / 1e9:.0f}" if all(peaks) else "n/a"

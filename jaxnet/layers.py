@@ -126,9 +126,11 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
     against 127 ms for a reshape + max with JAX's autodiff, 2026-11-30 (Xeon). Computes in `x`'s dtype;
     in bfloat16 XLA's CPU backend is faster pooling a float32 copy (FastNet does). Reverse mode only (a custom
     VJP, like jaxnet's BatchNorm): a custom JVP, whose transpose JAX derives, made the FastNet b512 bf16 step
-    7–19 % slower; for forward mode (`jax.jvp`, `jax.jacfwd`) use `nn.max_pool`.
+    7–19 % slower; for forward mode (`jax.jvp`, `jax.jacfwd`) use `nn.max_pool`. Its ops are named `max_pool` in
+    HLO metadata and profiles, forward and backward.
     """
-    return functools.reduce(jnp.maximum, _windows(x, window))
+    with jax.named_scope("max_pool"):
+        return functools.reduce(jnp.maximum, _windows(x, window))
 
 
 def _max_pool_fwd(x, window):
@@ -136,6 +138,7 @@ def _max_pool_fwd(x, window):
     return y, (x, y)
 
 
+@jax.named_scope("max_pool")
 def _max_pool_bwd(window, residuals, dy):
     x, y = residuals
     h, w = x.shape[1:3]

@@ -12,6 +12,7 @@ import collections
 import gzip
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -65,13 +66,13 @@ def dump_hlo(directory: str | os.PathLike, fns: dict[str, tuple[Callable, tuple]
     return directory
 
 
-def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[str, float, int]]:
-    """(op name, total milliseconds, count) of the `top` device/XLA ops by time in the newest
-    `*.trace.json.gz` under `directory` (written by `jax.profiler.trace`).
+def op_intervals(directory: str | os.PathLike) -> list[tuple[str, float, float]]:
+    """(op name, start µs, end µs) of each device/XLA op event in the newest `*.trace.json.gz` under
+    `directory` (written by `jax.profiler.trace`), host Python frames and the runtime's own scopes left out.
 
     XLA's CPU runtime runs some ops asynchronously (convolutions among them): their event covers only the
-    dispatch, and an "end: NAME" event marks completion. Such an op is timed from its dispatch to the first
-    "end:" event of its name after it, so concurrent ops can add up to more than the wall time.
+    dispatch, and an "end: NAME" event marks completion. Such an op lasts from its dispatch to the first
+    "end:" event of its name after it.
     """
     traces = sorted(Path(directory).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not traces:
@@ -94,15 +95,69 @@ def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[s
             ops.append(e)
     for times in ends.values():
         times.sort()
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    intervals = []
     for e in ops:
         times = ends.get(e["name"])
         i = bisect.bisect_left(times, e["ts"]) if times else 0
-        dur = times[i] - e["ts"] if times and i < len(times) else e["dur"]
-        totals[e["name"]][0] += dur / 1e3
-        totals[e["name"]][1] += 1
+        end = times[i] if times and i < len(times) else e["ts"] + e["dur"]
+        intervals.append((e["name"], e["ts"], end))
+    return intervals
+
+
+def summarize_trace(directory: str | os.PathLike, top: int = 20) -> list[tuple[str, float, int]]:
+    """(op name, total milliseconds, count) of the `top` device/XLA ops by time in the newest
+    `*.trace.json.gz` under `directory` (`op_intervals`: an asynchronous op from its dispatch to its end, so
+    concurrent ops can add up to more than the wall time; `exclusive_ms` shares such time out)."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for name, start, end in op_intervals(directory):
+        totals[name][0] += (end - start) / 1e3
+        totals[name][1] += 1
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return [(name, ms, int(count)) for name, (ms, count) in ranked]
+
+
+def exclusive_ms(intervals: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Milliseconds of wall time per op name from (name, start µs, end µs) intervals, each moment shared
+    equally among the ops running then: XLA's CPU runtime runs independent ops at once (a conv's input and
+    weight gradients, say, each on part of the cores), so their own durations add up to more than the time
+    they took. The values add up to the time during which any op ran."""
+    edges = sorted([(start, 1, name) for name, start, _ in intervals] + [(end, -1, name) for name, _, end in intervals])
+    running: collections.Counter = collections.Counter()
+    totals: dict[str, float] = collections.defaultdict(float)
+    before = None
+    for t, change, name in edges:
+        if running and before is not None and t > before:
+            share = (t - before) / 1e3 / sum(running.values())
+            for op, n in running.items():
+                totals[op] += share * n
+        running[name] += change
+        if running[name] == 0:
+            del running[name]
+        before = t
+    return dict(totals)
+
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
+    """Each instruction of an HLO module's text (`compiled.as_text()`) by name — the names its profiler trace
+    gives ops — as {"opcode", "shape", "op_name" (the JAX source path of its metadata, "" if none), "target"
+    (a custom call's), "computation" (the one it is in), "calls" (a fusion's or call's computation, else "")}."""
+    instructions, computation = {}, ""
+    for line in hlo_text.splitlines():
+        if m := _HLO_INSTRUCTION.match(line):
+            name, shape, opcode, rest = m.groups()
+            op_name = re.search(r'op_name="((?:[^"\\]|\\.)*)"', rest)
+            target = re.search(r'custom_call_target="([^"]*)"', rest)
+            calls = re.search(r"\bcalls=%?([^\s,}]+)", rest)
+            instructions[name] = {"opcode": opcode, "shape": shape, "op_name": op_name[1] if op_name else "",
+                                  "target": target[1] if target else "", "computation": computation,
+                                  "calls": calls[1] if calls else ""}
+        elif m := _HLO_COMPUTATION.match(line):
+            computation = m[1]
+    return instructions
 
 
 def main(argv: list[str] | None = None) -> int:

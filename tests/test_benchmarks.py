@@ -27,9 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
      "| plain32 | 32 | onednn |"),  # against PyTorch eager and torch.compile, the default modes
     (["benchmarks.train_step", "--models", "plain32", "--steps", "1", "--dtype", "bfloat16", "--conv-impl", "auto",
       "--torch-modes", "eager-bf16", "--no-record"], "peak: bfloat16 2048² GEMMs"),  # MFU in the step's dtype
+    (["benchmarks.step_ops", "--model", "plain32", "--batch", "8", "--steps", "1", "--traced-steps", "1",
+      "--no-record"], "| conv backward | "),
 ])
 def test_benchmark_prints_its_table(args, expect):
-    if args[0] == "benchmarks.train_step":
+    if args[0] in ("benchmarks.train_step", "benchmarks.step_ops"):
         pytest.importorskip("torch", reason="the PyTorch side needs the bench extra")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -358,3 +360,82 @@ def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert report.count(": ok,") == 4 and "FAIL" not in report, report
     assert "| plain32 | 32 | xla |" in report and "Recipe fastnet_tiny" in report
+
+
+@pytest.mark.parametrize("impl", ["xla", "onednn"])
+def test_step_ops_classes_every_conv_of_a_train_step_by_direction(impl):
+    """plain32 has 5 convs: 5 forward, 5 weight gradients, and 4 input gradients (the first conv's is not
+    needed) — XLA's own convs, or oneDNN's custom calls; its max-pools and BatchNorms are classed as such."""
+    import collections
+
+    import jax
+    import numpy as np
+
+    from benchmarks import step_ops, train_step
+    from jaxnet import profiling
+
+    step, state, data = train_step.jax_step("plain32", None, impl, "jaxnet", batch=4)
+    ops = profiling.hlo_instructions(step.compiled.lower(state, data).compile().as_text())
+    kernel_dims = {tuple(sorted(p.shape)) for p in jax.tree.leaves(state.params) if np.ndim(p) == 4}
+    kinds = collections.Counter(step_ops.jax_category(name, op, kernel_dims) for name, op in ops.items())
+    assert (kinds["conv forward"], kinds["conv input grads"], kinds["conv weight grads"]) == (5, 4, 5)
+    assert kinds["pooling"] and kinds["BatchNorm"] and kinds["optimizer and metrics"] and kinds["head and loss"]
+
+
+def _op(opcode="fusion", op_name="", shape="f32[8]{0}"):
+    return {"opcode": opcode, "shape": shape, "op_name": op_name, "target": "", "computation": "main", "calls": ""}
+
+
+@pytest.mark.parametrize("name,op,inner,kind", [
+    # BatchNorm's normalisation fused into the GELU after it: the root multiplies, the erfc nearest to it names it
+    ("multiply_fusion", _op(op_name="jit(s)/jvp(Net)/G_0/mul"),
+     ["jit(s)/jvp(Net)/G_0/BatchNorm_0/sub", "jit(s)/jvp(Net)/G_0/erfc", "jit(s)/jvp(Net)/G_0/mul"], "activation"),
+    ("multiply_fusion.2", _op(op_name="jit(s)/jvp(Net)/G_0/BatchNorm_0/mul"), ["jit(s)/jvp(Net)/G_0/erfc"],
+     "BatchNorm"),
+    ("add_fusion", _op(op_name="jit(s)/add"), ["jit(s)/mul"], "optimizer and metrics"),
+    ("dot.3", _op("dot"), [], "other"),  # no metadata (XLA's rewrite of BatchNorm's statistics, say)
+    ("transpose_copy_fusion.1", _op(), [], "layout copies"),
+    ("cond.1.clone", _op("conditional", "jit(s)/jvp(Net)/Conv_0/cond"), [], None),
+    ("convolution.4", _op("convolution", shape="f32[64,3,3,256]{3,2,1,0}"), [], "conv weight grads"),
+    ("convolution.5", _op("convolution", shape="f32[64,3,3,64]{3,2,1,0}"), [], "other"),
+])
+def test_step_ops_classes_an_xla_op_by_its_own_path_then_its_fused_ops_nearest_the_root(name, op, inner, kind):
+    from benchmarks.step_ops import jax_category
+
+    assert jax_category(name, op, {(3, 3, 64, 256)}, inner) == kind
+
+
+@pytest.mark.parametrize("lineage,kind", [
+    (["aten::empty", "aten::convolution_backward", "autograd::engine::evaluate_function: ConvolutionBackward0"],
+     "conv backward"),
+    (["aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d"], "conv forward"),
+    (["aten::native_batch_norm_backward", "NativeBatchNormBackward0"], "BatchNorm"),
+    (["aten::threshold_backward", "ReluBackward0"], "activation"),
+    (["aten::max_pool2d_with_indices"], "pooling"),
+    (["aten::add_", "aten::_foreach_add_", "Optimizer.step#SGD.step"], "optimizer and metrics"),
+    (["aten::copy_", "aten::to"], "layout copies"),
+    (["aten::add", "AccumulateGrad"], "other"),
+])
+def test_step_ops_classes_pytorch_events_by_themselves_or_their_nearest_classed_caller(lineage, kind):
+    from benchmarks.step_ops import torch_category
+
+    assert torch_category(lineage) == kind
+
+
+def test_step_ops_table_sums_jaxnets_conv_gradients_into_its_backward_row():
+    from benchmarks.step_ops import table
+
+    text = table({"conv forward": 10.0, "conv input grads": 6.0, "conv weight grads": 14.0},
+                 {"conv forward": 12.0, "conv backward": 30.0, "other": 3.0}, 0.04, 0.05)
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines()}
+    assert rows["conv backward"] == "| conv backward | 20.0 | 67% | 30.0 | 67% | 1.50× |"
+    assert "input grads 6.0, weight grads 14.0" in text
+    assert rows["**all ops, traced**"].startswith("| **all ops, traced** | 30.0 | 100% | 45.0 | 100% | 1.50× |")
+    assert rows["**step, untraced (median)**"] == "| **step, untraced (median)** | 40.0 | | 50.0 | | 1.25× |"
+
+
+def test_step_ops_bad_input_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.step_ops", "--steps", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -71,3 +71,49 @@ def test_summarize_times_async_ops_to_their_end_event(tmp_path):
 def test_summarize_without_a_trace_is_exit_2(tmp_path, capsys):
     assert profiling.main(["summarize", str(tmp_path)]) == 2
     assert "no *.trace.json.gz" in capsys.readouterr().err
+
+
+def test_exclusive_ms_shares_each_moment_among_the_ops_running_then():
+    """Two ops overlapping for 10 ms of their 20 and 30: each gets half of the overlap, and the shares add up to
+    the 40 ms in which any op ran (their own durations add up to 50)."""
+    intervals = [("conv.1", 0, 20_000), ("conv.2", 10_000, 40_000), ("fusion", 50_000, 50_000)]
+    ms = profiling.exclusive_ms(intervals)
+    assert ms == pytest.approx({"conv.1": 15.0, "conv.2": 25.0})
+    assert sum(ms.values()) == pytest.approx(40.0)
+    # the same name twice at once (two steps' events, say) counts twice its share
+    assert profiling.exclusive_ms([("a", 0, 10_000), ("a", 0, 10_000), ("b", 0, 10_000)]) == pytest.approx(
+        {"a": 20 / 3, "b": 10 / 3})
+
+
+def test_hlo_instructions_name_each_op_with_its_opcode_shape_and_source_path():
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y ** 2)
+
+    w, x = jnp.ones((3, 3, 4, 8)), jnp.ones((2, 6, 6, 4))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x).compile().as_text()
+    convs = {op["shape"].split("{")[0]: op for op in profiling.hlo_instructions(text).values()
+             if op["opcode"] == "convolution"}
+    # the forward conv, the input gradient (x's shape) and the weight gradient (w's dims, in XLA's order)
+    assert len(convs) == 3
+    assert convs.pop("f32[2,6,6,8]")["op_name"].endswith("/jvp()/conv_general_dilated")
+    assert convs.pop("f32[2,6,6,4]")["op_name"].endswith("/transpose(jvp())/conv_general_dilated")
+    (weight_grad,) = convs
+    assert sorted(map(int, weight_grad[4:-1].split(","))) == [3, 3, 4, 8]
+    text = ('%fused_computation.2 (param_0: f32[8]) -> f32[8] {\n'
+            '  %param_0 = f32[8]{0} parameter(0)\n'
+            '  ROOT %erf.1 = f32[8]{0} erf(f32[8]{0} %param_0), metadata={op_name="jit(f)/jvp(Net)/erf"}\n'
+            '}\n\n'
+            'ENTRY %main.9 (p: f32[2,6,6,4], w: f32[3,3,4,8]) -> f32[2,6,6,8] {\n'
+            '  %custom-call.3 = f32[2,6,6,8]{3,2,1,0} custom-call(f32[2,6,6,4]{3,2,1,0} %p, f32[3,3,4,8]{3,2,1,0} '
+            '%w), custom_call_target="JaxnetOnednnConvForward", metadata={op_name="jit(f)/Conv_0/\\"x\\"" '
+            'source_file="a.py"}\n'
+            '  ROOT %erf_fusion = f32[8]{0} fusion(f32[8]{0} %q), kind=kLoop, calls=%fused_computation.2\n'
+            '}\n')
+    ops = profiling.hlo_instructions(text)
+    assert ops["custom-call.3"] == {"opcode": "custom-call", "shape": "f32[2,6,6,8]{3,2,1,0}",
+                                    "op_name": 'jit(f)/Conv_0/\\"x\\"', "target": "JaxnetOnednnConvForward",
+                                    "computation": "main.9", "calls": ""}
+    assert ops["erf_fusion"]["calls"] == "fused_computation.2" and ops["erf_fusion"]["op_name"] == ""
+    assert ops["erf.1"]["computation"] == "fused_computation.2" and ops["erf.1"]["op_name"] == "jit(f)/jvp(Net)/erf"
+    assert set(ops) == {"param_0", "erf.1", "custom-call.3", "erf_fusion"}
