@@ -20,7 +20,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from jaxnet.errors import JaxnetError
+from jaxnet.errors import ConfigError, JaxnetError
 
 
 def _variants(text: str) -> list[tuple[int, float]]:
@@ -36,6 +36,23 @@ def _variants(text: str) -> list[tuple[int, float]]:
     if len(set(variants)) < len(variants):
         raise argparse.ArgumentTypeError(f"variants repeat: {text!r}")
     return variants
+
+
+def run_config(saved: dict):
+    """The config a run saved in its summary, laid over jaxnet's defaults, and the fields it lacks (a run of an
+    older jaxnet), which keep their defaults. A field this jaxnet does not know, or a value of another type than
+    the field's, is a ConfigError."""
+    from jaxnet import configs
+
+    config = configs.get_config("default")
+    if unknown := sorted(set(saved) - set(config)):
+        raise ConfigError(f"its config has fields this jaxnet does not know: {', '.join(unknown)}")
+    for key, value in saved.items():
+        try:
+            config[key] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"its config's {key}={value!r} does not fit the field: {e}") from None
+    return config, sorted(set(config) - set(saved))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +75,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"{summary} is not a run's summary (not JSON: {e})")
     if not (isinstance(args.summary, dict) and isinstance(args.summary.get("config"), dict) and "seed" in args.summary):
         p.error(f"{summary} is not a run's summary (no config and seed)")
+    try:
+        args.config, missing = run_config(args.summary["config"])
+    except ConfigError as e:
+        p.error(f"{summary}: {e}")
+    if missing:
+        print(f"note: {summary}'s config has no {', '.join(missing)} (an older jaxnet's run): jaxnet's defaults "
+              "taken for them", file=sys.stderr)
     return args
 
 
@@ -78,12 +102,10 @@ def tested_state(workdir: Path, config, seed: int, train_images):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    import ml_collections
 
     from jaxnet import compiler
 
-    summary = args.summary
-    config = ml_collections.ConfigDict(summary["config"])
+    summary, config = args.summary, args.config
     compiler.set_cpu_conv(config.xla_cpu_conv)  # the run's process settings, before JAX starts
     compiler.set_host_memory(config.host_memory)
     from jaxnet import data as data_lib
@@ -119,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         from benchmarks.common import append_results
 
-        notes = (f"Run `{args.workdir}`: model {config.model}, conv impl {config.conv_impl}, dtype {summary['dtype']}, "
-                 f"{len(test_set['label'])} test images in batches of {config.eval_batch_size}; its summary: "
-                 f"{summary['test_accuracy']:.2%}, {summary['test_accuracy_tta']:.2%} with TTA level "
-                 f"{summary['tta_level']}. {args.rounds} rounds, variants interleaved; compilation excluded.")
+        reported = [f"{v:.2%}" if isinstance(v, float) else "n/a"
+                    for v in (summary.get("test_accuracy"), summary.get("test_accuracy_tta"))]
+        notes = (f"Run `{args.workdir}`: model {config.model}, conv impl {config.conv_impl}, dtype "
+                 f"{summary.get('dtype', config.dtype)}, {len(test_set['label'])} test images in batches of "
+                 f"{config.eval_batch_size}; its summary: {reported[0]}, {reported[1]} with TTA level "
+                 f"{config.tta_level}. {args.rounds} rounds, variants interleaved; compilation excluded.")
         append_results("Test-time augmentation of one trained model, selective or not", result, notes)
     return 0
 

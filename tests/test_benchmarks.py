@@ -216,17 +216,21 @@ def _tta_bench(tmp_path, *args):
 
 def test_tta_benchmark_evaluates_the_state_the_run_tested_as_the_run_did(tmp_path, data):
     """On a finished smoke run (a validation split: its best checkpoint is the tested state), level 0 and full
-    TTA reproduce the run's own test accuracies; a selective variant runs beside them."""
+    TTA reproduce the run's own test accuracies; a selective variant runs beside them. Its summary is made an
+    older jaxnet's, without fields added since (`activation`, `tta_fraction`): they take their defaults, said so."""
     run = tmp_path / "run"
     trained = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "epochs=2.0",
                               "--workdir", str(run), "--data-dir", str(data)], cwd=ROOT, env=_tta_env(tmp_path),
                              capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
+    assert (summary["config"].pop("activation"), summary["config"].pop("tta_fraction")) == ("gelu", 1.0)
+    (run / "summary.json").write_text(json.dumps(summary))
     shutil.rmtree(run / "checkpoints" / "last")  # the run tested its best checkpoint: the benchmark needs no other
     result = _tta_bench(tmp_path, "--workdir", str(run), "--data-dir", str(data), "--variants", "0:1,2:1,2:0.5",
                         "--rounds", "2")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "config has no activation, tta_fraction (an older jaxnet's run): jaxnet's defaults taken" in result.stderr
     rows = [r for r in result.stdout.splitlines() if r.startswith("| ") and r[2].isdigit()]
     assert [r.split(" | ")[:3] for r in rows] == [["| 0", "1", f"{summary['test_accuracy']:.2%}"],
                                                   ["| 2", "1", f"{summary['test_accuracy_tta']:.2%}"],
@@ -253,6 +257,17 @@ def test_tta_benchmark_refuses_a_summary_that_is_not_a_runs_in_one_line(tmp_path
     (tmp_path / "summary.json").write_text(text)
     result = _tta_bench(tmp_path, "--workdir", str(tmp_path))
     assert result.returncode == 2 and "summary.json is not a run's summary (" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"widths": [8], "from_the_future": 1}, "its config has fields this jaxnet does not know: from_the_future"),
+    ({"lr": "fast"}, "its config's lr='fast' does not fit the field"),
+])
+def test_tta_benchmark_refuses_a_config_this_jaxnet_cannot_read_in_one_line(tmp_path, config, message):
+    (tmp_path / "summary.json").write_text(json.dumps({"seed": 0, "config": config}))
+    result = _tta_bench(tmp_path, "--workdir", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
