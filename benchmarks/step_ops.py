@@ -19,6 +19,7 @@ import collections
 import os
 import re
 import statistics
+import sys
 import tempfile
 
 ROWS = ("conv forward", "conv backward", "BatchNorm", "activation", "pooling", "head and loss",
@@ -196,19 +197,29 @@ def main(argv=None) -> None:
     compiler.set_cpu_conv(args.xla_cpu_conv)  # XLA reads its flags once, when JAX starts its backends
     compiler.set_host_memory("keep")
 
+    try:
+        import torch
+    except ImportError:
+        print("error: benchmarks.step_ops compares with PyTorch, which is not installed: pip install -e '.[bench]'",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
     from benchmarks import train_step
     from benchmarks.common import append_results
+    from jaxnet.errors import JaxnetError
 
     torch.set_num_threads(args.torch_threads)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else None
-    step, state, data = train_step.jax_step(args.model, dtype, args.conv_impl, "jaxnet", args.batch)
+    try:
+        step, state, data = train_step.jax_step(args.model, dtype, args.conv_impl, "jaxnet", args.batch)
+        hlo_text = step.compiled.lower(state, data).compile().as_text()
+    except JaxnetError as e:  # an unknown conv impl, oneDNN missing or without this dtype here
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     batch = data["label"].shape[0]
-    hlo_text = step.compiled.lower(state, data).compile().as_text()
     kernel_dims = {tuple(sorted(p.shape)) for p in jax.tree.leaves(state.params) if np.ndim(p) == 4}
     holder = {"state": state}
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run and print their tables (tiny settings, nothing appended to RESULTS.md)."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -449,8 +450,24 @@ def test_step_ops_table_sums_jaxnets_conv_gradients_into_its_backward_row():
     assert rows["**step, untraced (median)**"] == "| **step, untraced (median)** | 40.0 | | 50.0 | | 1.25× |"
 
 
-def test_step_ops_bad_input_is_one_line_and_exit_2():
-    result = subprocess.run([sys.executable, "-m", "benchmarks.step_ops", "--steps", "0"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "must be at least 1" in result.stderr
+def test_step_ops_without_pytorch_says_what_to_install_in_one_line():
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("PyTorch is installed here (the bench extra): this checks the message where it is not")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.step_ops", "--model", "plain32", "--batch", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "pip install -e '.[bench]'" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "must be at least 1"),
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--model", "plain32", "--batch", "2", "--conv-impl", "bogus"], "error: unknown conv impl 'bogus'; valid: xla"),
+])
+def test_step_ops_bad_input_is_one_line_and_exit_2(args, message):
+    if "--conv-impl" in args:
+        pytest.importorskip("torch", reason="benchmarks.step_ops imports PyTorch before building the step")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.step_ops", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
