@@ -123,6 +123,14 @@ def torch_category(lineage: list[str]) -> str:
     return "other"
 
 
+def kernel_dims(params) -> set[tuple[int, ...]]:
+    """The dimensions, sorted, of each conv kernel (4-d leaf) of `params`: what `jax_category` knows XLA's
+    weight-gradient convs by."""
+    import jax
+
+    return {tuple(sorted(leaf.shape)) for leaf in jax.tree.leaves(params) if leaf.ndim == 4}
+
+
 def jax_profile(run, steps: int, hlo_text: str, kernel_dims: set[tuple[int, ...]]):
     """ms per step by kind, and the longest ops as (ms per step, name, kind), from a trace of `steps` runs."""
     import jax
@@ -205,7 +213,6 @@ def main(argv=None) -> None:
         raise SystemExit(2) from None
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from benchmarks import train_step
     from benchmarks.common import append_results
@@ -220,7 +227,6 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     batch = data["label"].shape[0]
-    kernel_dims = {tuple(sorted(p.shape)) for p in jax.tree.leaves(state.params) if np.ndim(p) == 4}
     holder = {"state": state}
 
     def jax_run():
@@ -236,7 +242,7 @@ def main(argv=None) -> None:
     for i in range(args.steps):  # A B, B A, ...
         for k in ((0, 1) if i % 2 == 0 else (1, 0)):
             times[k].append(train_step.timed(runs[k]))
-    jax_ms, longest = jax_profile(jax_run, args.traced_steps, hlo_text, kernel_dims)
+    jax_ms, longest = jax_profile(jax_run, args.traced_steps, hlo_text, kernel_dims(state.params))
     torch_ms = torch_profile(torch_run, args.traced_steps)
     jax_s, torch_s = statistics.median(times[0]), statistics.median(times[1])
     text = table(jax_ms, torch_ms, jax_s, torch_s)

@@ -384,16 +384,14 @@ def test_step_ops_classes_every_conv_of_a_train_step_by_direction(impl):
     needed) — XLA's own convs, or oneDNN's custom calls; its max-pools and BatchNorms are classed as such."""
     import collections
 
-    import jax
-    import numpy as np
-
     from benchmarks import step_ops, train_step
     from jaxnet import profiling
 
     step, state, data = train_step.jax_step("plain32", None, impl, "jaxnet", batch=4)
     ops = profiling.hlo_instructions(step.compiled.lower(state, data).compile().as_text())
-    kernel_dims = {tuple(sorted(p.shape)) for p in jax.tree.leaves(state.params) if np.ndim(p) == 4}
-    kinds = collections.Counter(step_ops.jax_category(name, op, kernel_dims) for name, op in ops.items())
+    kernels = step_ops.kernel_dims(state.params)
+    assert len(kernels) == 5
+    kinds = collections.Counter(step_ops.jax_category(name, op, kernels) for name, op in ops.items())
     assert (kinds["conv forward"], kinds["conv input grads"], kinds["conv weight grads"]) == (5, 4, 5)
     assert kinds["pooling"] and kinds["BatchNorm"] and kinds["optimizer and metrics"] and kinds["head and loss"]
 
