@@ -219,6 +219,25 @@ def test_onednn_runs_all_three_convs_as_onednn_calls():
 
 
 @onednn_platform
+@pytest.mark.parametrize("channels", [3, 4, 12, 24])
+def test_onednn_strided_1x1_weight_gradients_in_a_row_match_the_reference(channels):
+    """Strided 1x1 convs of fewer input channels than oneDNN's block (8 on AVX2, 16 on AVX-512), several in one
+    process: oneDNN's own strided path for their weight gradient overran its workspace (issue #6035), so the first
+    one was right, the next ones wrong, then the heap corrupt. Each geometry a new primitive; padded ones too."""
+    for i, (size, strides, padding) in enumerate([(8, 2, "VALID"), (10, 2, "VALID"), (12, (2, 3), "VALID"),
+                                                 (9, 2, ((1, 0), (0, 1))), (14, 3, "VALID"), (16, 2, "VALID")]):
+        x = jax.random.normal(jax.random.key(i), (3, size, size, channels))
+        w = jax.random.normal(jax.random.key(i + 100), (1, 1, channels, 8))
+
+        def grads(conv):
+            loss = lambda x, w: jnp.sin(conv(x, w, strides=strides, padding=padding)).sum()  # noqa: E731
+            return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+        chex.assert_trees_all_close(grads(partial(conv2d, impl="onednn")), grads(conv2d_reference), rtol=1e-4,
+                                    atol=1e-4, custom_message=f"size {size}, strides {strides}, padding {padding}")
+
+
+@onednn_platform
 @pytest.mark.parametrize("n", [0, 1, 5])
 def test_onednn_any_batch_size(n):
     """The handlers split the batch over XLA's threads: empty, single and uneven batches are whole, and the weight

@@ -189,5 +189,16 @@ def input_grad(dy: jax.Array, w: jax.Array, x_shape: tuple[int, ...], strides: t
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, w_shape: tuple[int, ...], strides: tuple[int, int], pads) -> jax.Array:
-    """The gradient in w (of `w_shape`) of the conv's output paired with dy: float32, summed over the batch."""
-    return _weight_grad(x, dy, tuple(w_shape), tuple(strides), tuple(pads))
+    """The gradient in w (of `w_shape`) of the conv's output paired with dy: float32, summed over the batch.
+
+    A strided 1x1 conv's weight gradient is computed as the unit-stride one of the pixels the conv reads: oneDNN's
+    own "reduce to unit stride" copy for it writes past its workspace on NHWC inputs of fewer channels than its
+    block (8 on AVX2, 16 on AVX-512): wrong gradients, then a corrupted heap (oneDNN issue #6035, open; v3.2).
+    """
+    strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+    if tuple(w_shape[:2]) == (1, 1) and strides != (1, 1):
+        (sh, sw), (oh, ow) = strides, dy.shape[1:3]
+        padded = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)))
+        x = padded[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw]
+        strides, pads = (1, 1), ((0, 0), (0, 0))
+    return _weight_grad(x, dy, tuple(w_shape), strides, pads)
