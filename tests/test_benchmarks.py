@@ -121,12 +121,12 @@ def test_time_to_accuracy_table_gives_mean_and_sample_std_over_seeds():
 TTA = [sys.executable, "-m", "benchmarks.time_to_accuracy", "--config", "smoke", "--no-record"]
 
 
-def _tta_env(tmp_path):
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+def _tta_env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
-def _run_tta(tmp_path, *args):
-    return subprocess.run([*TTA, *args], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
+def _run_tta(*args):
+    return subprocess.run([*TTA, *args], cwd=ROOT, env=_tta_env(), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -138,7 +138,7 @@ def data(tmp_path):
 
 
 def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
-    result = _run_tta(tmp_path, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
+    result = _run_tta("--seeds", "0,1", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
                       "--target", "0.5", "epochs=0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     summaries = {s: json.loads((tmp_path / "runs" / f"jaxnet-seed{s}" / "summary.json").read_text()) for s in (0, 1)}
@@ -149,7 +149,7 @@ def test_time_to_accuracy_runs_the_experiment_once_per_seed(tmp_path, data):
 
 
 def test_time_to_accuracy_ablates_a_variant_beside_the_recipe(tmp_path, data):
-    result = _run_tta(tmp_path, "--seeds", "0", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
+    result = _run_tta("--seeds", "0", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
                       "--ablate", "silu:activation=silu,tta_fraction=0.5,jitter=0.2", "epochs=0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     base, variant = (json.loads((tmp_path / "runs" / f"{name}-seed0" / "summary.json").read_text())
@@ -173,7 +173,7 @@ def test_ablation_table_compares_each_variant_with_the_recipe():
 def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(tmp_path, data):
     runs = tmp_path / "runs"
     bench = subprocess.Popen([*TTA, "--seeds", "0,1", "--data-dir", str(data), "--workdir", str(runs),
-                              "epochs=1000.0", "log_every=1"], cwd=ROOT, env=_tta_env(tmp_path),
+                              "epochs=1000.0", "log_every=1"], cwd=ROOT, env=_tta_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = runs / "jaxnet-seed0" / "metrics.jsonl"
     try:
@@ -204,15 +204,15 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
     (["--seeds", "0,x"], "expected comma-separated integers"),
     (["--target", "94"], "--target is an accuracy in (0, 1]"),
 ])
-def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = _run_tta(tmp_path, *args)
+def test_time_to_accuracy_bad_input_is_one_line_and_exit_2(args, message):
+    result = _run_tta(*args)
     assert result.returncode == 2 and message in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def _tta_bench(tmp_path, *args):
+def _tta_bench(*args):
     return subprocess.run([sys.executable, "-m", "benchmarks.tta", "--no-record", *args], cwd=ROOT,
-                          env=_tta_env(tmp_path), capture_output=True, text=True, timeout=300)
+                          env=_tta_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_tta_benchmark_evaluates_the_state_the_run_tested_as_the_run_did(tmp_path, data):
@@ -221,14 +221,14 @@ def test_tta_benchmark_evaluates_the_state_the_run_tested_as_the_run_did(tmp_pat
     older jaxnet's, without fields added since (`activation`, `tta_fraction`): they take their defaults, said so."""
     run = tmp_path / "run"
     trained = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "epochs=2.0",
-                              "--workdir", str(run), "--data-dir", str(data)], cwd=ROOT, env=_tta_env(tmp_path),
+                              "--workdir", str(run), "--data-dir", str(data)], cwd=ROOT, env=_tta_env(),
                              capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["config"].pop("activation"), summary["config"].pop("tta_fraction")) == ("gelu", 1.0)
     (run / "summary.json").write_text(json.dumps(summary))
     shutil.rmtree(run / "checkpoints" / "last")  # the run tested its best checkpoint: the benchmark needs no other
-    result = _tta_bench(tmp_path, "--workdir", str(run), "--data-dir", str(data), "--variants", "0:1,2:1,2:0.5",
+    result = _tta_bench("--workdir", str(run), "--data-dir", str(data), "--variants", "0:1,2:1,2:0.5",
                         "--rounds", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "config has no activation, tta_fraction (an older jaxnet's run): jaxnet's defaults taken" in result.stderr
@@ -248,7 +248,7 @@ def test_tta_benchmark_evaluates_the_state_the_run_tested_as_the_run_did(tmp_pat
     (["--workdir", "/nonexistent/run"], "/nonexistent/run/summary.json not found: --workdir must be a finished run"),
 ])
 def test_tta_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    result = _tta_bench(tmp_path, *(["--workdir", str(tmp_path)] if "--workdir" not in args else []), *args)
+    result = _tta_bench(*(["--workdir", str(tmp_path)] if "--workdir" not in args else []), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
@@ -256,7 +256,7 @@ def test_tta_benchmark_bad_input_is_one_line_and_exit_2(tmp_path, args, message)
 @pytest.mark.parametrize("text", ["{not json", '{"seed": 0}', "[]"])
 def test_tta_benchmark_refuses_a_summary_that_is_not_a_runs_in_one_line(tmp_path, text):
     (tmp_path / "summary.json").write_text(text)
-    result = _tta_bench(tmp_path, "--workdir", str(tmp_path))
+    result = _tta_bench("--workdir", str(tmp_path))
     assert result.returncode == 2 and "summary.json is not a run's summary (" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
@@ -267,7 +267,7 @@ def test_tta_benchmark_refuses_a_summary_that_is_not_a_runs_in_one_line(tmp_path
 ])
 def test_tta_benchmark_refuses_a_config_this_jaxnet_cannot_read_in_one_line(tmp_path, config, message):
     (tmp_path / "summary.json").write_text(json.dumps({"seed": 0, "config": config}))
-    result = _tta_bench(tmp_path, "--workdir", str(tmp_path))
+    result = _tta_bench("--workdir", str(tmp_path))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
@@ -278,7 +278,7 @@ def test_tta_benchmark_names_a_run_without_checkpoints_in_one_line(tmp_path, dat
     (tmp_path / "run").mkdir()
     summary = {"seed": 0, "config": configs.get_config("smoke").to_dict()}
     (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
-    result = _tta_bench(tmp_path, "--workdir", str(tmp_path / "run"), "--data-dir", str(data))
+    result = _tta_bench("--workdir", str(tmp_path / "run"), "--data-dir", str(data))
     assert result.returncode == 2 and "error: no checkpoint in" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
@@ -300,7 +300,7 @@ def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images
     result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0,1",
                              "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=2.0",
                              "batch_size=100", "train_subset=300", "test_subset=100"],
-                            cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, env=_tta_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     order = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
     assert order == ["seed 0: jaxnet (muon)", "seed 0: peer (torch_record)", "seed 1: peer (torch_record)",
@@ -314,22 +314,22 @@ def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images
 
 
 def test_time_to_accuracy_runs_the_peer_in_the_dtype_asked(tmp_path, data):
-    """--peer-dtype bfloat16 reaches the record script (its autocast), on 100 images: PyTorch's bfloat16 is
+    """--peer-dtype bfloat16 reaches the record script (its autocast), on 50 images: PyTorch's bfloat16 is
     slow on CPUs without native bf16 (7 images/s on a 2-core AMD EPYC)."""
     pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
     result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0",
                              "--peer-dtype", "bfloat16", "--data-dir", str(data), "--workdir", str(tmp_path / "runs"),
-                             "epochs=1.0", "batch_size=50", "train_subset=100", "test_subset=50"],
-                            cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True, timeout=600)
+                             "epochs=1.0", "batch_size=25", "train_subset=50", "test_subset=25"],
+                            cwd=ROOT, env=_tta_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     peer = json.loads((tmp_path / "runs" / "peer-seed0" / "summary.json").read_text())
     assert peer["dtype"] == "bfloat16" and peer["steps"] == 2 and "Peer, torch_record (bfloat16):" in result.stdout
 
 
-def test_kill_resume_kills_three_times_and_ends_bit_identical(tmp_path, data):
+def test_kill_resume_kills_three_times_and_ends_bit_identical(data):
     """The long tally (benchmarks.kill_resume --kills 10+, RESULTS.md) in small: 3 SIGKILLs at random moments of a
     smoke run, each followed by --resume; every checkpoint readable after each kill; the end bit-identical."""
-    env = {**_tta_env(tmp_path), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**_tta_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     result = subprocess.run([sys.executable, "-m", "benchmarks.kill_resume", "--kills", "3", "--data-dir", str(data),
                              "--no-record", "epochs=8.0"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=500)
@@ -338,9 +338,9 @@ def test_kill_resume_kills_three_times_and_ends_bit_identical(tmp_path, data):
     assert "| final state bit-identical to the uninterrupted run | yes |" in result.stdout
 
 
-def test_memory_samples_every_epoch_and_reports_the_drift(tmp_path, data):
+def test_memory_samples_every_epoch_and_reports_the_drift(data):
     result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--data-dir", str(data), "--no-record",
-                             "epochs=3.0"], cwd=ROOT, env=_tta_env(tmp_path), capture_output=True, text=True,
+                             "epochs=3.0"], cwd=ROOT, env=_tta_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -369,7 +369,7 @@ def test_gpu_checks_run_on_this_cpu(monkeypatch):
 def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
     pytest.importorskip("torch", reason="the train-step comparison needs the bench extra")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+        "GPU_CHECK_DRY": "1", "PYTHON": sys.executable}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -29,11 +29,6 @@ def dataset(tmp_path_factory):
     return write_binary(tmp_path_factory.mktemp("cifar"), synthetic(n_train=600, n_test=200))
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
-
-
 def smoke(**overrides):
     config = configs.get_config("smoke")
     config.update(overrides)

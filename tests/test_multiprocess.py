@@ -24,8 +24,8 @@ def dataset(tmp_path_factory):
     return write_binary(tmp_path_factory.mktemp("cifar"), synthetic(n_train=600, n_test=200))
 
 
-def _env(tmp_path, devices):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XDG_CACHE_HOME": str(tmp_path / "cache"),
+def _env(devices):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
@@ -35,13 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp_path, dataset, workdirs, *args):
+def _start(dataset, workdirs, *args):
     """One `python -m experiments.cifar10` per workdir, as the processes of one run (1 device each)."""
     port, n = _free_port(), len(workdirs)
     return [subprocess.Popen([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
                               str(dataset), "--workdir", str(w), "--coordinator", f"127.0.0.1:{port}",
                               "--num-processes", str(n), "--process-id", str(i), *args],
-                             cwd=ROOT, env=_env(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
             for i, w in enumerate(workdirs)]
 
@@ -54,9 +54,9 @@ def _finish(procs, timeout=300):
             p.kill()
 
 
-def _one_process(tmp_path, dataset, workdir, *args):
+def _one_process(dataset, workdir, *args):
     return subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
-                           str(dataset), "--workdir", str(workdir), *args], cwd=ROOT, env=_env(tmp_path, 2),
+                           str(dataset), "--workdir", str(workdir), *args], cwd=ROOT, env=_env(2),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -68,8 +68,8 @@ def _last(workdir):
 
 
 def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
-    procs = _start(tmp_path, dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax")
-    one = _one_process(tmp_path, dataset, tmp_path / "one")
+    procs = _start(dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax")
+    one = _one_process(dataset, tmp_path / "one")
     results = _finish(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     assert one.returncode == 0, one.stderr[-2000:]
@@ -89,7 +89,7 @@ def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
     """SIGTERM to both (as a scheduler sends it): they agree on the stop, process 0 saves, both exit 143; the
     same two commands with --resume finish, equal to one uninterrupted process with two devices."""
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
-    procs = _start(tmp_path, dataset, workdirs, "epochs=10.0")
+    procs = _start(dataset, workdirs, "epochs=10.0")
     metrics = workdirs[0] / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -101,9 +101,9 @@ def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
     assert [r[0] for r in results] == [143, 143], [r[2][-2000:] for r in results]
     stopped = [int(r[2].split("interrupted at step ")[1].split(";")[0]) for r in results]
     assert stopped[0] == stopped[1] < 60 and _last(workdirs[0])[0] == stopped[0]
-    results = _finish(_start(tmp_path, dataset, workdirs, "epochs=10.0", "--resume"))
+    results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-    reference = _one_process(tmp_path, dataset, tmp_path / "one", "epochs=10.0")
+    reference = _one_process(dataset, tmp_path / "one", "epochs=10.0")
     assert reference.returncode == 0, reference.stderr[-2000:]
     (step_a, a), (step_b, b) = _last(workdirs[0]), _last(tmp_path / "one")
     assert step_a == step_b == 60
@@ -118,7 +118,7 @@ def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resum
     survivor itself by design (its fate-sharing; its own fatal log line, exit 1) unless our line wins the race
     (exit 2): bounded either way, and never a Python traceback."""
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
-    procs = _start(tmp_path, dataset, workdirs, "epochs=10.0")
+    procs = _start(dataset, workdirs, "epochs=10.0")
     metrics = workdirs[0] / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):  # past the first checkpoint
@@ -134,6 +134,6 @@ def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resum
         assert code == 2 and len(ours) == 1 and "a peer process failed or left the run" in ours[0], stderr[-2000:]
     else:
         assert code == 1 and "Terminating process because the JAX distributed service" in stderr, stderr[-2000:]
-    results = _finish(_start(tmp_path, dataset, workdirs, "epochs=10.0", "--resume"))
+    results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     assert _last(workdirs[0])[0] == 60
