@@ -123,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     steps = {v: parallel.jit_eval_step(partial(train.eval_step, tta=v[0], tta_fraction=v[1]), mesh=mesh,
                                        num_classes=experiment.NUM_CLASSES) for v in args.variants}
     accuracy, times = {}, {v: [] for v in args.variants}
+
+    def batches():
+        return data_lib.eval_batches(test, config.eval_batch_size, mesh.size)
+
     for v in args.variants:  # compiles, and the accuracy (the same every round: same weights, same images)
-        accuracy[v] = loop.evaluate(steps[v], state, data_lib.eval_batches(test, config.eval_batch_size))["accuracy"]
+        accuracy[v] = loop.evaluate(steps[v], state, batches())["accuracy"]
     for r in range(args.rounds):
         for v in args.variants[::-1 if r % 2 else 1]:
             t = time.perf_counter()
-            loop.evaluate(steps[v], state, data_lib.eval_batches(test, config.eval_batch_size))
+            loop.evaluate(steps[v], state, batches())
             times[v].append(time.perf_counter() - t)
     base = statistics.median(times[args.variants[0]])
     rows = ["| TTA level | fraction given the views | test accuracy | eval s (median) | × the first row's time |",
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     for v in (summary.get("test_accuracy"), summary.get("test_accuracy_tta"))]
         notes = (f"Run `{args.workdir}`: model {config.model}, conv impl {config.conv_impl}, dtype "
                  f"{summary.get('dtype', config.dtype)}, {len(test_set['label'])} test images in batches of "
-                 f"{config.eval_batch_size}; its summary: {reported[0]}, {reported[1]} with TTA level "
+                 f"{len(next(batches())['label'])}; its summary: {reported[0]}, {reported[1]} with TTA level "
                  f"{config.tta_level}. {args.rounds} rounds, variants interleaved; compilation excluded.")
         append_results("Test-time augmentation of one trained model, selective or not", result, notes)
     return 0

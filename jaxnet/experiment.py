@@ -329,18 +329,19 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,
                                                 config.tta_fraction)
     val_norm, test_norm = (data_lib.normalized(s, config.mean, config.std) for s in (val_set, test_set))
+    eval_batches = partial(data_lib.eval_batches, batch_size=config.eval_batch_size, multiple=n_dev)
     flops = None
     if mesh is not None:
         example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0)
         flops = step_flops(config, train_step, state, example)
         if dump_hlo and parallel.is_main_process():
             _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example,
-                        next(data_lib.eval_batches(val_norm if config.val_size else test_norm, config.eval_batch_size)))
+                        next(eval_batches(val_norm if config.val_size else test_norm)))
     data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh), config.batch_size, data_key)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
     with parallel.peer_failures():
         outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,
-                                test_norm, identity=identity, resume=resume, should_stop=should_stop,
+                                test_norm, eval_batches, identity=identity, resume=resume, should_stop=should_stop,
                                 show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
@@ -348,11 +349,11 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                    peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
 
-def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm, *,
-                  identity, resume, should_stop, show_progress, profile) -> dict:
+def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
+                  eval_batches, *, identity, resume, should_stop, show_progress, profile) -> dict:
     """Train (with checkpoints, metrics, early stopping), then test the best (or last) state, plain and
-    with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}. `identity` (seed, data
-    fingerprint) is saved with the config and must match on resume."""
+    with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}. `eval_batches`: a split's
+    host batches; `identity` (seed, data fingerprint) is saved with the config and must match on resume."""
     main_process = parallel.is_main_process()
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     config_dict = config.to_dict()
@@ -365,15 +366,15 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
     try:
         result = loop.fit(
             state, train_step, data, total_steps, eval_step=eval_step,
-            val_batches=(lambda: data_lib.eval_batches(val_norm, config.eval_batch_size)) if config.val_size else None,
+            val_batches=(lambda: eval_batches(val_norm)) if config.val_size else None,
             checkpointer=checkpointer, writer=writer, meta={"config": config_dict, **identity}, resume=resume,
             resume_check={"config": math, **identity}, should_stop=should_stop, options=options)
         if result.interrupted:
             return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
         final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
-        test = loop.evaluate(eval_step, final, data_lib.eval_batches(test_norm, config.eval_batch_size))
+        test = loop.evaluate(eval_step, final, eval_batches(test_norm))
         test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
-                                 data_lib.eval_batches(test_norm, config.eval_batch_size))
+                                 eval_batches(test_norm))
     finally:
         checkpointer.close()
         writer.close()

@@ -212,6 +212,15 @@ def test_eval_batches_pad_and_mask(arrays):
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
 
 
+@pytest.mark.parametrize("batch_size,multiple,sizes", [(64, 1, [20]), (64, 8, [24]), (16, 8, [16, 16]), (8, 4, [8] * 3)])
+def test_a_split_smaller_than_the_eval_batch_is_not_padded_past_the_devices_multiple(arrays, batch_size, multiple,
+                                                                                      sizes):
+    """20 test rows: one batch of 20 (24 split over 8 devices), not of 64; the rows and their count unchanged."""
+    batches = list(data.eval_batches(arrays["test"], batch_size, multiple))
+    assert [len(b["label"]) for b in batches] == sizes and sum(int(b["mask"].sum()) for b in batches) == 20
+    np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in batches]), arrays["test"]["image"])
+
+
 def test_color_jitter_scales_contrast_and_brightness_within_its_strength():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(64, 192, (256, 8, 8, 3)), jnp.uint8)  # mid-range: nothing clips
