@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,7 @@ class MetricWriter:
         if not self.enabled:
             return
         if self._jsonl is None:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
@@ -40,6 +40,21 @@ class MetricWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch where no one has imported it: tensorboardX's writer
+    imports torch wherever it is installed (2 s of every run's start on a 2-core CPU) only to accept torch tensors,
+    which jaxnet never passes. A torch already imported is left as it is."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -84,6 +84,22 @@ def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
     assert len([l for l in result.stderr.splitlines() if "cannot read image" in l]) == 2
 
 
+@pytest.mark.parametrize("first", ["", "import torch"], ids=["alone", "after-torch"])
+def test_metric_writer_writes_tensorboard_events_without_importing_pytorch(tmp_path, first):
+    """tensorboardX's writer imports torch wherever it is installed (2 s of a run's start); the MetricWriter keeps
+    it out, yet leaves a torch imported before it alone, and its event file holds the scalars either way."""
+    if first:
+        pytest.importorskip("torch", reason="the case of a process that imported PyTorch needs PyTorch")
+    code = (f"{first}\nimport sys\nfrom jaxnet.metrics import MetricWriter\nw = MetricWriter(sys.argv[1])\n"
+            "w.write('train', 3, {'loss': 0.5})\nw.close()\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(bool(first))
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert b"train/loss" in events.read_bytes()
+
+
 def test_a_one_step_run_without_validation_logs_its_step_and_plots(tmp_path, dataset):
     """The first step (compile + run) is logged too: a run of one step and no validation split (as the muon
     recipes) still has a training curve, and a summary without a steady-state time (no second step)."""
