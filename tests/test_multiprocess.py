@@ -68,8 +68,10 @@ def _last(workdir):
 
 
 def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
-    procs = _start(dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax")
-    one = _one_process(dataset, tmp_path / "one")
+    """Also with the splits (128 validation, 192 test images) smaller than the eval batch: one batch each, its
+    rows shared between the processes."""
+    procs = _start(dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax", "eval_batch_size=256")
+    one = _one_process(dataset, tmp_path / "one", "eval_batch_size=256")
     results = _finish(procs)
     assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
     assert one.returncode == 0, one.stderr[-2000:]
