@@ -295,12 +295,12 @@ def test_time_to_accuracy_ratios_are_of_the_means():
 
 def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images(tmp_path, data):
     """The peer at smoke scale, so the benchmark cannot rot: the record script (float32, its default) and the muon
-    recipe on the same 300 images, seeds in the order jaxnet, peer, peer, jaxnet; both summaries in the table and
+    recipe on the same 200 images, seeds in the order jaxnet, peer, peer, jaxnet; both summaries in the table and
     the ratio line."""
     pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
     result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0,1",
-                             "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=2.0",
-                             "batch_size=100", "train_subset=300", "test_subset=100"],
+                             "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=1.0",
+                             "batch_size=100", "train_subset=200", "test_subset=100"],
                             cwd=ROOT, env=_tta_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     order = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
@@ -308,7 +308,7 @@ def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images
                      "seed 1: jaxnet (muon)"], result.stdout
     peer = json.loads((tmp_path / "runs" / "peer-seed1" / "summary.json").read_text())
     ours = json.loads((tmp_path / "runs" / "jaxnet-seed1" / "summary.json").read_text())
-    assert peer["steps"] == ours["steps"] == 6  # 300 images: 3 steps of 100 per epoch, for both
+    assert peer["steps"] == ours["steps"] == 2  # 200 images: 2 steps of 100 per epoch, for both
     assert peer["dtype"] == "float32" and "Peer, torch_record (float32):" in result.stdout
     assert f"| 1 | {peer['test_accuracy']:.2%} | {peer['test_accuracy_tta']:.2%} |" in result.stdout
     assert "jaxnet / peer, mean over seeds: wall time " in result.stdout
