@@ -75,7 +75,7 @@ if [ -n "$DRY" ]; then
     step "train steps against PyTorch (bf16)" 300 $PY -m benchmarks.train_step --models plain32 --steps 3 \
         --dtype bfloat16 --conv-impl xla --torch-modes eager,eager-bf16 --no-record
     step "recipe smoke (stands in for default), with a profile" 300 $PY -m experiments.cifar10 --config smoke \
-        --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile" --compilation-cache ''
+        --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile"
 else
     # fp32 convs on a GPU run TF32 unless told: the tests compare with a float32 reference to 1e-4
     step "tests (conv, train step)" 150 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -x \
