@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)
     c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
     c.batch_size = 1024                 # images per step
-    c.eval_batch_size = 1000            # images per eval step
+    c.eval_batch_size = 1000            # images per eval step (a smaller split: one batch of its own size)
     c.epochs = 12.0                     # epochs of the 45 000-image train split (516 steps of 1024)
     c.optimizer = "airbench"            # airbench | sgd | adam
     c.lr = 11.5                         # airbench: per 1024 examples, for a summed loss (see make_optimizer)
