@@ -12,6 +12,9 @@ from PIL import Image
 from jaxnet import layers
 from jaxnet.data import CLASSES
 
+# The real CIFAR-10 copy (JPEG) where the workplace keeps it, beside the checkout; tests that need it skip without it.
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
+
 
 def synthetic(n_train: int = 40, n_test: int = 20, seed: int = 0) -> dict:
     """Random uint8 images whose labels cycle through the 10 classes (every class present)."""

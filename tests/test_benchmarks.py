@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures import SHARED_CIFAR10
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"  # the script's data where no GPU carry is
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -367,7 +367,8 @@ def test_gpu_checks_run_on_this_cpu(monkeypatch):
     assert len(rows) == len(gpu_check.IMPLS) + 1 and all(ok for _, ok in rows), rows
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"the script's recipe runs on the shared CIFAR-10 copy, not at {SHARED}")
+@pytest.mark.skipif(not SHARED_CIFAR10.exists(),
+                    reason=f"the script's recipe runs on the shared CIFAR-10 copy, not at {SHARED_CIFAR10}")
 def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
     pytest.importorskip("torch", reason="the train-step comparison needs the bench extra")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {

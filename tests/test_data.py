@@ -1,18 +1,17 @@
 """CIFAR-10 readers (three local layouts, archives, cache), their errors, the shared copy, and augmentation."""
 
 import time
-from pathlib import Path
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fixtures import png_bytes, sorted_by_class, synthetic, tar_gz, write_binary, write_folders, write_pickles
+from fixtures import (SHARED_CIFAR10, png_bytes, sorted_by_class, synthetic, tar_gz, write_binary, write_folders,
+                      write_pickles)
 
 from jaxnet import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +130,9 @@ def test_validation_split_and_subset_are_deterministic_and_disjoint(arrays):
         data.split_validation(arrays["train"], 40, seed=0)
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED}")
+@pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED_CIFAR10}")
 def test_shared_copy_counts_and_class_order(tmp_path_factory):
-    cifar = data.load_cifar10(SHARED, cache_dir=tmp_path_factory.getbasetemp() / "cifar-cache")
+    cifar = data.load_cifar10(SHARED_CIFAR10, cache_dir=tmp_path_factory.getbasetemp() / "cifar-cache")
     assert cifar["train"]["image"].shape == (50_000, 32, 32, 3)
     assert cifar["test"]["image"].shape == (10_000, 32, 32, 3)
     np.testing.assert_array_equal(np.bincount(cifar["train"]["label"]), [5000] * 10)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from fixtures import require_onednn_bfloat16, synthetic, write_binary
+from fixtures import SHARED_CIFAR10, require_onednn_bfloat16, synthetic, write_binary
 from PIL import Image
 
 from jaxnet import configs
@@ -501,15 +501,14 @@ def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
         assert abs(runs[name]["best_val_accuracy"] - runs["one"]["best_val_accuracy"]) <= 0.005, runs[name]
 
 
-SHARED = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED}")
+@pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED_CIFAR10}")
 def test_default_recipe_at_smoke_scale_still_learns_real_cifar10(tmp_path):
     """The default recipe (airbench's optimizer groups, lookahead EMA, whitening stem, alternating flip, TTA)
     with the tiny FastNet on 4 500 real training images, 8 epochs: 47.1 % / 50.0 % with TTA when this test was
     written (and bit-identical metrics before and after the library split). A broken recipe lands far below."""
-    result = _run_cli("--config", "default", "--workdir", str(tmp_path / "run"), "--data-dir", str(SHARED),
+    result = _run_cli("--config", "default", "--workdir", str(tmp_path / "run"), "--data-dir", str(SHARED_CIFAR10),
                       "model=fastnet_tiny", "train_subset=5000", "val_size=500", "test_subset=2000",
                       "batch_size=256", "eval_batch_size=500", "epochs=8.0", "--num-devices", "1", timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
