@@ -380,19 +380,30 @@ def flip_schedule(kind: str, key: jax.Array) -> FlipSchedule:
             raise ConfigError(f"unknown flip {other!r}; valid: alternate, random, none")
 
 
+def resize(images: jax.Array, size: int) -> jax.Array:
+    """(N, H, W, C) float images → (N, size, size, C): antialiased bilinear (a triangle filter as wide as the
+    scale, as PIL's and tf.image.resize's); the images themselves when they are size × size already."""
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    return jax.image.resize(images, (n, size, size, c), method="linear", antialias=True)
+
+
 def train_batch(key: jax.Array, images: jax.Array, labels: jax.Array, indices: jax.Array, epoch: int | jax.Array,
                 *, flip: FlipSchedule, translate: int, cutout: int, jitter: float = 0.0, mean=MEAN,
-                std=STD) -> dict[str, jax.Array]:
+                std=STD, size: int | None = None) -> dict[str, jax.Array]:
     """The training batch of `indices` (B,) from the device-resident uint8 set: gathered, augmented
-    (`augment`, with `flip(indices, epoch)`; then `color_jitter` if `jitter`) and normalised to float32 →
-    {"image": (B, H, W, C), "label": (B,)}. Bind everything after `epoch` with `partial`; `epoch` stays traced,
-    so one compile serves every epoch."""
+    (`augment`, with `flip(indices, epoch)`; then `color_jitter` if `jitter`), normalised to float32 and, with
+    `size`, resized to size × size (progressive resizing) → {"image": (B, H, W, C), "label": (B,)}. Bind
+    everything after `epoch` but `size` with `partial`; `epoch` stays traced, so one compile serves every epoch
+    (and one more each other `size`)."""
     if jitter:
         key, k_jitter = jax.random.split(key)
     images = augment(key, images[indices], translate=translate, flip=flip(indices, epoch), cutout=cutout)
     if jitter:
         images = color_jitter(k_jitter, images, jitter)
-    return {"image": normalize(images, mean, std), "label": labels[indices]}
+    images = normalize(images, mean, std)
+    return {"image": images if size is None else resize(images, size), "label": labels[indices]}
 
 
 def normalized(split: Split, mean=MEAN, std=STD) -> dict[str, np.ndarray]:

@@ -68,7 +68,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "mean": triple,
         "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
         "translate": non_negative, "cutout": non_negative, "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
-        "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "low_res": (lambda v: v == 0 or 16 <= v < 32, "0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32)"),
+        "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
@@ -219,6 +221,12 @@ def step_flops(config, train_step: Callable, state: train.TrainState, example: A
     return (train_step.compiled.lower(counted, example).cost_analysis() or {}).get("flops")
 
 
+def low_res_steps(config, total_steps: int) -> int:
+    """Steps, from the first, that train on images resized to `low_res` × `low_res` (progressive resizing:
+    fewer pixels early, the last steps at full size); 0 when `low_res` is 0."""
+    return round(config.low_res_fraction * total_steps) if config.low_res else 0
+
+
 def _dump_steps(directory: str, train_step: Callable, eval_step: Callable, state, train_example, eval_example) -> None:
     profiling.dump_hlo(directory, {"train_step": (train_step.compiled, (state, train_example)),
                                    "eval_step": (eval_step.compiled, (state, eval_example))})
@@ -321,6 +329,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     make_batch = partial(data_lib.train_batch, flip=data_lib.flip_schedule(config.flip, flip_key),
                          translate=config.translate, cutout=config.cutout, jitter=config.jitter, mean=config.mean,
                          std=config.std)
+    n_low = low_res_steps(config, total_steps)
     train_arrays = (train_set["image"], train_set["label"])
     if mesh is not None:
         state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
@@ -332,12 +341,20 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     eval_batches = partial(data_lib.eval_batches, batch_size=config.eval_batch_size, multiple=n_dev)
     flops = None
     if mesh is not None:
-        example = jax.eval_shape(make_batch, jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0)
-        flops = step_flops(config, train_step, state, example)
+        def example(size=None):
+            return jax.eval_shape(partial(make_batch, size=size), jax.random.key(0), *train_arrays,
+                                  jnp.arange(config.batch_size), 0)
+
+        flops = step_flops(config, train_step, state, example())
+        if flops and n_low:  # the mean over the run's steps
+            flops = (n_low * step_flops(config, train_step, state, example(config.low_res))
+                     + (total_steps - n_low) * flops) / total_steps
         if dump_hlo and parallel.is_main_process():
-            _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example,
+            _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example(),
                         next(eval_batches(val_norm if config.val_size else test_norm)))
-    data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh), config.batch_size, data_key)
+    data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh, static_argnames=("size",)),
+                          config.batch_size, data_key,
+                          image_size=(lambda step: config.low_res if step < n_low else None) if n_low else None)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
     with parallel.peer_failures():
         outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,

@@ -31,7 +31,9 @@ class TrainData:
 
     images, labels: the whole set (uint8 images); make_batch: compiled `(key, images, labels, indices, epoch)
     -> batch` (gather + augmentation; `epoch` counts from 0, for augmentations that follow a schedule over
-    epochs); key: the data key, split by `fit` into epoch-order and augmentation keys.
+    epochs); key: the data key, split by `fit` into epoch-order and augmentation keys; image_size: step → the
+    side of that step's images (progressive resizing), passed to make_batch as keyword `size` (static: one
+    compile of it and of the train step per side); None: the images as stored.
     """
 
     images: jax.Array
@@ -39,6 +41,7 @@ class TrainData:
     make_batch: Callable
     batch_size: int
     key: jax.Array
+    image_size: Callable[[int], int | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +146,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                 if step == trace_window[0]:
                     jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch)
+                    size = {} if data.image_size is None else {"size": data.image_size(step)}
+                    batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch,
+                                       **size)
                     state, metrics = train_step(state, batch)
                 step += 1
                 if step == trace_window[1]:

@@ -156,10 +156,12 @@ def jit_eval_step(step_fn: Callable = train.eval_step, *, mesh: Mesh | None = No
     return _checked(compiled, num_classes, image_shape, mesh)
 
 
-def jit_batch_fn(fn: Callable, *, mesh: Mesh | None = None) -> Callable:
-    """Compile a device-side data function (gather + augmentation of a batch). With `mesh`, its output is
-    sharded like a batch, so each device computes (and each process holds) only its own rows."""
-    return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=batch_sharding(mesh))
+def jit_batch_fn(fn: Callable, *, mesh: Mesh | None = None, static_argnames: Sequence[str] = ()) -> Callable:
+    """Compile a device-side data function (gather + augmentation of a batch); `static_argnames` as jax.jit's
+    (e.g. the image size of progressive resizing). With `mesh`, its output is sharded like a batch, so each
+    device computes (and each process holds) only its own rows."""
+    sharding = {} if mesh is None else {"out_shardings": batch_sharding(mesh)}
+    return jax.jit(fn, static_argnames=static_argnames, **sharding)
 
 
 # ---- the pmap path ----

@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.translate = 2                     # pixels of random translation (reflect padding)
     c.flip = "alternate"                # alternate (airbench: each image mirrored every other epoch) | random | none
     c.cutout = 0                        # side of the zeroed square, pixels; 0 = off
+    c.low_res = 0                       # progressive resizing: side (pixels) of the train images in the first steps; 0 = off
+    c.low_res_fraction = 0.5            # fraction of the steps, from the first, trained at low_res × low_res
     c.jitter = 0.0                      # brightness and contrast factors drawn from [1 - jitter, 1 + jitter]; 0 = off
     c.tta_level = 2                     # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
     c.tta_fraction = 1.0                # fraction of test images, least confident first, given the TTA views
