@@ -13,7 +13,6 @@ from fixtures import (SHARED_CIFAR10, png_bytes, sorted_by_class, synthetic, tar
 from jaxnet import data
 
 
-
 @pytest.fixture(scope="module")
 def arrays():
     return synthetic()
@@ -246,3 +245,30 @@ def test_train_batch_jitters_only_when_asked(images):
     jittered = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, jitter=0.3, **kwargs)
     np.testing.assert_array_equal(plain["image"], again["image"])
     assert not np.allclose(plain["image"], jittered["image"])
+
+
+@pytest.mark.parametrize("size", [16, 20, 24, 31])
+def test_resize_is_pils_antialiased_bilinear(size):
+    """The reference: PIL's bilinear resize (a triangle filter widened by the scale), per image and channel."""
+    from PIL import Image
+
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ref = [[np.asarray(Image.fromarray(x[n, :, :, c]).resize((size, size), Image.BILINEAR)) for c in range(3)]
+           for n in range(2)]
+    ours = data.resize(jnp.asarray(x), size)
+    chex.assert_shape(ours, (2, size, size, 3))
+    np.testing.assert_allclose(ours, np.moveaxis(np.asarray(ref), 1, -1), atol=1e-5)
+
+
+def test_train_batch_resizes_the_augmented_batch_only_when_asked(images):
+    from jaxnet.data import flip_schedule
+
+    labels = jnp.arange(len(images), dtype=jnp.int32)
+    kwargs = dict(flip=flip_schedule("random", jax.random.key(0)), translate=2, cutout=0)
+    full = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, **kwargs)
+    same = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, size=8, **kwargs)
+    small = data.train_batch(jax.random.key(3), images, labels, jnp.arange(8), 0, size=6, **kwargs)
+    chex.assert_shape(full["image"], (8, 8, 8, 3))
+    np.testing.assert_array_equal(same["image"], full["image"])
+    np.testing.assert_allclose(small["image"], data.resize(full["image"], 6), atol=1e-6)
+    np.testing.assert_array_equal(small["label"], full["label"])

@@ -114,9 +114,16 @@ def test_a_one_step_run_without_validation_logs_its_step_and_plots(tmp_path, dat
     assert summary["steps"] == 1 and summary["steady_step_seconds"] is None
 
 
-def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
-    config = smoke(epochs=3.0)
-    experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset, monkeypatch):
+    """18 steps of 6 per epoch, the first 12 on 20 × 20 images (progressive resizing), stopped inside the second
+    epoch and resumed: the run ends where the straight run does, across the change of size; its summary's FLOPs
+    per step are the mean of its steps', below a full-size run's."""
+    config = smoke(epochs=3.0, low_res=20, low_res_fraction=2 / 3)
+    traced, train_batch = [], data.train_batch
+    monkeypatch.setattr(data, "train_batch",
+                        lambda *a, size=None, **k: traced.append(size) or train_batch(*a, size=size, **k))
+    straight = experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+    assert traced[-2:] == [20, None]  # the batch function compiled for the training steps: 20 × 20, then full size
     calls = {"n": 0}
 
     def stop_after_8_steps():
@@ -125,12 +132,14 @@ def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset):
 
     out = experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, should_stop=stop_after_8_steps,
                                      show_progress=False)
-    assert out["interrupted"] and 6 < out["step"] < 12, out  # stopped inside the second epoch
+    assert out["interrupted"] and 6 < out["step"] < 12, out  # stopped inside the second epoch, before the switch
     experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, resume=True, show_progress=False)
     step_a, a = _last_arrays(tmp_path / "straight")
     step_b, b = _last_arrays(tmp_path / "stopped")
     assert step_a == step_b == 18
     chex.assert_trees_all_equal(a, b)  # bit-identical: params, batch stats, optimizer state, step, rng
+    full = experiment.train_and_evaluate(smoke(epochs=0.2), tmp_path / "full", data_dir=dataset, show_progress=False)
+    assert 0.4 * full["step_flops"] < straight["step_flops"] < 0.8 * full["step_flops"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):
@@ -493,14 +502,13 @@ def test_onednn_without_bfloat16_kernels_is_refused_before_any_data_is_read(tmp_
 
 
 def test_smoke_on_eight_devices_matches_one_and_pmap(tmp_path, dataset):
-    runs = {name: experiment.train_and_evaluate(smoke(), tmp_path / name, data_dir=dataset, show_progress=False,
-                                             parallel_mode=mode, num_devices=n)
+    """With progressive resizing too: the resized batches are sharded over the mesh, or split for pmap, alike."""
+    runs = {name: experiment.train_and_evaluate(smoke(low_res=24), tmp_path / name, data_dir=dataset,
+                                             show_progress=False, parallel_mode=mode, num_devices=n)
             for name, mode, n in (("one", "jit", 1), ("jit8", "jit", 8), ("pmap8", "pmap", 8))}
     assert runs["one"]["devices"] == 1 and runs["jit8"]["devices"] == runs["pmap8"]["devices"] == 8
     for name in ("jit8", "pmap8"):
         assert abs(runs[name]["best_val_accuracy"] - runs["one"]["best_val_accuracy"]) <= 0.005, runs[name]
-
-
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason=f"the shared CIFAR-10 copy is not at {SHARED_CIFAR10}")
@@ -625,6 +633,49 @@ def test_the_progress_bar_counts_finished_steps_not_dispatched_ones(monkeypatch,
                           jax.random.key(0))
     loop.fit(jaxnet_state(), step, data, 14, options=loop.FitOptions(log_every=3))
     assert [bar.updates for bar in bars] == [updates, updates] and all(bar.total == 28 for bar in bars)
+
+
+def test_progressive_resizing_feeds_each_step_its_size_and_compiles_once_per_size():
+    """fit with `image_size`: of 7 steps the first 4 get 24 × 24 images, the rest 32 × 32; a user's model (global
+    pooling, so any size) with Flax's own TrainState, stepped by jaxnet.train_step under jit, compiles once per
+    size, and so does the batch function."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from flax.training import train_state
+
+    import jaxnet
+    from jaxnet import loop, parallel
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(10)(nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+
+    model = Net()
+    state = train_state.TrainState.create(apply_fn=model.apply, tx=optax.sgd(0.1),
+                                          params=model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    sizes = []
+
+    def gather(key, images, labels, indices, epoch, size=None):
+        image = images[indices].astype(jnp.float32)
+        return {"image": image if size is None else data.resize(image, size), "label": labels[indices]}
+
+    chex.clear_trace_counter()
+    make_batch = parallel.jit_batch_fn(chex.assert_max_traces(gather, n=2), static_argnames=("size",))
+    step = jax.jit(chex.assert_max_traces(jaxnet.train_step, n=2))
+
+    def spy_step(state, batch):
+        sizes.append(batch["image"].shape[1])
+        return step(state, batch)
+
+    rng = np.random.default_rng(0)
+    images, labels = jnp.asarray(rng.integers(0, 256, (16, 32, 32, 3), np.uint8)), jnp.arange(16) % 10
+    train_data = loop.TrainData(images, labels, make_batch, 4, jax.random.key(1),
+                                image_size=lambda s: 24 if s < 4 else None)
+    result = loop.fit(state, spy_step, train_data, 7, options=loop.FitOptions(show_progress=False, log_every=3))
+    assert sizes == [24] * 4 + [32] * 3  # and each function traced (so compiled) twice at most: once per size
+    assert int(result.state.step) == 7 and isinstance(result.state, train_state.TrainState)
 
 
 def jaxnet_state():
