@@ -28,6 +28,7 @@ import optax
 
 from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, loop, models, optim, parallel, profiling
 from jaxnet import train
+from jaxnet.configs.default import LOW_RES_FRACTION
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.metrics import MetricWriter, plot_curves
 from jaxnet.ops import IMPLS, onednn
@@ -82,6 +83,9 @@ def validate_config(config) -> None:
     for key, (check, wanted) in _rules().items():
         if key in config and not check(config[key]):
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")
+    if not config.get("low_res", 0) and config.get("low_res_fraction") not in (None, LOW_RES_FRACTION):
+        raise ConfigError(f"low_res_fraction={config.low_res_fraction!r} changes nothing while low_res is 0 (off): "
+                          "set low_res too (16 to 31 pixels)")
     if not config.model.startswith("fastnet"):
         for key, (default, what) in FASTNET_FIELDS.items():
             if config.get(key, default) != default:

@@ -8,6 +8,10 @@ benchmarks/RESULTS.md).
 
 import ml_collections
 
+# Progressive resizing's default share of the steps at low resolution: a run that sets another share without
+# `low_res` is refused (experiment.validate_config), as it would change nothing.
+LOW_RES_FRACTION = 0.5
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -38,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.flip = "alternate"                # alternate (airbench: each image mirrored every other epoch) | random | none
     c.cutout = 0                        # side of the zeroed square, pixels; 0 = off
     c.low_res = 0                       # progressive resizing: side (pixels) of the train images in the first steps; 0 = off
-    c.low_res_fraction = 0.5            # fraction of the steps, from the first, trained at low_res × low_res
+    c.low_res_fraction = LOW_RES_FRACTION  # fraction of the steps, from the first, trained at low_res × low_res
     c.jitter = 0.0                      # brightness and contrast factors drawn from [1 - jitter, 1 + jitter]; 0 = off
     c.tta_level = 2                     # test-time augmentation: 0 none, 1 mirror, 2 mirror + translate
     c.tta_fraction = 1.0                # fraction of test images, least confident first, given the TTA views
