@@ -426,7 +426,7 @@ def _finish(config, workdir: Path, outcome: dict, *, export, export_platforms, t
         "epochs_completed": result.epochs_completed, "steps": int(parallel.fetch(final.step)),
         "stopped_early": result.stopped_early,
         "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
-        "compile_seconds": (result.first_step_seconds - steady) if steady and result.first_step_seconds else None,
+        "compile_seconds": result.compile_seconds,
         "steady_step_seconds": steady, "images_per_second": config.batch_size / steady if steady else None,
         "step_flops": flops, "flops_per_second": flops / steady if flops and steady else None,
         "peak_flops": peak_flops,

@@ -61,6 +61,10 @@ class FitOptions:
 
 @dataclasses.dataclass
 class FitResult:
+    """first_step_seconds: compilation and the first step; steady_step_seconds: a step's time after
+    compilation, over the run's image sizes (`_steady`); compile_seconds: the first minus a steady step of its
+    size (None until a logging window at that size was timed)."""
+
     state: TrainState
     best_val_accuracy: float | None
     epochs_completed: int
@@ -69,6 +73,16 @@ class FitResult:
     first_step_seconds: float | None
     steady_step_seconds: float | None
     train_seconds: float
+    compile_seconds: float | None = None
+
+
+def _steady(window_times: dict[Any, list[float]], steps_at: dict[Any, int]) -> float | None:
+    """A step's steady time over the run: each image size's median window, weighted by the steps run at that
+    size (with progressive resizing one size's median alone would be that size's rate, not the run's)."""
+    timed = {size: float(np.median(times)) for size, times in window_times.items()}
+    if not timed:
+        return None
+    return sum(steps_at[size] * t for size, t in timed.items()) / sum(steps_at[size] for size in timed)
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -132,25 +146,28 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
 
     step = int(parallel.fetch(state.step))
     trace_window = (step + 2, step + 2 + options.profile_steps) if profile_dir else (-1, -1)
-    first_step = None
+    first_step = first_size = None
     stopped_early = interrupted = False
-    t_start, step_times = time.perf_counter(), []
+    # Per image size: each logging window's time per step (windows of one size only) and the steps run.
+    t_start, window_times, steps_at = time.perf_counter(), {}, {}
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     while step < total_steps and not (stopped_early or interrupted):
         order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
         last = min(steps_per_epoch, offset + total_steps - step)
         bar = progress((last - offset) * batch_size, f"epoch {epoch + 1}/{total_epochs}", enabled=show_progress)
-        pending, shown, t_window, untimed = [], 0, time.perf_counter(), 0
+        pending, shown, t_window, untimed, window_sizes = [], 0, time.perf_counter(), 0, set()
         try:  # the bar ends its line even when a step raises, so an error message starts on its own
             for i in range(offset, last):
                 if step == trace_window[0]:
                     jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    size = {} if data.image_size is None else {"size": data.image_size(step)}
+                    size = None if data.image_size is None else data.image_size(step)
                     batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch,
-                                       **size)
+                                       **({} if data.image_size is None else {"size": size}))
                     state, metrics = train_step(state, batch)
                 step += 1
+                steps_at[size] = steps_at.get(size, 0) + 1
+                window_sizes.add(size)
                 if step == trace_window[1]:
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
@@ -158,7 +175,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                 if first_step is None:  # compile + one step: logged, but kept out of the steady-state timing
                     jax.block_until_ready(metrics)
                     first_step = time.perf_counter() - t_window
-                    t_window, untimed = time.perf_counter(), 1
+                    t_window, untimed, first_size = time.perf_counter(), 1, size
                 while shown < len(pending) and _done(pending[shown]):  # finished steps, not dispatched ones
                     shown += 1
                     bar.update(batch_size)
@@ -168,8 +185,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     fetched = parallel.fetch(pending)
                     if len(fetched) > shown:
                         bar.update((len(fetched) - shown) * batch_size)
-                    if len(pending) > untimed:
-                        step_times.append((time.perf_counter() - t_window) / (len(pending) - untimed))
+                    if len(pending) > untimed and len(window_sizes) == 1:  # not the window of a size switch
+                        window_times.setdefault(size, []).append(
+                            (time.perf_counter() - t_window) / (len(pending) - untimed))
                     untimed = 0
                     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "count"}
                     if not math.isfinite(scalars["loss"]):
@@ -177,7 +195,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     if writer:
                         writer.write("train", step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}")
-                    pending, shown, t_window = [], 0, time.perf_counter()
+                    pending, shown, t_window, window_sizes = [], 0, time.perf_counter(), set()
                 if stop:
                     interrupted = True
                     if checkpointer:
@@ -204,7 +222,8 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         interrupted = step < total_steps and parallel.any_process(should_stop())
     if trace_window[0] < step < trace_window[1]:  # the run ended inside the traced window
         jax.profiler.stop_trace()
+    first_rate = window_times.get(first_size)
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
                      interrupted=interrupted, first_step_seconds=first_step,
-                     steady_step_seconds=float(np.median(step_times)) if step_times else None,
-                     train_seconds=time.perf_counter() - t_start)
+                     steady_step_seconds=_steady(window_times, steps_at), train_seconds=time.perf_counter() - t_start,
+                     compile_seconds=first_step - float(np.median(first_rate)) if first_rate else None)

@@ -678,6 +678,38 @@ def test_progressive_resizing_feeds_each_step_its_size_and_compiles_once_per_siz
     assert int(result.state.step) == 7 and isinstance(result.state, train_state.TrainState)
 
 
+def test_the_steady_step_time_spans_the_image_sizes_and_leaves_compilation_out(monkeypatch):
+    """With progressive resizing a step's steady time (so the summary's img/s and FLOP/s) is the run's: each
+    size's median window weighted by its steps, not the median of all windows (the size with more of them);
+    compilation is the first step less a steady step of its size. A fake clock: a 16-pixel step takes 1 s, a
+    32-pixel one 3 s, the first at each size 100 s more; 26 of 40 steps small, windows of 4 steps."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from jaxnet import loop
+
+    now, compiled = [0.0], set()
+
+    def step(state, batch):
+        size = batch["image"].shape[1]
+        now[0] += (1.0 if size == 16 else 3.0) + (0.0 if size in compiled else 100.0)
+        compiled.add(size)
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.5),
+                                                     "count": jnp.int32(4)}
+
+    def gather(key, images, labels, indices, epoch, size=None):
+        return {"image": images[indices] if size is None else images[indices][:, :size, :size],
+                "label": labels[indices]}
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    images, labels = jnp.zeros((160, 32, 32, 3), jnp.uint8), jnp.zeros((160,), jnp.int32)
+    data = loop.TrainData(images, labels, gather, 4, jax.random.key(0), image_size=lambda s: 16 if s < 26 else None)
+    result = loop.fit(jaxnet_state(), step, data, 40, options=loop.FitOptions(show_progress=False, log_every=4))
+    assert result.steady_step_seconds == pytest.approx((26 * 1.0 + 14 * 3.0) / 40)
+    assert result.first_step_seconds == 101.0 and result.compile_seconds == pytest.approx(100.0)
+
+
 def jaxnet_state():
     import jax.numpy as jnp
 
