@@ -126,18 +126,28 @@ class Checkpointer:
             arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
         return template.replace(**arrays), meta
 
-    def _read(self, abstract: dict[str, Any], which: str,
-              expect: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def meta(self, which: str = "last") -> dict[str, Any]:
+        """The metadata of the newest `which` checkpoint, without its arrays (process 0 reads it for all);
+        CheckpointError if there is none or it is unreadable."""
+        return parallel.broadcast_from_main(lambda: self._meta(which)[1])
+
+    def _meta(self, which: str) -> tuple[int, dict[str, Any]]:
         manager = self._manager(which)
         where = self.directory / which
         step = manager.latest_step()
         if step is None:
             raise CheckpointError(f"no checkpoint in {where}")
         try:
-            meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+            return step, dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
         except Exception as e:  # orbax raises many types (ValueError, KeyError, FileNotFoundError, ...)
             raise CheckpointError(f"checkpoint {where}/{step} cannot be read "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+    def _read(self, abstract: dict[str, Any], which: str,
+              expect: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        manager = self._manager(which)
+        where = self.directory / which
+        step, meta = self._meta(which)
         if diff := _differences(meta, expect or {}):
             raise CheckpointError(f"checkpoint {where}/{step} was made with another {diff}")
         try:

@@ -14,6 +14,7 @@ error is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -116,6 +117,13 @@ def train(args, stop: dict) -> dict:
     if args.compilation_cache:
         compiler.enable_compilation_cache(args.compilation_cache)
     from jaxnet import experiment
+
+    if parallel.is_main_process():  # the experiment's notes (a time budget's epochs) as plain lines on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        experiment.log.addHandler(handler)
+        experiment.log.setLevel(logging.INFO)
+        experiment.log.propagate = False  # not again through a root handler another library set up
 
     return experiment.train_and_evaluate(
         config, args.workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,

@@ -417,12 +417,17 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
     return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
 
 
+def eval_batch_size(n: int, batch_size: int, multiple: int = 1) -> int:
+    """The rows of each of `eval_batches`' batches for a split of `n` rows."""
+    return min(batch_size, max(multiple, -(-n // multiple) * multiple))
+
+
 def eval_batches(split: Split, batch_size: int, multiple: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of one size (the last one padded, with "mask" False on the padding): `batch_size` rows, or,
     where the whole split fits in fewer, its row count rounded up to `multiple` (the devices a batch is split
     over), so that a small split is not padded to a large batch and evaluated at the large batch's cost."""
     n = len(split["label"])
-    batch_size = min(batch_size, max(multiple, -(-n // multiple) * multiple))
+    batch_size = eval_batch_size(n, batch_size, multiple)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         pad = batch_size - (stop - start)

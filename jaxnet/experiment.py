@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
+import math
 import os
 import platform
 import shutil
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,11 @@ RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size", "host_m
 # Config fields only FastNet models take: (the value that leaves the model's own, what the field sets).
 FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "FastNet's"),
                   "depth": (2, "FastNet's blocks")}
+# Of the time a `time_budget` leaves for the training steps, the share kept in reserve for what the estimate leaves
+# out (checkpoint saves, metric fetches, the plots, steps slower than the timed ones): with 5 %, `quick` given 4 min
+# on a Zen 4 ended at 4 min 6 s (benchmarks/RESULTS.md, "time_budget").
+BUDGET_MARGIN = 0.1
+log = logging.getLogger(__name__)
 
 
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
@@ -75,6 +82,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
+        "time_budget": non_negative,
     }
 
 
@@ -301,6 +309,84 @@ def _steps(config, num_train: int) -> tuple[int, int]:
     return steps_per_epoch, total_steps
 
 
+def time_run_parts(train_step: Callable, eval_steps: dict[int, Callable], state, train_batches: dict,
+                   eval_batch, repeats: int = 1) -> dict[str, Any]:
+    """This machine's seconds for the pieces of a run: {"step": {size: a train step on that size's batch},
+    "eval": {tta level: an eval step on `eval_batch`}, "compile": all of these steps' compilations}. Each step
+    is compiled (into the run's own cache), then timed `repeats` times (the median); the train steps run on a
+    copy of `state`, as the compiled step donates its input, so the run's own state is untouched."""
+    def timed(fn: Callable) -> tuple[float, float]:
+        """(compile, run) seconds: fn's first call (compilation and a run) less the median of `repeats` more."""
+        times = []
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t)
+        run = float(np.median(times[1:]))
+        return times[0] - run, run
+
+    def train(batch):
+        nonlocal state
+        state, metrics = train_step(state, batch)
+        return metrics
+
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    parts = {"step": {size: timed(partial(train, batch)) for size, batch in train_batches.items()},
+             "eval": {level: timed(partial(step, state, eval_batch)) for level, step in eval_steps.items()}}
+    return {"compile": sum(c for times in parts.values() for c, _ in times.values()),
+            **{part: {key: run for key, (_, run) in times.items()} for part, times in parts.items()}}
+
+
+def budget_steps(budget: float, *, spent: float, step: float, after: float, recompile: float, total_steps: int) -> int:
+    """Training steps that fit in `budget` seconds of wall time when `spent` are gone and `after` (evaluation) are
+    still to come, a step taking `step` seconds: all `total_steps` if they fit, else the most that fit beside
+    the `recompile` seconds a shorter run costs (its schedule is compiled into its step); 0 if none fit.
+    `BUDGET_MARGIN` of the time left is kept in reserve."""
+    room = (budget - spent - after) * (1 - BUDGET_MARGIN)
+    if total_steps * step <= room:
+        return total_steps
+    return max(0, math.floor((room - recompile) / step))
+
+
+def _with_epochs(config, epochs: float):
+    config = config.copy_and_resolve_references()
+    config.epochs = epochs
+    return config
+
+
+def _steps_in_budget(config, t0: float, steps_per_epoch: int, total_steps: int, state, train_step, eval_step_for,
+                     train_arrays, batch_fn, eval_batch, n_test: int, n_val: int) -> int:
+    """The training steps of `config`'s run that fit in its `time_budget` (minutes of wall time since `t0`), its
+    pieces timed on this machine (`time_run_parts`; `n_test`, `n_val`: eval batches of the test and validation
+    splits); process 0's answer for all. ConfigError if none fit."""
+    size_steps = {None: 1 - (config.low_res_fraction if config.low_res else 0)}
+    if config.low_res:
+        size_steps[config.low_res] = config.low_res_fraction
+    indices = jnp.arange(config.batch_size)
+    train_batches = {size: batch_fn(jax.random.key(0), *train_arrays, indices, 0, size=size) for size in size_steps}
+    levels = sorted({0, config.tta_level})
+    parts = time_run_parts(train_step, {level: eval_step_for(level) for level in levels}, state, train_batches,
+                           eval_batch)
+    validation = n_val * parts["eval"][0]  # after every epoch: a step's share of it counts as the step's
+    step = sum(share * parts["step"][size] for size, share in size_steps.items()) + validation / steps_per_epoch
+    after = n_test * sum(parts["eval"].values())
+    budget, spent = 60 * config.time_budget, time.perf_counter() - t0
+
+    def decide() -> int:
+        steps = budget_steps(budget, spent=spent, step=step, after=after, recompile=parts["compile"],
+                             total_steps=total_steps)
+        if steps < 1:
+            raise ConfigError(f"time_budget {config.time_budget:g} min leaves no time to train: data, compilation "
+                              f"and evaluation take {(spent + after + parts['compile']) / 60:.1f} min here, "
+                              f"a step {step:.2f} s")
+        if steps < total_steps:
+            log.info("time_budget %g min: %d of %d steps fit (a step %.2f s; %.0f s spent, %.0f s of evaluation "
+                     "to come)", config.time_budget, steps, total_steps, step, spent, after)
+        return steps
+
+    return parallel.broadcast_from_main(decide)
+
+
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
                        export: tuple[str, ...] = (), export_platforms: tuple[str, ...] = export_lib.DEFAULT_PLATFORMS,
                        should_stop: Callable[[], bool] = lambda: False,
@@ -324,25 +410,44 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)
         return {"interrupted": True, "step": None}
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
-    steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
+    if config.time_budget and resume:  # a resumed run keeps the epochs its budget gave it when it started
+        saved = checkpoint.Checkpointer(workdir / "checkpoints")
+        config = _with_epochs(config, saved.meta()["config"]["epochs"])
+        saved.close()
     init_key, data_key, flip_key = jax.random.split(jax.random.key(seed), 3)
-    model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
-    state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
-                          train_set["image"])
-    parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
     make_batch = partial(data_lib.train_batch, flip=data_lib.flip_schedule(config.flip, flip_key),
                          translate=config.translate, cutout=config.cutout, jitter=config.jitter, mean=config.mean,
                          std=config.std)
-    n_low = low_res_steps(config, total_steps)
     train_arrays = (train_set["image"], train_set["label"])
-    if mesh is not None:
-        state, train_arrays = parallel.put_replicated((state, train_arrays), mesh)
-    else:
-        train_arrays = jax.device_put(train_arrays)
-    train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,
-                                                config.tta_fraction)
+    train_arrays = parallel.put_replicated(train_arrays, mesh) if mesh is not None else jax.device_put(train_arrays)
     val_norm, test_norm = (data_lib.normalized(s, config.mean, config.std) for s in (val_set, test_set))
     eval_batches = partial(data_lib.eval_batches, batch_size=config.eval_batch_size, multiple=n_dev)
+    batch_fn = parallel.jit_batch_fn(make_batch, mesh=mesh, static_argnames=("size",))
+
+    def build(config):
+        """(total steps, the state on the devices, compiled train step, tta level → compiled eval step)."""
+        steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
+        model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
+        state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
+                              train_set["image"])
+        if mesh is not None:
+            state = parallel.put_replicated(state, mesh)
+        train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,
+                                                    config.tta_fraction)
+        return total_steps, state, train_step, cache(eval_step_for)
+
+    total_steps, state, train_step, eval_step_for = build(config)
+    parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
+    if config.time_budget and not resume:
+        n_batches = [-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
+                     for n in (len(test_set["label"]), len(val_set["label"]))]
+        steps_per_epoch = len(train_set["label"]) // config.batch_size
+        steps = _steps_in_budget(config, t0, steps_per_epoch, total_steps, state, train_step, eval_step_for,
+                                 train_arrays, batch_fn, next(eval_batches(test_norm)), *n_batches)
+        if steps < total_steps:
+            config = _with_epochs(config, steps / steps_per_epoch)
+            total_steps, state, train_step, eval_step_for = build(config)
+    n_low = low_res_steps(config, total_steps)
     flops = None
     if mesh is not None:
         def example(size=None):
@@ -356,8 +461,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         if dump_hlo and parallel.is_main_process():
             _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example(),
                         next(eval_batches(val_norm if config.val_size else test_norm)))
-    data = loop.TrainData(*train_arrays, parallel.jit_batch_fn(make_batch, mesh=mesh, static_argnames=("size",)),
-                          config.batch_size, data_key,
+    data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
                           image_size=(lambda step: config.low_res if step < n_low else None) if n_low else None)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
     with parallel.peer_failures():
@@ -378,7 +482,7 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
     main_process = parallel.is_main_process()
     checkpointer = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
     config_dict = config.to_dict()
-    math = {k: v for k, v in config_dict.items() if k not in RESUME_MAY_CHANGE}
+    fixed = {k: v for k, v in config_dict.items() if k not in RESUME_MAY_CHANGE}
     writer = MetricWriter(workdir, enabled=main_process)
     eval_step = eval_step_for(0)
     options = loop.FitOptions(log_every=config.log_every, patience=config.patience or None,
@@ -389,7 +493,7 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
             state, train_step, data, total_steps, eval_step=eval_step,
             val_batches=(lambda: eval_batches(val_norm)) if config.val_size else None,
             checkpointer=checkpointer, writer=writer, meta={"config": config_dict, **identity}, resume=resume,
-            resume_check={"config": math, **identity}, should_stop=should_stop, options=options)
+            resume_check={"config": fixed, **identity}, should_stop=should_stop, options=options)
         if result.interrupted:
             return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
         final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state

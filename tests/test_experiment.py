@@ -720,6 +720,55 @@ def jaxnet_state():
                                      jaxnet.sgd(0.1))
 
 
+def test_budget_steps_keeps_a_run_that_fits_and_cuts_one_that_does_not():
+    """80 s left once 10 are spent and 10 of evaluation are set aside; 10 % of them in reserve: 72 s for steps."""
+    steps = partial(experiment.budget_steps, 100.0, spent=10.0, after=10.0, recompile=5.5)
+    assert steps(step=1.0, total_steps=50) == 50 and steps(step=1.0, total_steps=72) == 72
+    assert steps(step=1.0, total_steps=73) == 66  # cut: the shorter run's compilation comes out of the 72 s
+    assert steps(step=2.0, total_steps=73) == 33
+    assert experiment.budget_steps(20.0, spent=15.0, after=10.0, step=1.0, recompile=0.0, total_steps=10) == 0
+
+
+def test_a_time_budget_the_run_fits_in_changes_nothing(tmp_path, dataset):
+    """With a budget it fits in, the run times its steps (both image sizes and the evaluations) on a copy of its
+    state first, then ends exactly as without a budget: the same steps, bit-identical parameters."""
+    plain = experiment.train_and_evaluate(smoke(low_res=20, val_size=0), tmp_path / "plain", data_dir=dataset,
+                                          show_progress=False)
+    timed = experiment.train_and_evaluate(smoke(low_res=20, val_size=0, time_budget=600.0), tmp_path / "timed",
+                                          data_dir=dataset, show_progress=False)
+    assert timed["steps"] == plain["steps"] == 32 and timed["config"]["epochs"] == plain["config"]["epochs"]
+    assert timed["test_accuracy_tta"] == plain["test_accuracy_tta"]
+    chex.assert_trees_all_equal(_last_arrays(tmp_path / "plain"), _last_arrays(tmp_path / "timed"))
+
+
+def test_a_time_budget_too_short_trains_fewer_epochs_and_a_resume_keeps_them(tmp_path, dataset, monkeypatch):
+    """A budget the run does not fit in (budget_steps: 9 of its 32 steps fit) makes it a run of 9 steps, 1.125
+    epochs of 8, saved with its checkpoints as its config; stopped and resumed with the same command line, it
+    keeps them and does not time its steps again."""
+    monkeypatch.setattr(experiment, "budget_steps", lambda budget, *, total_steps, **times: 9)
+    config, calls = smoke(time_budget=1.0, val_size=0), {"n": 0}
+
+    def stop_after_4_steps():
+        calls["n"] += 1
+        return calls["n"] >= 5  # once before training, then after each step
+
+    out = experiment.train_and_evaluate(config, tmp_path / "w", data_dir=dataset, should_stop=stop_after_4_steps,
+                                        show_progress=False)
+    assert out == {"interrupted": True, "step": 4}
+    monkeypatch.setattr(experiment, "time_run_parts", lambda *a, **k: pytest.fail("the resumed run timed again"))
+    summary = experiment.train_and_evaluate(config, tmp_path / "w", data_dir=dataset, resume=True,
+                                            show_progress=False)
+    assert summary["steps"] == 9 and summary["config"]["epochs"] == 9 / 8 and summary["config"]["time_budget"] == 1.0
+    assert config.epochs == 4.0  # the caller's config is left as it was
+
+
+def test_a_time_budget_too_short_for_one_step_is_one_line_before_training(tmp_path, dataset):
+    with pytest.raises(ConfigError, match=r"^time_budget 0.001 min leaves no time to train: data, compilation and "
+                                          r"evaluation take [\d.]+ min here, a step [\d.]+ s$"):
+        experiment.train_and_evaluate(smoke(time_budget=0.001), tmp_path / "w", data_dir=dataset, show_progress=False)
+    assert not [p for p in (tmp_path / "w").rglob("*") if p.name.isdigit()]  # no checkpoint
+
+
 def test_too_little_disk_space_is_one_line_before_training(tmp_path, dataset, monkeypatch):
     from types import SimpleNamespace
 

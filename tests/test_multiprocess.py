@@ -112,6 +112,19 @@ def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
     chex.assert_trees_all_close(a["params"], b["params"], atol=1e-6, rtol=1e-6)
 
 
+def test_two_processes_with_a_time_budget_train_the_steps_process_0_timed(tmp_path, dataset):
+    """1600 steps cannot fit in half a minute: both processes time their steps, process 0's count of the steps
+    that fit decides for both (a disagreement would leave one waiting at a collective), and the run trains
+    that many."""
+    results = _finish(_start(dataset, [tmp_path / "p0", tmp_path / "p1"], "epochs=200.0", "val_size=0",
+                             "time_budget=0.5"))
+    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    fit = int(results[0][2].split("time_budget 0.5 min: ")[1].split(" of 1600 steps fit")[0])
+    summary = json.loads((tmp_path / "p0" / "summary.json").read_text())
+    assert 0 < fit < 1600 and summary["steps"] == fit and summary["config"]["epochs"] == fit / 8
+    assert "time_budget" not in results[1][2]  # process 1 says nothing of it
+
+
 @pytest.mark.parametrize("killed", [1, 0], ids=["worker", "coordinator"])
 def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resume(tmp_path, dataset, killed):
     """kill -9 of one process: the other stops within seconds, never hangs, and the same two commands with

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_subset = 0                   # use only this many test images (0 = all)
     c.patience = 0                      # epochs without val gain before stopping; 0 = never stop early
     c.min_delta = 0.0                   # val accuracy gain (fraction) that counts as a gain
+    c.time_budget = 0.0                 # minutes of wall time for the run: fewer epochs if they do not fit (timed before training); 0 = off
     c.keep_checkpoints = 2              # newest checkpoints kept (the best is kept besides)
     c.log_every = 10                    # steps between metric fetches (host syncs)
     c.xla_cpu_conv = "eigen"            # CPU convolutions: eigen | ynnpack (XLA's default); set before JAX starts
