@@ -48,7 +48,7 @@ FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "Fa
                   "depth": (2, "FastNet's blocks")}
 # Of the time a `time_budget` leaves for the training steps, the share kept in reserve for what the estimate leaves
 # out (checkpoint saves, metric fetches, the plots, steps slower than the timed ones): with 5 %, `quick` given 4 min
-# on a Zen 4 ended at 4 min 6 s (benchmarks/RESULTS.md, "time_budget").
+# on a Zen 4 ended at 4 min 6 s; with 10 %, at 3 min 50 s (benchmarks/RESULTS.md, "ablation of budget3").
 BUDGET_MARGIN = 0.1
 log = logging.getLogger(__name__)
 
