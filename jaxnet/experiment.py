@@ -354,11 +354,16 @@ def _with_epochs(config, epochs: float):
     return config
 
 
-def _steps_in_budget(config, t0: float, steps_per_epoch: int, total_steps: int, state, train_step, eval_step_for,
-                     train_arrays, batch_fn, eval_batch, n_test: int, n_val: int) -> int:
+def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eval_step_for, batch_fn, train_arrays,
+                     test_norm: data_lib.Split, *, num_val: int, n_dev: int) -> int:
     """The training steps of `config`'s run that fit in its `time_budget` (minutes of wall time since `t0`), its
-    pieces timed on this machine (`time_run_parts`; `n_test`, `n_val`: eval batches of the test and validation
-    splits); process 0's answer for all. ConfigError if none fit."""
+    pieces timed on this machine (`time_run_parts`; the eval steps on a batch of `test_norm`, the test split,
+    beside which `num_val` validation images are evaluated after each epoch); process 0's answer for all.
+    ConfigError if none fit."""
+    steps_per_epoch = len(train_arrays[1]) // config.batch_size
+    n_test, n_val = (-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
+                     for n in (len(test_norm["label"]), num_val))
+    eval_batch = next(data_lib.eval_batches(test_norm, config.eval_batch_size, n_dev))
     size_steps = {None: 1 - (config.low_res_fraction if config.low_res else 0)}
     if config.low_res:
         size_steps[config.low_res] = config.low_res_fraction
@@ -439,13 +444,10 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     total_steps, state, train_step, eval_step_for = build(config)
     parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
     if config.time_budget and not resume:
-        n_batches = [-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
-                     for n in (len(test_set["label"]), len(val_set["label"]))]
-        steps_per_epoch = len(train_set["label"]) // config.batch_size
-        steps = _steps_in_budget(config, t0, steps_per_epoch, total_steps, state, train_step, eval_step_for,
-                                 train_arrays, batch_fn, next(eval_batches(test_norm)), *n_batches)
+        steps = _steps_in_budget(config, t0, total_steps, state, train_step, eval_step_for, batch_fn, train_arrays,
+                                 test_norm, num_val=len(val_set["label"]), n_dev=n_dev)
         if steps < total_steps:
-            config = _with_epochs(config, steps / steps_per_epoch)
+            config = _with_epochs(config, steps / (len(train_set["label"]) // config.batch_size))
             total_steps, state, train_step, eval_step_for = build(config)
     n_low = low_res_steps(config, total_steps)
     flops = None
