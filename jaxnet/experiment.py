@@ -310,12 +310,14 @@ def _steps(config, num_train: int) -> tuple[int, int]:
 
 
 def time_run_parts(train_step: Callable, eval_steps: dict[int, Callable], state, train_batches: dict,
-                   eval_batch, repeats: int = 1) -> dict[str, Any]:
+                   eval_batch, *, train_repeats: int = 3, eval_repeats: int = 1) -> dict[str, Any]:
     """This machine's seconds for the pieces of a run: {"step": {size: a train step on that size's batch},
     "eval": {tta level: an eval step on `eval_batch`}, "compile": all of these steps' compilations}. Each step
-    is compiled (into the run's own cache), then timed `repeats` times (the median); the train steps run on a
-    copy of `state`, as the compiled step donates its input, so the run's own state is untouched."""
-    def timed(fn: Callable) -> tuple[float, float]:
+    is compiled (into the run's own cache), then timed `train_repeats` or `eval_repeats` times (the median); the
+    train steps run on a copy of `state`, as the compiled step donates its input, so the run's own state is
+    untouched. The first calls after a compilation run slow (a 2-core Zen 4, `quick`: 3.1 and 3.5 s, then
+    2.5-2.9 s), so a train step, the unit of the budget, is timed three times."""
+    def timed(fn: Callable, repeats: int) -> tuple[float, float]:
         """(compile, run) seconds: fn's first call (compilation and a run) less the median of `repeats` more."""
         times = []
         for _ in range(repeats + 1):
@@ -331,8 +333,9 @@ def time_run_parts(train_step: Callable, eval_steps: dict[int, Callable], state,
         return metrics
 
     state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-    parts = {"step": {size: timed(partial(train, batch)) for size, batch in train_batches.items()},
-             "eval": {level: timed(partial(step, state, eval_batch)) for level, step in eval_steps.items()}}
+    parts = {"step": {size: timed(partial(train, batch), train_repeats) for size, batch in train_batches.items()},
+             "eval": {level: timed(partial(step, state, eval_batch), eval_repeats)
+                      for level, step in eval_steps.items()}}
     return {"compile": sum(c for times in parts.values() for c, _ in times.values()),
             **{part: {key: run for key, (_, run) in times.items()} for part, times in parts.items()}}
 

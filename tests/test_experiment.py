@@ -729,6 +729,30 @@ def test_budget_steps_keeps_a_run_that_fits_and_cuts_one_that_does_not():
     assert experiment.budget_steps(20.0, spent=15.0, after=10.0, step=1.0, recompile=0.0, total_steps=10) == 0
 
 
+def test_time_run_parts_times_a_train_step_past_its_slow_first_runs(monkeypatch):
+    """A fake clock: the compiling call takes 10 s, the train step's next runs 3, then 2 and 2 s; the eval step
+    runs 4 s. A train step is the median of three runs (2 s, not the first run's 3), compile what the first calls
+    took beyond a run; the train steps run on a copy of the state (the step donates it)."""
+    durations = iter([10.0, 3.0, 2.0, 2.0, 7.0, 4.0])
+    clock = [0.0]
+    monkeypatch.setattr(experiment.time, "perf_counter", lambda: clock[0])
+    states = []
+
+    def train_step(state, batch):
+        clock[0] += next(durations)
+        states.append(state)
+        return state + 1, {"loss": state}
+
+    def eval_step(state, batch):
+        clock[0] += next(durations)
+        return {"loss": state}
+
+    state = jnp.zeros(())
+    parts = experiment.time_run_parts(train_step, {0: eval_step}, state, {None: "batch"}, "batch")
+    assert parts == {"compile": 8.0 + 3.0, "step": {None: 2.0}, "eval": {0: 4.0}}
+    assert len(states) == 4 and states[0] is not state and float(states[-1]) == 3.0
+
+
 def test_a_time_budget_the_run_fits_in_changes_nothing(tmp_path, dataset):
     """With a budget it fits in, the run times its steps (both image sizes and the evaluations) on a copy of its
     state first, then ends exactly as without a budget: the same steps, bit-identical parameters."""
