@@ -54,6 +54,20 @@ def _finish(procs, timeout=300):
             p.kill()
 
 
+def _why(stderr: str) -> str:
+    """A failed process's stderr for an assertion message: without progress bars and native stack frames (an
+    abort's trace would push the cause out of the message), the last 2000 characters."""
+    return "\n".join(line for line in stderr.splitlines()
+                     if "|" not in line and not line.lstrip().startswith("@"))[-2000:]
+
+
+def _stop_all(procs) -> list[tuple[int, str]]:
+    """Kill the processes still running (-9); every process's exit code and `_why`."""
+    for p in procs:
+        p.kill()
+    return [(r[0], _why(r[2])) for r in _finish(procs)]
+
+
 def _one_process(dataset, workdir, *args):
     return subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
                            str(dataset), "--workdir", str(workdir), *args], cwd=ROOT, env=_env(2),
@@ -73,8 +87,8 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
     procs = _start(dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax", "eval_batch_size=256")
     one = _one_process(dataset, tmp_path / "one", "eval_batch_size=256")
     results = _finish(procs)
-    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
+    assert one.returncode == 0, _why(one.stderr)
     two, single = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("p0", "one"))
     assert two["processes"] == 2 and two["devices"] == 2 and single["devices"] == 2
     for key in ("test_accuracy", "test_accuracy_tta", "best_val_accuracy", "steps"):
@@ -95,31 +109,33 @@ def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
     metrics = workdirs[0] / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training did not start"
+        if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+            raise AssertionError(f"training did not start: {_stop_all(procs)}")
         time.sleep(0.1)
     for p in procs:
         p.send_signal(signal.SIGTERM)
     results = _finish(procs, timeout=120)
-    assert [r[0] for r in results] == [143, 143], [r[2][-2000:] for r in results]
+    assert [r[0] for r in results] == [143, 143], [_why(r[2]) for r in results]
     stopped = [int(r[2].split("interrupted at step ")[1].split(";")[0]) for r in results]
     assert stopped[0] == stopped[1] < 60 and _last(workdirs[0])[0] == stopped[0]
     results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
-    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     reference = _one_process(dataset, tmp_path / "one", "epochs=10.0")
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert reference.returncode == 0, _why(reference.stderr)
     (step_a, a), (step_b, b) = _last(workdirs[0]), _last(tmp_path / "one")
     assert step_a == step_b == 60
     chex.assert_trees_all_close(a["params"], b["params"], atol=1e-6, rtol=1e-6)
 
 
 def test_two_processes_with_a_time_budget_train_the_steps_process_0_timed(tmp_path, dataset):
-    """8000 steps cannot fit in a minute: both processes time their steps, process 0's count of the steps that
+    """8000 steps cannot fit in two minutes: both processes time their steps, process 0's count of the steps that
     fit decides for both (a disagreement would leave one waiting at a collective), and the run trains that
-    many. (Half a minute was too little beside the other tests of the suite: data and compilation took it.)"""
+    many. (One minute was too little beside the other tests of the suite: data and compilation took 45-66 s of
+    it on a 2-core Zen 4, and the budget also keeps a recompilation's time.)"""
     results = _finish(_start(dataset, [tmp_path / "p0", tmp_path / "p1"], "epochs=1000.0", "val_size=0",
-                             "time_budget=1.0"))
-    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
-    fit = int(results[0][2].split("time_budget 1 min: ")[1].split(" of 8000 steps fit")[0])
+                             "time_budget=2.0"))
+    assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
+    fit = int(results[0][2].split("time_budget 2 min: ")[1].split(" of 8000 steps fit")[0])
     summary = json.loads((tmp_path / "p0" / "summary.json").read_text())
     assert 0 < fit < 8000 and summary["steps"] == fit and summary["config"]["epochs"] == fit / 8
     assert "time_budget" not in results[1][2]  # process 1 says nothing of it
@@ -137,18 +153,19 @@ def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resum
     metrics = workdirs[0] / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):  # past the first checkpoint
-        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training did not start"
+        if not all(p.poll() is None for p in procs) or time.monotonic() > deadline:
+            raise AssertionError(f"training did not start: {_stop_all(procs)}")
         time.sleep(0.1)
     procs[killed].kill()
     killed_at = time.monotonic()
     code, _, stderr = _finish([procs[1 - killed]], timeout=60)[0]
     assert time.monotonic() - killed_at < 30
     ours = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert "Traceback" not in stderr and len(ours) <= 1, stderr[-2000:]
+    assert "Traceback" not in stderr and len(ours) <= 1, _why(stderr)
     if killed == 1 or code == 2:
-        assert code == 2 and len(ours) == 1 and "a peer process failed or left the run" in ours[0], stderr[-2000:]
+        assert code == 2 and len(ours) == 1 and "a peer process failed or left the run" in ours[0], _why(stderr)
     else:
-        assert code == 1 and "Terminating process because the JAX distributed service" in stderr, stderr[-2000:]
+        assert code == 1 and "Terminating process because the JAX distributed service" in stderr, _why(stderr)
     results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
-    assert [r[0] for r in results] == [0, 0], [r[2][-2000:] for r in results]
+    assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     assert _last(workdirs[0])[0] == 60
