@@ -183,8 +183,9 @@ def torch_runner(name: str, mode: str, device: str = "cpu", batch: int | None = 
 
 def step_flops(name: str, dtype, norm: str, impls: list[str], stats: list[dict]) -> float:
     """The FLOPs of one train step of `name`, the same math for every impl: XLA's count of it (`stats`, one per
-    impl), which leaves out oneDNN's convs — FFI calls it cannot see — so from an XLA-conv step if none ran."""
-    counted = [s["flops"] for impl, s in zip(impls, stats) if impl != "onednn"]
+    impl), which leaves out oneDNN's convs — FFI calls it cannot see, in "onednn" and in "auto" where oneDNN is
+    installed — so from an XLA-conv step if only those ran."""
+    counted = [s["flops"] for impl, s in zip(impls, stats) if impl not in ("onednn", "auto")]
     return max(counted) if counted else jax_runner(name, dtype, "xla", norm)[2]["flops"]
 
 

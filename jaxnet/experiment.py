@@ -226,10 +226,9 @@ def _compiled_steps(step_fn: Callable, mesh, n_dev: int,
 
 
 def step_flops(config, train_step: Callable, state: train.TrainState, example: Any) -> float | None:
-    """XLA's FLOP count of one compiled train step. XLA counts nothing inside FFI calls, so an "onednn"
-    model's step is counted with XLA's convs (the same math)."""
-    counted = (state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
-               if config.conv_impl == "onednn" else state)
+    """XLA's FLOP count of one compiled train step, counted with XLA's convs (the same math): XLA counts nothing
+    inside the FFI calls of conv impl "onednn", which "auto" runs on CPUs where oneDNN is installed."""
+    counted = state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
     return (train_step.compiled.lower(counted, example).cost_analysis() or {}).get("flops")
 
 
@@ -296,6 +295,8 @@ def _check_options(config, export: tuple[str, ...], export_platforms: tuple[str,
         raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
     if config.conv_impl == "onednn" and jax.default_backend() == "cpu":  # installed, built, kernels in this dtype
         onednn.check_dtype(compute_dtype(config.dtype))
+    if config.conv_impl == "auto" and jax.default_backend() == "cpu":  # where oneDNN is installed: built
+        onednn.available(compute_dtype(config.dtype))
 
 
 def _steps(config, num_train: int) -> tuple[int, int]:

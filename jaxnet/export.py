@@ -16,12 +16,18 @@ import numpy as np
 
 from jaxnet import data as data_lib
 from jaxnet.errors import ConfigError
+from jaxnet.ops import conv
 from jaxnet.train import TrainState, predict_logits
 
 FORMATS = ("jax", "onnx")
 # Platforms a jax export can be lowered for from any machine; the default is both of those jaxnet runs on.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = ("cpu", "cuda")
+# Conv impls a jax export holds as they are: plain XLA ops, the same on every platform ("auto" traced `portable`,
+# without its oneDNN row). The others go out as XLA's conv (the same function): "onednn"'s FFI calls exist only in
+# a process that loaded jaxnet's handlers; "pallas" is interpret mode on CPUs and, on GPUs, a Triton kernel
+# compiled for one GPU generation.
+PORTABLE_IMPLS = ("xla", "im2col", "auto")
 
 
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -53,10 +59,12 @@ def inference_fn(state: TrainState, *, mean: Sequence[float], std: Sequence[floa
 def export_jax(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3),
                platforms: Sequence[str] = DEFAULT_PLATFORMS) -> Path:
     """Serialize `fn` with a symbolic batch size, lowered for each of `platforms` (from any machine: a CPU
-    can export for GPUs), to `path` (written atomically); returns the path."""
+    can export for GPUs), to `path` (written atomically); returns the path. Conv impl "auto" in `fn` is traced
+    `portable` (XLA's own ops; no oneDNN FFI call, which a loading process would not have)."""
     batch = jax.export.symbolic_shape("b")[0]
-    exported = jax.export.export(jax.jit(fn), platforms=check_platforms(platforms))(
-        jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8))
+    with conv.portable():
+        exported = jax.export.export(jax.jit(fn), platforms=check_platforms(platforms))(
+            jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8))
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(exported.serialize())
@@ -105,9 +113,8 @@ def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_
     model.jaxexport (lowered for each of `platforms`) / model.onnx; returns {format: path}.
 
     `model_with_impl(impl)` is the state's model built with conv impl `impl` (the parameters are the same
-    for every impl). ONNX has no platform switch, so conv impl "auto" goes out there as XLA's conv; so do
-    "onednn" in both formats, its FFI calls existing only in a process that loaded jaxnet's handlers, and
-    "pallas" (interpret mode on CPUs, and on GPUs a Triton kernel compiled for one GPU generation).
+    for every impl). The jax export holds conv impl `conv_impl` if it is one of `PORTABLE_IMPLS`, else XLA's conv;
+    ONNX always XLA's conv.
     Raises ConfigError for an unknown format (before writing anything).
     """
     if unknown := [f for f in formats if f not in FORMATS]:
@@ -119,7 +126,7 @@ def export_model(state: TrainState, model_with_impl: Callable[[str], Any], conv_
     exported = {}
     for fmt in formats:
         if fmt == "jax":
-            fn = inference("xla" if conv_impl in ("onednn", "pallas") else conv_impl)
+            fn = inference(conv_impl if conv_impl in PORTABLE_IMPLS else "xla")
             exported[fmt] = str(export_jax(fn, Path(directory) / "model.jaxexport", platforms=platforms))
         else:
             exported[fmt] = str(export_onnx(inference("xla"), Path(directory) / "model.onnx"))

@@ -107,28 +107,116 @@ def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
     assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
 
 
-@pytest.mark.parametrize("in_hw,kernel,strides,cpu_impl", [
-    (2, 3, 1, "im2col"),   # PlainCNN's last conv: kernel larger than the input
-    (3, 3, 1, "xla"),      # FastNet's last: as large as the input
-    (32, 1, 2, "im2col"),  # ResNet projection: strided 1x1
-    (16, 1, 1, "xla"), (32, 3, 2, "xla"),
+@pytest.mark.parametrize("in_hw,kernel,strides,without_onednn,with_onednn", [
+    (2, 3, 1, "im2col", "im2col"),  # PlainCNN's last conv: kernel larger than the input
+    (3, 3, 1, "xla", "onednn"),     # FastNet's last: as large as the input
+    (32, 1, 2, "im2col", "onednn"),  # ResNet projection: strided 1x1
+    (16, 1, 1, "xla", "onednn"), (32, 3, 2, "xla", "onednn"),
 ])
-def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, cpu_impl):
-    layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides))
-    assert conv_ops.auto_impl("cpu", layer) == cpu_impl
-    assert conv_ops.auto_impl("cuda", layer) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
+def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, without_onednn, with_onednn):
+    for onednn, cpu_impl in ((False, without_onednn), (True, with_onednn)):
+        layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides), onednn=onednn)
+        assert conv_ops.auto_impl("cpu", layer) == cpu_impl
+        assert conv_ops.auto_impl("cuda", layer) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
+
+
+@pytest.fixture
+def without_onednn(monkeypatch):
+    """This process as one without oneDNN installed (the base install)."""
+    from jaxnet.ops import onednn
+
+    monkeypatch.setattr(onednn, "installed", lambda: False)
+    onednn.available.cache_clear()
+    yield
+    onednn.available.cache_clear()
+
+
+def _auto_grad_hlo(hw, kernel, strides, dtype=jnp.float32):
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw, 4), dtype)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6), dtype)
+    grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=strides, impl="auto").sum(), argnums=(0, 1)))
+    return grad.lower(x, w).compile().as_text()
+
+
+def _check_cpu_choice(hlo, chosen):
+    # An XLA conv's gradient holds one conditional of its own (the input's buffer, see the next test).
+    assert ("convolution(" in hlo) == (chosen == "xla") and hlo.count("conditional(") == (chosen == "xla")
+    assert ("JaxnetOnednnConv" in hlo) == (chosen == "onednn")
 
 
 @pytest.mark.parametrize("hw,kernel,strides", [(8, 1, 2), (8, 3, 1), (2, 3, 1)])
 def test_auto_compiles_to_the_cpu_choice_only(hw, kernel, strides):
     """The platform switch is resolved at compilation: the CPU program holds the chosen impl's ops alone."""
-    x = jax.random.normal(jax.random.key(0), (2, hw, hw, 4))
-    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6))
-    grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=strides, impl="auto").sum(), argnums=(0, 1)))
-    hlo = grad.lower(x, w).compile().as_text()
-    chosen = conv_ops.auto_impl("cpu", conv_ops.Layer((hw, hw), (kernel, kernel), (strides, strides)))
-    # An XLA conv's gradient holds one conditional of its own (the input's buffer, see the next test).
-    assert ("convolution(" in hlo) == (chosen == "xla") and hlo.count("conditional(") == (chosen == "xla")
+    from jaxnet.ops import onednn
+
+    layer = conv_ops.Layer((hw, hw), (kernel, kernel), (strides, strides), onednn=onednn.available(jnp.float32))
+    _check_cpu_choice(_auto_grad_hlo(hw, kernel, strides), conv_ops.auto_impl("cpu", layer))
+
+
+@onednn_platform
+def test_auto_runs_onednn_where_installed_and_xla_where_not(without_onednn, monkeypatch):
+    """The extra installed (as in this test environment), "auto" runs a 3x3 conv, forward and both gradients, as
+    oneDNN's FFI calls; without it, as XLA's conv."""
+    from jaxnet.ops import onednn
+
+    _check_cpu_choice(_auto_grad_hlo(8, 3, 1), "xla")
+    monkeypatch.undo()
+    onednn.available.cache_clear()
+    if not onednn.installed():
+        pytest.skip("oneDNN is not installed here (extra onednn)")
+    _check_cpu_choice(_auto_grad_hlo(8, 3, 1), "onednn")
+
+
+@onednn_platform
+def test_auto_runs_xla_where_onednn_has_no_kernels_in_the_dtype(monkeypatch):
+    """bfloat16 on a CPU without oneDNN's bf16 kernels (AVX2 only): XLA's conv; float16: never oneDNN's."""
+    from jaxnet.ops import onednn
+
+    monkeypatch.setattr(onednn, "installed", lambda: True)
+    monkeypatch.setattr(onednn, "load", lambda: type("Handlers", (), {"JaxnetOnednnSupports": lambda t: t == 3}))
+    onednn.available.cache_clear()
+    try:
+        assert not onednn.available(jnp.bfloat16) and onednn.available(jnp.float32)
+        assert not onednn.available(jnp.float16)
+        _check_cpu_choice(_auto_grad_hlo(8, 3, 1, jnp.bfloat16), "xla")
+    finally:
+        onednn.available.cache_clear()
+
+
+def test_auto_traced_portable_holds_no_ffi_call_and_lowers_for_cpu_and_cuda_at_once():
+    """Inside `portable` (what an export traces in) "auto" holds XLA's ops only; outside it, where oneDNN is
+    installed, its CPU branch is oneDNN's call, and a program lowered for CPU and CUDA at once holds both
+    branches (no inner platform switch refusing the other platform)."""
+    from jaxnet.ops import onednn
+
+    x, w = jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), jax.random.normal(jax.random.key(1), (3, 3, 4, 6))
+
+    def lowered(x, w):
+        return jax.jit(lambda x, w: conv2d(x, w, impl="auto")).trace(x, w).lower(
+            lowering_platforms=("cpu", "cuda")).as_text()
+
+    with conv_ops.portable():
+        text = lowered(x, w)
+    assert "JaxnetOnednn" not in text and "stablehlo.convolution" in text
+    text = lowered(x, w)
+    assert ("JaxnetOnednnConvForward" in text) == onednn.available(jnp.float32) and "stablehlo.convolution" in text
+
+
+def test_auto_refuses_an_installed_onednn_that_does_not_build(monkeypatch):
+    """oneDNN installed but no C++ compiler: "auto" is an error that says both fixes, not slower convs."""
+    from jaxnet.ops import onednn
+
+    def no_compiler():
+        raise onednn.OnednnError("conv impl 'onednn' compiles its handlers with a C++ compiler: 'g++' not found")
+
+    monkeypatch.setattr(onednn, "installed", lambda: True)
+    monkeypatch.setattr(onednn, "load", no_compiler)
+    onednn.available.cache_clear()
+    try:
+        with pytest.raises(onednn.OnednnError, match="'g\\+\\+' not found .*or choose conv impl 'xla'"):
+            _auto_grad_hlo(8, 3, 1)
+    finally:
+        onednn.available.cache_clear()
 
 
 def test_xla_conv_weight_gradient_does_not_recompute_its_input():
@@ -291,7 +379,8 @@ def test_onednn_without_bfloat16_kernels_says_so(monkeypatch):
             return int(code != onednn.DATA_TYPES[jnp.dtype(jnp.bfloat16)] and library.JaxnetOnednnSupports(code))
 
     monkeypatch.setattr(onednn, "load", lambda: NoBfloat16())
-    monkeypatch.setattr(onednn, "check_dtype", onednn.check_dtype.__wrapped__)  # past this process's verdicts
+    for verdict in ("check_dtype", "available"):  # past this process's verdicts
+        monkeypatch.setattr(onednn, verdict, getattr(onednn, verdict).__wrapped__)
     x, w = _inputs(CASES[0])
     conv2d(x, w, impl="onednn")  # float32 still runs
     with pytest.raises(onednn.OnednnError, match="no bfloat16 convolution on this CPU .*use dtype float32"):

@@ -371,7 +371,7 @@ def test_activation_sets_fastnets():
     from jaxnet import models
 
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    silu = experiment.build_model(smoke(activation="silu"))
+    silu = experiment.build_model(smoke(activation="silu", conv_impl="xla"))  # the models' default impl
     variables = silu.init(jax.random.key(0), images, train=False)
     np.testing.assert_allclose(silu.apply(variables, images, train=False), models.FastNetTiny(
         activation=jax.nn.silu).apply(variables, images, train=False), rtol=1e-6)
@@ -401,7 +401,7 @@ def test_a_config_read_back_from_json_builds_the_same_model(name):
 def test_widths_set_fastnets_blocks_and_the_muon_heads_scale():
     from jaxnet import models
 
-    model = experiment.build_model(smoke(model="fastnet_muon", widths=(8, 16, 12)))
+    model = experiment.build_model(smoke(model="fastnet_muon", widths=(8, 16, 12), conv_impl="xla"))
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.key(0), images, train=False)
     assert variables["params"]["head"]["kernel"].shape == (12, 10)
@@ -420,8 +420,10 @@ def _export(state, config, directory, formats):
 
 
 def test_experiment_exports_match_the_live_model_with_auto_convs(tmp_path):
-    """PlainCNN's last conv (3x3 on 2x2) is one that "auto" runs as im2col on CPU, through a platform switch
-    ONNX cannot express: the jax export keeps it, the ONNX export writes the same function with XLA's conv."""
+    """PlainCNN's last conv (3x3 on 2x2) is one that "auto" runs as im2col on CPU (the others oneDNN's where it is
+    installed), through a platform switch ONNX cannot express: the jax export keeps the switch without its oneDNN
+    choice (FFI calls exist only in a process that loaded jaxnet's handlers), the ONNX export writes the same
+    function with XLA's conv."""
     import jax.numpy as jnp
 
     ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
@@ -466,11 +468,29 @@ def test_experiment_exports_onednn_and_pallas_models_with_xlas_convs(tmp_path, i
 
 def test_onednn_run_reports_the_flops_of_its_convs(tmp_path, dataset):
     """XLA's cost analysis sees no FLOPs inside FFI calls: an onednn run's step FLOPs (and so its MFU) are those
-    of the same step with XLA's convs."""
+    of the same step with XLA's convs; so are an auto run's, which runs oneDNN's convs where it is installed."""
     runs = {impl: experiment.train_and_evaluate(smoke(epochs=1.0, conv_impl=impl), tmp_path / impl, data_dir=dataset,
                                              show_progress=False)
-            for impl in ("xla", "onednn")}
-    assert runs["onednn"]["step_flops"] == runs["xla"]["step_flops"] > 0
+            for impl in ("xla", "onednn", "auto")}
+    assert runs["onednn"]["step_flops"] == runs["auto"]["step_flops"] == runs["xla"]["step_flops"] > 0
+
+
+def test_cli_auto_with_an_installed_onednn_that_cannot_build_is_one_line(tmp_path):
+    """oneDNN installed (as here) but no C++ compiler to build jaxnet's handlers with (and none built before: an
+    empty cache): conv impl "auto" stops the run at its options, one line, exit 2, nothing written."""
+    from jaxnet.ops import onednn
+
+    if not onednn.installed() or jax.default_backend() != "cpu":
+        pytest.skip("needs oneDNN installed (extra onednn) and a CPU backend")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CXX": str(tmp_path / "no-such-compiler"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--workdir",
+                             str(tmp_path / "w"), "--data-dir", str(tmp_path / "no-data")], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-compiler" in lines[0] and "choose conv impl 'xla'" in lines[0], lines
+    assert not (tmp_path / "w").exists()
 
 
 def test_cli_runs_onednn_convs_in_bfloat16(tmp_path, dataset):

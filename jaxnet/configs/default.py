@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.depth = 2                         # FastNet models: convs per block: 2 (airbench94's) | 3 (airbench96's, a residual)
     c.activation = "gelu"               # FastNet models: gelu (exact) | silu | relu
     c.dtype = "auto"                    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16; params stay float32
-    c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape) | xla | im2col | pallas | onednn (CPU, extra onednn)
+    c.conv_impl = "auto"                # jaxnet.ops.conv impl: auto (measured winner per platform and shape; on CPU oneDNN's where installed) | xla | im2col | pallas | onednn (CPU, extra onednn)
     c.whiten_stem = True                # FastNet stem kernel from the patch covariance of 5 000 train images, frozen
     c.batch_size = 1024                 # images per step
     c.eval_batch_size = 1000            # images per eval step (a smaller split: one batch of its own size)

@@ -2,12 +2,15 @@
 
 Every implementation in `IMPLS` computes the same function as `conv2d_reference`; tests compare them
 forward and in gradient. The implementation is chosen by name, outside traced code; "auto" picks the
-measured winner for the layer's shape on the platform the program is lowered for.
+measured winner for the layer's shape on the platform the program is lowered for: on CPUs, oneDNN's convs
+where oneDNN is installed (extra `onednn`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Literal, NamedTuple, TypeAlias
 
@@ -27,28 +30,55 @@ DEFAULT_IMPL: Impl = "xla"
 
 
 class Layer(NamedTuple):
-    """What "auto" looks at: the unpadded input's (H, W), the kernel's (KH, KW) and the strides."""
+    """What "auto" looks at: the unpadded input's (H, W), the kernel's (KH, KW), the strides, and whether conv impl
+    "onednn" can run the conv in this program: not traced inside `portable`, the process's default backend the CPU
+    (a GPU process never builds oneDNN's handlers), `onednn.available` for the conv's dtype, one group, no
+    dilation."""
 
     in_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
     strides: tuple[int, int]
+    onednn: bool = False
 
 
 # What "auto" runs: per platform, the impl of the first row whose test holds for the layer, else "xla". Rows are
 # the measured winners of `python -m benchmarks.conv_impls` (forward + both gradients; benchmarks/RESULTS.md,
 # "Conv implementations", 2026-11-26, 2-core AMD EPYC, eigen CPU convs), where XLA's conv lost to im2col.
 # Wins under 1.2x (im2col on ResNet-18's 4x4x512 and ResNet-50's 1x1 reduce) changed sides between two runs and
-# are left out. A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
+# are left out. Every other CPU conv runs as oneDNN's where it is installed (extra `onednn`): on the same grid
+# (2026-12-03, 2-core AMD Zen 4, AVX-512) oneDNN's beat XLA's and im2col on 12 of 14 layers, by 1.1-2.2x (the
+# strided 1x1 2.2x faster than im2col); XLA's won ResNet-18's 4x4x512 (1.35x, one run; left as is), im2col the
+# 3x3 on 2x2 (the first row). FastNet's train step with oneDNN's convs against XLA's, each beside PyTorch eager's
+# in one run (`python -m benchmarks.step_ops`; 2026-12-02/03): 0.94x against 0.87x PyTorch's speed on an AVX2
+# EPYC (family 23), 1.00x against 0.76x on the Zen 4; `quick` in 0.72x the wall time on an AMX Xeon
+# (2026-11-30). A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
 AUTO_TABLE: dict[str, tuple[tuple[str, Callable[[Layer], bool], Impl], ...]] = {
     "cpu": (
         # XLA swaps such a conv's operands (the activations become the kernel) into a conv Eigen runs 16-27x
         # slower than im2col's dot: PlainCNN's last 3x3 on a 2x2 map.
         ("kernel larger than the input", lambda l: l.in_hw[0] < l.kernel_hw[0] or l.in_hw[1] < l.kernel_hw[1],
          "im2col"),
+        ("oneDNN installed, and has kernels for the conv", lambda l: l.onednn, "onednn"),
         # A strided slice + one dot: 1.2-1.6x faster than XLA's conv on ResNet-18's projection.
         ("strided 1x1", lambda l: l.kernel_hw == (1, 1) and l.strides != (1, 1), "im2col"),
     ),
 }
+
+# Whether "auto" may run oneDNN's FFI calls: not in a program traced to be serialized (`portable`).
+_FFI_ALLOWED = contextvars.ContextVar("jaxnet_conv_ffi_allowed", default=True)
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Within it, conv impl "auto" traces to XLA's own ops only (its choice without the oneDNN row): for programs
+    to serialize (`jaxnet.export.export_jax`), since oneDNN's FFI calls exist only in a process that loaded
+    jaxnet's handlers. The choice is made at tracing, so a program traced inside holds no FFI call."""
+    token = _FFI_ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _FFI_ALLOWED.reset(token)
+
 
 Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -163,11 +193,15 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                     x, w, out=out, message="conv impl 'onednn' runs on CPUs only (oneDNN's CPU kernels); "
                                            "lowering for {platform}: use impl='xla' or 'auto'"))
         case "auto":
-            layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides)
+            layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides,
+                          onednn=(_FFI_ALLOWED.get() and jax.default_backend() == "cpu" and groups == 1
+                                  and dilation == (1, 1) and x.dtype == w.dtype and onednn.available(x.dtype)))
 
             def on(platform):
-                return partial(_run, auto_impl(platform, layer), strides=strides, pads=pads, dilation=dilation,
-                               groups=groups)
+                impl = auto_impl(platform, layer)
+                if impl == "onednn":  # the CPU branch already: no platform switch of its own inside this one
+                    return partial(_onednn, strides=strides, pads=pads)
+                return partial(_run, impl, strides=strides, pads=pads, dilation=dilation, groups=groups)
 
             return lax.platform_dependent(x, w, default=on(None), **{p: on(p) for p in AUTO_TABLE})
         case other:

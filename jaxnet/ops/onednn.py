@@ -98,9 +98,40 @@ DATA_TYPES = {jnp.dtype(jnp.bfloat16): 2, jnp.dtype(jnp.float32): 3}
 
 
 @functools.cache
+def installed() -> bool:
+    """Whether oneDNN's headers and library (extra `onednn`) are installed."""
+    try:
+        for dist in ONEDNN:
+            metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@functools.cache
+def available(dtype) -> bool:
+    """Whether conv impl "onednn" runs convolutions in `dtype` here: oneDNN installed, and kernels in that dtype
+    (float32, or bfloat16 on AVX-512 or AMX) on this CPU. What conv impl "auto" asks on CPUs.
+
+    Raises:
+      OnednnError: oneDNN is installed but its handlers cannot be built (no C++ compiler, or the build failed):
+        its extra was asked for, so that is an error to fix, not a reason to run slower convs.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype not in DATA_TYPES or not installed():
+        return False
+    try:
+        return bool(load().JaxnetOnednnSupports(DATA_TYPES[dtype]))
+    except OnednnError as e:
+        raise OnednnError(f"{str(e).rstrip()} — conv impl 'auto' runs oneDNN's convs on CPUs where oneDNN is "
+                          "installed: fix the build, or choose conv impl 'xla'") from None
+
+
+@functools.cache
 def check_dtype(dtype) -> None:
     """Raise OnednnError unless oneDNN has convolutions in `dtype` on this CPU (bfloat16 needs AVX-512 or AMX)."""
-    if not load().JaxnetOnednnSupports(DATA_TYPES[jnp.dtype(dtype)]):
+    load()  # oneDNN missing, or the build failed: its own error
+    if not available(dtype):
         raise OnednnError(f"conv impl 'onednn' has no {jnp.dtype(dtype).name} convolution on this CPU (oneDNN's "
                           "bfloat16 kernels need AVX-512 or AMX); use dtype float32 or impl 'xla'")
 
