@@ -9,7 +9,7 @@ from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.optim import adamw, airbench_sgd, sgd
 from jaxnet.parallel import jit_eval_step, jit_train_step
 from jaxnet.train import (TrainState, create_train_state, cross_entropy, eval_step, lookahead_ema, merge_metrics,
-                          train_step, validate_batch)
+                          select_hardest, train_step, validate_batch)
 
 __version__ = "0.1.0"
 
@@ -17,5 +17,5 @@ __all__ = ["IMPLS", "BatchNorm", "CheckpointError", "ConfigError", "Conv", "Data
            "JaxnetError", "ParallelError", "PlainCNN", "PlainCNNTiny", "ResNet", "ResNet18", "ResNet20", "ResNet34",
            "ResNet50", "ResNet56", "ResNetTiny", "TrainState", "TrainingDiverged", "adamw", "airbench_sgd",
            "conv2d", "conv2d_reference", "create_train_state", "cross_entropy", "eval_step", "jit_eval_step",
-           "jit_train_step", "lookahead_ema", "merge_metrics", "models", "optim", "sgd", "train_step",
+           "jit_train_step", "lookahead_ema", "merge_metrics", "models", "optim", "select_hardest", "sgd", "train_step",
            "validate_batch"]

@@ -79,6 +79,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "low_res": (lambda v: v == 0 or 16 <= v < 32, "0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32)"),
         "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "hard_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
@@ -163,10 +164,13 @@ def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Gra
 
 
 def build_train_step(config, total_steps: int) -> Callable:
-    """The uncompiled step of `config`: `train_step` with its label smoothing, followed by airbench's lookahead
-    EMA (decay 0.95⁵·(step/total)³, every `lookahead_every` steps, the net set to the EMA after the last
-    step) unless `lookahead_every` is 0."""
+    """The uncompiled step of `config`: `train_step` with its label smoothing — on the `hard_fraction` of each
+    batch the model finds hardest when below 1 (`train.select_hardest`) — followed by airbench's lookahead EMA
+    (decay 0.95⁵·(step/total)³, every `lookahead_every` steps, the net set to the EMA after the last step)
+    unless `lookahead_every` is 0."""
     step = partial(train.train_step, label_smoothing=config.label_smoothing)
+    if config.hard_fraction < 1:
+        step = train.select_hardest(step, fraction=config.hard_fraction)
     if not config.lookahead_every:
         return step
     return train.lookahead_ema(step, every=config.lookahead_every, final_step=total_steps,

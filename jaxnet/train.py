@@ -114,6 +114,13 @@ def learning_rate(opt_state: Any) -> jax.Array | None:
     return jnp.asarray(found[0][1], jnp.float32) if len(found) == 1 else None
 
 
+def _dropout_rngs(state: Any, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+    """The model's dropout key at `state.step` (see `train_step`)."""
+    base = dropout_rng if dropout_rng is not None else getattr(state, "rng", None)
+    base = jax.random.key(DEFAULT_DROPOUT_SEED) if base is None else base
+    return {"dropout": jax.random.fold_in(base, state.step)}
+
+
 def train_step(state: Any, batch: Batch, *, label_smoothing: float = 0.0, dropout_rng: jax.Array | None = None,
                axis_name: str | None = None) -> tuple[Any, Metrics]:
     """One optimizer step on the mean loss of `batch` = {"image": (N, ...) model input, "label": (N,) int}.
@@ -127,9 +134,7 @@ def train_step(state: Any, batch: Batch, *, label_smoothing: float = 0.0, dropou
     """
     images, labels = batch["image"], batch["label"]
     stats = _batch_stats(state)
-    base = dropout_rng if dropout_rng is not None else getattr(state, "rng", None)
-    base = jax.random.key(DEFAULT_DROPOUT_SEED) if base is None else base
-    rngs = {"dropout": jax.random.fold_in(base, state.step)}
+    rngs = _dropout_rngs(state, dropout_rng)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
@@ -178,6 +183,34 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
         ema = jax.tree.map(lambda e, m: jnp.where(periodic, e + (1 - decay) * (m - e), e), state.ema, model)
         model = jax.tree.map(lambda e, m: jnp.where(periodic | final, e, m), ema, model)
         return state.replace(params=model["params"], batch_stats=model["batch_stats"], ema=ema), metrics
+
+    return step
+
+
+def select_hardest(step_fn: Callable = train_step, *, fraction: float) -> Callable[..., tuple[Any, Metrics]]:
+    """`step_fn` on the `fraction` of each batch that the current model finds hardest (online batch selection,
+    Loshchilov & Hutter 2015; airbench96_faster scores with a small proxy net, here the model scores itself).
+
+    A forward pass in training mode (BatchNorm on the whole batch's statistics, which are not kept; the
+    step's dropout key) gives each image's cross-entropy; `step_fn` then trains on the max(1, round(fraction ·
+    N)) images of highest loss, every key of the batch gathered alike. Its metrics are those of the trained
+    images. Under pmap (`axis_name`) each device picks from its own share. The optimizer, schedule and step
+    count are those of the whole batch: an epoch is the same number of steps, each training on fewer images.
+
+    Raises:
+      ConfigError: `fraction` is not in (0, 1].
+    """
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ConfigError(f"select_hardest fraction must be in (0, 1], got {fraction!r}")
+
+    def step(state: Any, batch: Batch, **kwargs) -> tuple[Any, Metrics]:
+        stats = _batch_stats(state)
+        logits = state.apply_fn(_variables(state), batch["image"], train=True,
+                                rngs=_dropout_rngs(state, kwargs.get("dropout_rng")),
+                                mutable=["batch_stats"] if stats else [])[0]
+        k = max(1, round(fraction * batch["label"].shape[0]))
+        _, chosen = jax.lax.top_k(cross_entropy(logits, batch["label"]), k)
+        return step_fn(state, {key: value[chosen] for key, value in batch.items()}, **kwargs)
 
     return step
 

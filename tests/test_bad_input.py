@@ -121,6 +121,8 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["depth=4"], "depth must be 2 or 3 (convs in each of FastNet's blocks), got 4"),
     (["jitter=1.5"], "jitter must be in [0, 1), got 1.5"),
     (["tta_fraction=0.0"], "tta_fraction must be in (0, 1], got 0.0"),
+    (["hard_fraction=0.0"], "hard_fraction must be in (0, 1], got 0.0"),
+    (["hard_fraction=1.5"], "hard_fraction must be in (0, 1], got 1.5"),
     (["low_res=8"], "low_res must be 0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32), got 8"),
     (["low_res=32"], "low_res must be 0 (off) or 16 to 31"),
     (["low_res=20", "low_res_fraction=1.0"], "low_res_fraction must be in (0, 1), got 1.0"),

@@ -142,6 +142,16 @@ def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset, monke
     assert 0.4 * full["step_flops"] < straight["step_flops"] < 0.8 * full["step_flops"]
 
 
+def test_hard_fraction_trains_each_step_on_the_hardest_images_of_its_batch(tmp_path, dataset):
+    """The run's compiled step selects: its FLOPs are a forward pass over the whole batch and a step over half."""
+    runs = {fraction: experiment.train_and_evaluate(smoke(epochs=0.2, hard_fraction=fraction), tmp_path / str(fraction),
+                                                    data_dir=dataset, show_progress=False)
+            for fraction in (1.0, 0.5)}
+    full, half = runs[1.0], runs[0.5]
+    assert 0.6 * full["step_flops"] < half["step_flops"] < 0.95 * full["step_flops"], (half, full)
+    assert half["config"]["hard_fraction"] == 0.5
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):
     import signal
     import time

@@ -131,6 +131,75 @@ def test_lookahead_needs_a_state_with_an_ema(data):
         train.lookahead_ema(every=2, decay_fn=lambda step: 0.5)(_state(), data)
 
 
+def _hardest_by_hand(state, batch, k, axis=None):
+    """The k images of highest cross-entropy under the model in training mode (batch statistics), picked by
+    NumPy; with `axis`, k from each of that many equal shares of the batch (pmap's devices)."""
+    stats = getattr(state, "batch_stats", None)
+    variables = {"params": state.params, **({"batch_stats": stats} if stats else {})}
+    logits = state.apply_fn(variables, jnp.asarray(batch["image"]), train=True, mutable=["batch_stats"])[0]
+    log_p = np.asarray(jax.nn.log_softmax(logits))
+    losses = -log_p[np.arange(len(log_p)), np.asarray(batch["label"])]
+    shares = np.split(np.arange(len(losses)), axis or 1)
+    chosen = np.concatenate([share[np.argsort(-losses[share])[:k]] for share in shares])
+    return {key: np.asarray(value)[chosen] for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("fraction,k,devices", [(0.25, 16, None), (0.3, 19, None), (1.0, 64, None), (0.5, 32, 8)],
+                         ids=["quarter", "rounded", "all", "mesh8"])
+def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, devices):
+    """Compiled once, on one device or a mesh: two steps each equal to `train_step` on the images picked by hand
+    (BatchNorm: the scoring pass's statistics are not kept)."""
+    from jaxnet import parallel
+
+    mesh = parallel.make_mesh(devices) if devices else None
+    state = _state(tx=optax.sgd(0.05, momentum=0.9))  # Adam would magnify rounding into 1e-4 differences
+    chex.clear_trace_counter()
+    selecting = train.select_hardest(partial(train.train_step, label_smoothing=0.1), fraction=fraction)
+    step = parallel.jit_train_step(chex.assert_max_traces(selecting, n=1), mesh=mesh)
+    state = parallel.put_replicated(state, mesh) if mesh else state
+    for _ in range(2):
+        picked = _hardest_by_hand(state, data, k)
+        ref, ref_metrics = train.train_step(state, picked, label_smoothing=0.1)
+        state, metrics = step(state, data)
+        assert int(metrics["count"]) == k
+        chex.assert_trees_all_close(_snapshot((state.params, state.batch_stats, metrics)),
+                                    _snapshot((ref.params, ref.batch_stats, ref_metrics)), rtol=2e-5, atol=2e-6)
+
+
+def test_select_hardest_on_pmap_picks_from_each_devices_share_with_flaxs_state(data):
+    """A user's model without BatchNorm in Flax's own TrainState: each of 8 devices picks its 2 hardest of 8,
+    and the averaged step equals `train_step` on those 16 images."""
+    from jaxnet import parallel
+
+    state = _flax_state(ScalingMlp())
+    step = parallel.pmap_train_step(train.select_hardest(fraction=0.25), num_devices=8)
+    picked = _hardest_by_hand(state, data, 2, axis=8)
+    ref, ref_metrics = train.train_step(state, picked)
+    state, metrics = step(state, data)
+    assert type(state) is flax_train_state.TrainState and int(metrics["count"]) == 16
+    # Adam (the Flax state's) magnifies rounding: one weight in 10⁵ moves by 3e-6; a wrong pick moves many by ~3e-3
+    chex.assert_trees_all_close(_snapshot((state.params, metrics)), _snapshot((ref.params, ref_metrics)),
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_select_hardest_with_dropout_still_memorises_and_composes_with_the_ema(data):
+    model = ScalingMlp(dropout=0.2)
+    state = train.create_train_state(model, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8),
+                                     optax.adam(3e-3), ema=True)
+    step = jaxnet.jit_train_step(jaxnet.lookahead_ema(jaxnet.select_hardest(fraction=0.5), every=5,
+                                                     decay_fn=lambda s: 0.5))
+    for _ in range(150):
+        state, metrics = step(state, data)
+    assert int(metrics["count"]) == N // 2
+    assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.99
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5, -0.5, "0.5", None])
+def test_select_hardest_rejects_fractions_outside_0_to_1(fraction):
+    with pytest.raises(jaxnet.ConfigError, match=r"select_hardest fraction must be in \(0, 1\]"):
+        train.select_hardest(fraction=fraction)
+
+
 def test_user_model_without_batchnorm_and_with_dropout(data):
     class Mlp(nn.Module):
         @nn.compact
