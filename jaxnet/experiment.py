@@ -80,6 +80,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "low_res": (lambda v: v == 0 or 16 <= v < 32, "0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32)"),
         "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "hard_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "hard_score_size": (lambda v: v == 0 or 8 <= v <= 32, "0 (the images as trained) or 8 to 32 (pixels)"),
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
@@ -95,6 +96,9 @@ def validate_config(config) -> None:
     if not config.get("low_res", 0) and config.get("low_res_fraction") not in (None, LOW_RES_FRACTION):
         raise ConfigError(f"low_res_fraction={config.low_res_fraction!r} changes nothing while low_res is 0 (off): "
                           "set low_res too (16 to 31 pixels)")
+    if config.get("hard_score_size") and config.get("hard_fraction", 1.0) == 1:
+        raise ConfigError(f"hard_score_size={config.hard_score_size!r} changes nothing while hard_fraction is 1 (every "
+                          "image trains): set hard_fraction below 1 too")
     if not config.model.startswith("fastnet"):
         for key, (default, what) in FASTNET_FIELDS.items():
             if config.get(key, default) != default:
@@ -170,7 +174,7 @@ def build_train_step(config, total_steps: int) -> Callable:
     unless `lookahead_every` is 0."""
     step = partial(train.train_step, label_smoothing=config.label_smoothing)
     if config.hard_fraction < 1:
-        step = train.select_hardest(step, fraction=config.hard_fraction)
+        step = train.select_hardest(step, fraction=config.hard_fraction, score_size=config.hard_score_size or None)
     if not config.lookahead_every:
         return step
     return train.lookahead_ema(step, every=config.lookahead_every, final_step=total_steps,

@@ -21,7 +21,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from jaxnet import compiler
+from jaxnet import compiler, data
 from jaxnet.errors import ConfigError, DataError
 
 Batch = Mapping[str, jax.Array]
@@ -187,7 +187,8 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
     return step
 
 
-def select_hardest(step_fn: Callable = train_step, *, fraction: float) -> Callable[..., tuple[Any, Metrics]]:
+def select_hardest(step_fn: Callable = train_step, *, fraction: float,
+                   score_size: int | None = None) -> Callable[..., tuple[Any, Metrics]]:
     """`step_fn` on the `fraction` of each batch that the current model finds hardest (online batch selection,
     Loshchilov & Hutter 2015; airbench96_faster scores with a small proxy net, here the model scores itself).
 
@@ -196,16 +197,29 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float) -> Callab
     N)) images of highest loss, every key of the batch gathered alike. Its metrics are those of the trained
     images. Under pmap (`axis_name`) each device picks from its own share. The optimizer, schedule and step
     count are those of the whole batch: an epoch is the same number of steps, each training on fewer images.
+    `score_size`: the scoring pass sees the images resized to at most that side (`jaxnet.data.resize`; integer
+    images rounded back to their dtype), for a model that takes any size (global pooling): at 16 of 32 pixels
+    it costs about a quarter of the FLOPs.
 
     Raises:
-      ConfigError: `fraction` is not in (0, 1].
+      ConfigError: `fraction` is not in (0, 1], or `score_size` is not a positive integer.
     """
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ConfigError(f"select_hardest fraction must be in (0, 1], got {fraction!r}")
+    if score_size is not None and not (isinstance(score_size, int) and score_size > 0):
+        raise ConfigError(f"select_hardest score_size must be a positive integer, got {score_size!r}")
+
+    def scored(images: jax.Array) -> jax.Array:
+        if score_size is None or score_size >= min(images.shape[1:3]):
+            return images
+        small = data.resize(images.astype(jnp.float32), score_size)
+        if jnp.issubdtype(images.dtype, jnp.integer):
+            small = jnp.clip(jnp.round(small), jnp.iinfo(images.dtype).min, jnp.iinfo(images.dtype).max)
+        return small.astype(images.dtype)
 
     def step(state: Any, batch: Batch, **kwargs) -> tuple[Any, Metrics]:
         stats = _batch_stats(state)
-        logits = state.apply_fn(_variables(state), batch["image"], train=True,
+        logits = state.apply_fn(_variables(state), scored(batch["image"]), train=True,
                                 rngs=_dropout_rngs(state, kwargs.get("dropout_rng")),
                                 mutable=["batch_stats"] if stats else [])[0]
         k = max(1, round(fraction * batch["label"].shape[0]))

@@ -123,6 +123,8 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["tta_fraction=0.0"], "tta_fraction must be in (0, 1], got 0.0"),
     (["hard_fraction=0.0"], "hard_fraction must be in (0, 1], got 0.0"),
     (["hard_fraction=1.5"], "hard_fraction must be in (0, 1], got 1.5"),
+    (["hard_fraction=0.5", "hard_score_size=4"], "hard_score_size must be 0 (the images as trained) or 8 to 32"),
+    (["hard_score_size=16"], "hard_score_size=16 changes nothing while hard_fraction is 1"),
     (["low_res=8"], "low_res must be 0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32), got 8"),
     (["low_res=32"], "low_res must be 0 (off) or 16 to 31"),
     (["low_res=20", "low_res_fraction=1.0"], "low_res_fraction must be in (0, 1), got 1.0"),

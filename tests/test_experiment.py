@@ -143,13 +143,15 @@ def test_resume_after_a_mid_epoch_stop_is_bit_identical(tmp_path, dataset, monke
 
 
 def test_hard_fraction_trains_each_step_on_the_hardest_images_of_its_batch(tmp_path, dataset):
-    """The run's compiled step selects: its FLOPs are a forward pass over the whole batch and a step over half."""
-    runs = {fraction: experiment.train_and_evaluate(smoke(epochs=0.2, hard_fraction=fraction), tmp_path / str(fraction),
-                                                    data_dir=dataset, show_progress=False)
-            for fraction in (1.0, 0.5)}
-    full, half = runs[1.0], runs[0.5]
+    """The run's compiled step selects: its FLOPs are a forward pass over the whole batch and a step over half,
+    less with the forward pass on 16 × 16 images."""
+    runs = {(fraction, size): experiment.train_and_evaluate(
+        smoke(epochs=0.2, hard_fraction=fraction, hard_score_size=size), tmp_path / f"{fraction}-{size}",
+        data_dir=dataset, show_progress=False) for fraction, size in ((1.0, 0), (0.5, 0), (0.5, 16))}
+    full, half, small = runs[1.0, 0], runs[0.5, 0], runs[0.5, 16]
     assert 0.6 * full["step_flops"] < half["step_flops"] < 0.95 * full["step_flops"], (half, full)
-    assert half["config"]["hard_fraction"] == 0.5
+    assert 0.4 * full["step_flops"] < small["step_flops"] < half["step_flops"] - 0.1 * full["step_flops"], small
+    assert small["config"]["hard_fraction"] == 0.5 and small["config"]["hard_score_size"] == 16
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):

@@ -131,12 +131,17 @@ def test_lookahead_needs_a_state_with_an_ema(data):
         train.lookahead_ema(every=2, decay_fn=lambda step: 0.5)(_state(), data)
 
 
-def _hardest_by_hand(state, batch, k, axis=None):
+def _hardest_by_hand(state, batch, k, axis=None, score_size=None):
     """The k images of highest cross-entropy under the model in training mode (batch statistics), picked by
-    NumPy; with `axis`, k from each of that many equal shares of the batch (pmap's devices)."""
+    NumPy; with `axis`, k from each of that many equal shares of the batch (pmap's devices); with `score_size`,
+    scored on the uint8 images resized to that side."""
     stats = getattr(state, "batch_stats", None)
     variables = {"params": state.params, **({"batch_stats": stats} if stats else {})}
-    logits = state.apply_fn(variables, jnp.asarray(batch["image"]), train=True, mutable=["batch_stats"])[0]
+    images = jnp.asarray(batch["image"])
+    if score_size:
+        small = jax.image.resize(images.astype(jnp.float32), (len(images), score_size, score_size, 3), "linear")
+        images = jnp.clip(jnp.round(small), 0, 255).astype(jnp.uint8)
+    logits = state.apply_fn(variables, images, train=True, mutable=["batch_stats"])[0]
     log_p = np.asarray(jax.nn.log_softmax(logits))
     losses = -log_p[np.arange(len(log_p)), np.asarray(batch["label"])]
     shares = np.split(np.arange(len(losses)), axis or 1)
@@ -144,21 +149,24 @@ def _hardest_by_hand(state, batch, k, axis=None):
     return {key: np.asarray(value)[chosen] for key, value in batch.items()}
 
 
-@pytest.mark.parametrize("fraction,k,devices", [(0.25, 16, None), (0.3, 19, None), (1.0, 64, None), (0.5, 32, 8)],
-                         ids=["quarter", "rounded", "all", "mesh8"])
-def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, devices):
+@pytest.mark.parametrize("fraction,k,devices,score_size", [(0.25, 16, None, None), (0.3, 19, None, None),
+                                                            (1.0, 64, None, None), (0.5, 32, 8, None),
+                                                            (0.5, 32, None, 8)],
+                         ids=["quarter", "rounded", "all", "mesh8", "scored_at_8px"])
+def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, devices, score_size):
     """Compiled once, on one device or a mesh: two steps each equal to `train_step` on the images picked by hand
-    (BatchNorm: the scoring pass's statistics are not kept)."""
+    (BatchNorm: the scoring pass's statistics are not kept), scored at full size or at `score_size`."""
     from jaxnet import parallel
 
     mesh = parallel.make_mesh(devices) if devices else None
     state = _state(tx=optax.sgd(0.05, momentum=0.9))  # Adam would magnify rounding into 1e-4 differences
     chex.clear_trace_counter()
-    selecting = train.select_hardest(partial(train.train_step, label_smoothing=0.1), fraction=fraction)
+    selecting = train.select_hardest(partial(train.train_step, label_smoothing=0.1), fraction=fraction,
+                                     score_size=score_size)
     step = parallel.jit_train_step(chex.assert_max_traces(selecting, n=1), mesh=mesh)
     state = parallel.put_replicated(state, mesh) if mesh else state
     for _ in range(2):
-        picked = _hardest_by_hand(state, data, k)
+        picked = _hardest_by_hand(state, data, k, score_size=score_size)
         ref, ref_metrics = train.train_step(state, picked, label_smoothing=0.1)
         state, metrics = step(state, data)
         assert int(metrics["count"]) == k
@@ -198,6 +206,12 @@ def test_select_hardest_with_dropout_still_memorises_and_composes_with_the_ema(d
 def test_select_hardest_rejects_fractions_outside_0_to_1(fraction):
     with pytest.raises(jaxnet.ConfigError, match=r"select_hardest fraction must be in \(0, 1\]"):
         train.select_hardest(fraction=fraction)
+
+
+@pytest.mark.parametrize("score_size", [0, -16, 16.0, "16"])
+def test_select_hardest_rejects_a_score_size_that_is_not_a_positive_integer(score_size):
+    with pytest.raises(jaxnet.ConfigError, match="select_hardest score_size must be a positive integer"):
+        train.select_hardest(fraction=0.5, score_size=score_size)
 
 
 def test_user_model_without_batchnorm_and_with_dropout(data):

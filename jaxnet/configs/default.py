@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.warmup_fraction = 0.0             # cosine only: fraction of steps of linear warmup
     c.label_smoothing = 0.2
     c.hard_fraction = 1.0               # fraction of each batch trained on: its highest-loss images under the current model; 1 = all
+    c.hard_score_size = 0               # side (pixels) of the images the hard_fraction scoring pass sees; 0 = as trained
     c.mean = (0.4914, 0.4822, 0.4465)  # per-channel input normalisation, [0, 1] units
     c.std = (0.2470, 0.2435, 0.2616)
     c.translate = 2                     # pixels of random translation (reflect padding)
