@@ -10,6 +10,7 @@ They hand the model `batch["image"]` exactly as given: scaling and normalisation
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -204,9 +205,10 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float,
     Raises:
       ConfigError: `fraction` is not in (0, 1], or `score_size` is not a positive integer.
     """
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+    if isinstance(fraction, bool) or not (isinstance(fraction, numbers.Real) and 0 < fraction <= 1):
         raise ConfigError(f"select_hardest fraction must be in (0, 1], got {fraction!r}")
-    if score_size is not None and not (isinstance(score_size, int) and score_size > 0):
+    if score_size is not None and (isinstance(score_size, bool)
+                                   or not (isinstance(score_size, numbers.Integral) and score_size > 0)):
         raise ConfigError(f"select_hardest score_size must be a positive integer, got {score_size!r}")
 
     def scored(images: jax.Array) -> jax.Array:

@@ -151,8 +151,8 @@ def _hardest_by_hand(state, batch, k, axis=None, score_size=None):
 
 @pytest.mark.parametrize("fraction,k,devices,score_size", [(0.25, 16, None, None), (0.3, 19, None, None),
                                                             (1.0, 64, None, None), (0.5, 32, 8, None),
-                                                            (0.5, 32, None, 8)],
-                         ids=["quarter", "rounded", "all", "mesh8", "scored_at_8px"])
+                                                            (0.5, 32, None, 8), (np.float32(0.5), 32, None, np.int64(8))],
+                         ids=["quarter", "rounded", "all", "mesh8", "scored_at_8px", "numpy_scalars"])
 def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, devices, score_size):
     """Compiled once, on one device or a mesh: two steps each equal to `train_step` on the images picked by hand
     (BatchNorm: the scoring pass's statistics are not kept), scored at full size or at `score_size`."""
@@ -202,13 +202,13 @@ def test_select_hardest_with_dropout_still_memorises_and_composes_with_the_ema(d
     assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.99
 
 
-@pytest.mark.parametrize("fraction", [0, 1.5, -0.5, "0.5", None])
+@pytest.mark.parametrize("fraction", [0, 1.5, -0.5, "0.5", None, True, float("nan"), np.float32(2)])
 def test_select_hardest_rejects_fractions_outside_0_to_1(fraction):
     with pytest.raises(jaxnet.ConfigError, match=r"select_hardest fraction must be in \(0, 1\]"):
         train.select_hardest(fraction=fraction)
 
 
-@pytest.mark.parametrize("score_size", [0, -16, 16.0, "16"])
+@pytest.mark.parametrize("score_size", [0, -16, 16.0, "16", True, np.int32(0)])
 def test_select_hardest_rejects_a_score_size_that_is_not_a_positive_integer(score_size):
     with pytest.raises(jaxnet.ConfigError, match="select_hardest score_size must be a positive integer"):
         train.select_hardest(fraction=0.5, score_size=score_size)
