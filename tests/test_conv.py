@@ -107,15 +107,20 @@ def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
     assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
 
 
-@pytest.mark.parametrize("in_hw,kernel,strides,without_onednn,with_onednn", [
-    (2, 3, 1, "im2col", "im2col"),  # PlainCNN's last conv: kernel larger than the input
-    (3, 3, 1, "xla", "onednn"),     # FastNet's last: as large as the input
-    (32, 1, 2, "im2col", "onednn"),  # ResNet projection: strided 1x1
-    (16, 1, 1, "xla", "onednn"), (32, 3, 2, "xla", "onednn"),
+@pytest.mark.parametrize("in_hw,kernel,strides,channels,without_onednn,with_onednn", [
+    (2, 3, 1, 256, "im2col", "im2col"),  # PlainCNN's last conv: kernel larger than the input
+    (3, 3, 1, 256, "xla", "onednn"),     # FastNet's last: as large as the input
+    (32, 1, 2, 64, "im2col", "onednn"),  # ResNet projection: strided 1x1
+    (16, 1, 1, 512, "xla", "onednn"), (32, 3, 2, 64, "xla", "onednn"),
+    (4, 3, 1, 512, "xla", "xla"),        # ResNet-18's stage 4 in float32
+    (4, 3, 1, 128, "xla", "onednn"), (8, 3, 1, 512, "xla", "onednn"), (4, 3, 2, 512, "xla", "onednn"),
+    (4, 3, 1, (512, "bfloat16"), "xla", "onednn"),
 ])
-def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, without_onednn, with_onednn):
+def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, channels, without_onednn, with_onednn):
+    channels, dtype = channels if isinstance(channels, tuple) else (channels, "float32")
     for onednn, cpu_impl in ((False, without_onednn), (True, with_onednn)):
-        layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides), onednn=onednn)
+        layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides), onednn=onednn,
+                               in_channels=channels, dtype=dtype)
         assert conv_ops.auto_impl("cpu", layer) == cpu_impl
         assert conv_ops.auto_impl("cuda", layer) == "xla"  # no GPU measurement yet: XLA's conv (cuDNN)
 
@@ -131,9 +136,9 @@ def without_onednn(monkeypatch):
     onednn.available.cache_clear()
 
 
-def _auto_grad_hlo(hw, kernel, strides, dtype=jnp.float32):
-    x = jax.random.normal(jax.random.key(0), (2, hw, hw, 4), dtype)
-    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 4, 6), dtype)
+def _auto_grad_hlo(hw, kernel, strides, dtype=jnp.float32, channels=4):
+    x = jax.random.normal(jax.random.key(0), (2, hw, hw, channels), dtype)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels, 6), dtype)
     grad = jax.jit(jax.grad(lambda x, w: conv2d(x, w, strides=strides, impl="auto").sum(), argnums=(0, 1)))
     return grad.lower(x, w).compile().as_text()
 
@@ -144,13 +149,16 @@ def _check_cpu_choice(hlo, chosen):
     assert ("JaxnetOnednnConv" in hlo) == (chosen == "onednn")
 
 
-@pytest.mark.parametrize("hw,kernel,strides", [(8, 1, 2), (8, 3, 1), (2, 3, 1)])
-def test_auto_compiles_to_the_cpu_choice_only(hw, kernel, strides):
+@pytest.mark.parametrize("hw,kernel,strides,channels,dtype", [
+    (8, 1, 2, 4, jnp.float32), (8, 3, 1, 4, jnp.float32), (2, 3, 1, 4, jnp.float32), (4, 3, 1, 512, jnp.float32),
+    (4, 3, 1, 512, jnp.bfloat16)])
+def test_auto_compiles_to_the_cpu_choice_only(hw, kernel, strides, channels, dtype):
     """The platform switch is resolved at compilation: the CPU program holds the chosen impl's ops alone."""
     from jaxnet.ops import onednn
 
-    layer = conv_ops.Layer((hw, hw), (kernel, kernel), (strides, strides), onednn=onednn.available(jnp.float32))
-    _check_cpu_choice(_auto_grad_hlo(hw, kernel, strides), conv_ops.auto_impl("cpu", layer))
+    layer = conv_ops.Layer((hw, hw), (kernel, kernel), (strides, strides), onednn=onednn.available(dtype),
+                           in_channels=channels, dtype=jnp.dtype(dtype).name)
+    _check_cpu_choice(_auto_grad_hlo(hw, kernel, strides, dtype, channels), conv_ops.auto_impl("cpu", layer))
 
 
 @onednn_platform

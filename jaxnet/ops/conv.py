@@ -30,15 +30,17 @@ DEFAULT_IMPL: Impl = "xla"
 
 
 class Layer(NamedTuple):
-    """What "auto" looks at: the unpadded input's (H, W), the kernel's (KH, KW), the strides, and whether conv impl
-    "onednn" can run the conv in this program: not traced inside `portable`, the process's default backend the CPU
+    """What "auto" looks at: the unpadded input's (H, W), the kernel's (KH, KW), the strides, whether conv impl
+    "onednn" can run the conv in this program (not traced inside `portable`, the process's default backend the CPU
     (a GPU process never builds oneDNN's handlers), `onednn.available` for the conv's dtype, one group, no
-    dilation."""
+    dilation), the input's channels (0: unknown) and the conv's dtype (its name)."""
 
     in_hw: tuple[int, int]
     kernel_hw: tuple[int, int]
     strides: tuple[int, int]
     onednn: bool = False
+    in_channels: int = 0
+    dtype: str = "float32"
 
 
 # What "auto" runs: per platform, the impl of the first row whose test holds for the layer, else "xla". Rows are
@@ -47,8 +49,8 @@ class Layer(NamedTuple):
 # Wins under 1.2x (im2col on ResNet-18's 4x4x512 and ResNet-50's 1x1 reduce) changed sides between two runs and
 # are left out. Every other CPU conv runs as oneDNN's where it is installed (extra `onednn`): on the same grid
 # (2026-12-03, 2-core AMD Zen 4, AVX-512) oneDNN's beat XLA's and im2col on 12 of 14 layers, by 1.1-2.2x (the
-# strided 1x1 2.2x faster than im2col); XLA's won ResNet-18's 4x4x512 (1.35x, one run; left as is), im2col the
-# 3x3 on 2x2 (the first row). FastNet's train step with oneDNN's convs against XLA's, each beside PyTorch eager's
+# strided 1x1 2.2x faster than im2col); XLA's won ResNet-18's 4x4x512 (its own row), im2col the 3x3 on 2x2
+# (the first row). FastNet's train step with oneDNN's convs against XLA's, each beside PyTorch eager's
 # in one run (`python -m benchmarks.step_ops`; 2026-12-02/03): 0.94x against 0.87x PyTorch's speed on an AVX2
 # EPYC (family 23), 1.00x against 0.76x on the Zen 4; `quick` in 0.72x the wall time on an AMX Xeon
 # (2026-11-30). A platform with no measurement (GPUs so far: cuDNN through XLA) has no rows and runs "xla".
@@ -58,6 +60,14 @@ AUTO_TABLE: dict[str, tuple[tuple[str, Callable[[Layer], bool], Impl], ...]] = {
         # slower than im2col's dot: PlainCNN's last 3x3 on a 2x2 map.
         ("kernel larger than the input", lambda l: l.in_hw[0] < l.kernel_hw[0] or l.in_hw[1] < l.kernel_hw[1],
          "im2col"),
+        # ResNet-18/34's stage 4 (4x4x512 -> 512) in float32: XLA's conv 1.35x, 1.53x and 1.05x faster than
+        # oneDNN's in three runs of the grid on a Zen 4 (forward and both gradients; its 4x4x128 -> 256 and
+        # 3x3x256 -> 256 go to oneDNN), the ResNet-18 b256 step 0.96x the time of oneDNN's convs throughout. Not in
+        # bfloat16, where XLA's CPU convs are no faster than in float32: there the same step took 1.14x with it.
+        ("float32 3x3 on a map of at most 4x4 with 512 or more input channels",
+         lambda l: (l.dtype == "float32" and l.kernel_hw == (3, 3) and l.strides == (1, 1) and max(l.in_hw) <= 4
+                    and l.in_channels >= 512),
+         "xla"),
         ("oneDNN installed, and has kernels for the conv", lambda l: l.onednn, "onednn"),
         # A strided slice + one dot: 1.2-1.6x faster than XLA's conv on ResNet-18's projection.
         ("strided 1x1", lambda l: l.kernel_hw == (1, 1) and l.strides != (1, 1), "im2col"),
@@ -195,7 +205,8 @@ def _run(impl, x, w, strides, pads, dilation, groups):
         case "auto":
             layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides,
                           onednn=(_FFI_ALLOWED.get() and jax.default_backend() == "cpu" and groups == 1
-                                  and dilation == (1, 1) and x.dtype == w.dtype and onednn.available(x.dtype)))
+                                  and dilation == (1, 1) and x.dtype == w.dtype and onednn.available(x.dtype)),
+                          in_channels=int(x.shape[3]), dtype=jnp.dtype(x.dtype).name)
 
             def on(platform):
                 impl = auto_impl(platform, layer)
