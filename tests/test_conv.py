@@ -107,17 +107,18 @@ def test_impl_lowers_as_claimed(impl, has_conv, has_dot):
     assert ("stablehlo.convolution" in bwd.as_text()) == has_conv
 
 
-@pytest.mark.parametrize("in_hw,kernel,strides,channels,without_onednn,with_onednn", [
-    (2, 3, 1, 256, "im2col", "im2col"),  # PlainCNN's last conv: kernel larger than the input
-    (3, 3, 1, 256, "xla", "onednn"),     # FastNet's last: as large as the input
-    (32, 1, 2, 64, "im2col", "onednn"),  # ResNet projection: strided 1x1
-    (16, 1, 1, 512, "xla", "onednn"), (32, 3, 2, 64, "xla", "onednn"),
-    (4, 3, 1, 512, "xla", "xla"),        # ResNet-18's stage 4 in float32
-    (4, 3, 1, 128, "xla", "onednn"), (8, 3, 1, 512, "xla", "onednn"), (4, 3, 2, 512, "xla", "onednn"),
-    (4, 3, 1, (512, "bfloat16"), "xla", "onednn"),
+@pytest.mark.parametrize("in_hw,kernel,strides,channels,dtype,without_onednn,with_onednn", [
+    (2, 3, 1, 256, "float32", "im2col", "im2col"),  # PlainCNN's last conv: kernel larger than the input
+    (3, 3, 1, 256, "float32", "xla", "onednn"),     # FastNet's last: as large as the input
+    (32, 1, 2, 64, "float32", "im2col", "onednn"),  # ResNet projection: strided 1x1
+    (16, 1, 1, 512, "float32", "xla", "onednn"), (32, 3, 2, 64, "float32", "xla", "onednn"),
+    (4, 3, 1, 512, "float32", "xla", "xla"),        # ResNet-18's stage 4
+    (4, 3, 1, 512, "bfloat16", "xla", "onednn"),
+    (4, 3, 1, 128, "float32", "xla", "onednn"), (8, 3, 1, 512, "float32", "xla", "onednn"),
+    (4, 3, 2, 512, "float32", "xla", "onednn"),
 ])
-def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, channels, without_onednn, with_onednn):
-    channels, dtype = channels if isinstance(channels, tuple) else (channels, "float32")
+def test_auto_follows_the_measured_table_per_platform(in_hw, kernel, strides, channels, dtype, without_onednn,
+                                                      with_onednn):
     for onednn, cpu_impl in ((False, without_onednn), (True, with_onednn)):
         layer = conv_ops.Layer((in_hw, in_hw), (kernel, kernel), (strides, strides), onednn=onednn,
                                in_channels=channels, dtype=dtype)
