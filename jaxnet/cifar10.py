@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -149,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except JaxnetError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         code = 1 if isinstance(e, TrainingDiverged) else 2
-        if "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
-            sys.stderr.flush()  # JAX's shutdown would wait for peers that may be gone, then abort: leave now
-            os._exit(code)
-        return code
+        from jaxnet import parallel
+
+        return parallel.exit_after_error(code)
     if summary.get("interrupted") and summary["step"] is None:
         print("interrupted before training started; nothing to save", file=sys.stderr)
         return 128 + stop["signal"]

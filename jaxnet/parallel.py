@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -269,6 +271,18 @@ def peer_failures() -> Iterator[None]:
             raise
         raise ParallelError(f"a peer process failed or left the run ({text.splitlines()[0][:160]}); every "
                             f"process stops: start them all again with --resume") from None
+
+
+def exit_after_error(code: int) -> int:
+    """The exit code for a process that stops on an error: returned as it is without JAX's multi-process runtime;
+    with it, the process leaves at once with that code (output flushed). JAX's own shutdown at exit waits at a
+    barrier for every peer, which a peer that already left or stopped elsewhere never reaches: the process would
+    hang there, then abort."""
+    if jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

@@ -29,7 +29,7 @@ def main() -> int:
         parallel.assert_same_across_processes({"tag": args.tag})
     except parallel.ParallelError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return parallel.exit_after_error(2)  # as the entry point does
 
     import jax
     import numpy as np

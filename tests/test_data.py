@@ -1,6 +1,5 @@
 """CIFAR-10 readers (three local layouts, archives, cache), their errors, the shared copy, and augmentation."""
 
-import time
 
 import chex
 import jax

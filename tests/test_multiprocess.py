@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import chex
 import pytest
 from fixtures import synthetic, write_binary
+from processes import finish, free_port
 
 from jaxnet import checkpoint
 
@@ -29,29 +29,17 @@ def _env(devices):
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(dataset, workdirs, *args):
-    """One `python -m experiments.cifar10` per workdir, as the processes of one run (1 device each)."""
-    port, n = _free_port(), len(workdirs)
+def _start(dataset, workdirs, *args, own=None):
+    """One `python -m experiments.cifar10` per workdir, as the processes of one run (1 device each); `own[i]`:
+    arguments for process i only."""
+    port, n = free_port(), len(workdirs)
+    own = own or [()] * n
     return [subprocess.Popen([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
                               str(dataset), "--workdir", str(w), "--coordinator", f"127.0.0.1:{port}",
-                              "--num-processes", str(n), "--process-id", str(i), *args],
+                              "--num-processes", str(n), "--process-id", str(i), *args, *own[i]],
                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
             for i, w in enumerate(workdirs)]
-
-
-def _finish(procs, timeout=300):
-    try:
-        return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
 
 
 def _why(stderr: str) -> str:
@@ -65,7 +53,7 @@ def _stop_all(procs) -> list[tuple[int, str]]:
     """Kill the processes still running (-9); every process's exit code and `_why`."""
     for p in procs:
         p.kill()
-    return [(r[0], _why(r[2])) for r in _finish(procs)]
+    return [(r[0], _why(r[2])) for r in finish(procs)]
 
 
 def _one_process(dataset, workdir, *args):
@@ -86,7 +74,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
     rows shared between the processes."""
     procs = _start(dataset, [tmp_path / "p0", tmp_path / "p1"], "--export", "jax", "eval_batch_size=256")
     one = _one_process(dataset, tmp_path / "one", "eval_batch_size=256")
-    results = _finish(procs)
+    results = finish(procs)
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     assert one.returncode == 0, _why(one.stderr)
     two, single = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("p0", "one"))
@@ -101,7 +89,21 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
     assert "process 1 of 2" in results[1][1]
 
 
-def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
+@pytest.mark.parametrize("own", [[["epochs=1.0"], ["epochs=2.0"]], [["--seed", "1"], []]], ids=["config", "seed"])
+def test_processes_started_differently_each_stop_in_one_line_before_writing_anything(tmp_path, dataset, own):
+    """Processes of one run with different configs (or seeds) would train different programs, waiting for each
+    other at collectives that never match: each says so in one line and exits 2 before training, with no
+    workdir written, and none hangs at JAX's shutdown."""
+    workdirs = [tmp_path / "p0", tmp_path / "p1"]
+    results = finish(_start(dataset, workdirs, own=own), timeout=120)
+    for code, _, stderr in results:
+        ours = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in stderr, _why(stderr)
+        assert len(ours) == 1 and "differs between processes (process 0 vs [1])" in ours[0], _why(stderr)
+    assert not any(w.exists() for w in workdirs)
+
+
+def test_two_processes_stopped_together_resume_andfinish(tmp_path, dataset):
     """SIGTERM to both (as a scheduler sends it): they agree on the stop, process 0 saves, both exit 143; the
     same two commands with --resume finish, equal to one uninterrupted process with two devices."""
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
@@ -114,11 +116,11 @@ def test_two_processes_stopped_together_resume_and_finish(tmp_path, dataset):
         time.sleep(0.1)
     for p in procs:
         p.send_signal(signal.SIGTERM)
-    results = _finish(procs, timeout=120)
+    results = finish(procs, timeout=120)
     assert [r[0] for r in results] == [143, 143], [_why(r[2]) for r in results]
     stopped = [int(r[2].split("interrupted at step ")[1].split(";")[0]) for r in results]
     assert stopped[0] == stopped[1] < 60 and _last(workdirs[0])[0] == stopped[0]
-    results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
+    results = finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     reference = _one_process(dataset, tmp_path / "one", "epochs=10.0")
     assert reference.returncode == 0, _why(reference.stderr)
@@ -132,7 +134,7 @@ def test_two_processes_with_a_time_budget_train_the_steps_process_0_timed(tmp_pa
     fit decides for both (a disagreement would leave one waiting at a collective), and the run trains that
     many. (One minute was too little beside the other tests of the suite: data and compilation took 45-66 s of
     it on a 2-core Zen 4, and the budget also keeps a recompilation's time.)"""
-    results = _finish(_start(dataset, [tmp_path / "p0", tmp_path / "p1"], "epochs=1000.0", "val_size=0",
+    results = finish(_start(dataset, [tmp_path / "p0", tmp_path / "p1"], "epochs=1000.0", "val_size=0",
                              "time_budget=2.0"))
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     fit = int(results[0][2].split("time_budget 2 min: ")[1].split(" of 8000 steps fit")[0])
@@ -158,7 +160,7 @@ def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resum
         time.sleep(0.1)
     procs[killed].kill()
     killed_at = time.monotonic()
-    code, _, stderr = _finish([procs[1 - killed]], timeout=60)[0]
+    code, _, stderr = finish([procs[1 - killed]], timeout=60)[0]
     assert time.monotonic() - killed_at < 30
     ours = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
     assert "Traceback" not in stderr and len(ours) <= 1, _why(stderr)
@@ -166,6 +168,6 @@ def test_a_process_killed_mid_run_stops_the_other_within_seconds_then_both_resum
         assert code == 2 and len(ours) == 1 and "a peer process failed or left the run" in ours[0], _why(stderr)
     else:
         assert code == 1 and "Terminating process because the JAX distributed service" in stderr, _why(stderr)
-    results = _finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
+    results = finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     assert _last(workdirs[0])[0] == 60

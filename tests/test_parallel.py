@@ -2,7 +2,6 @@
 BatchNorm statistics are global; two processes equal one; checkpoints move between device counts."""
 
 import os
-import socket
 import subprocess
 import sys
 from functools import partial
@@ -17,6 +16,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 from parallel_case import global_batch, initial_state
+from processes import finish, free_port
 
 from jaxnet import checkpoint, layers, models, parallel, train
 
@@ -133,24 +133,14 @@ def test_checkpoints_move_between_device_counts(tmp_path, src, dst):
     assert len(jax.tree.leaves(restored.params)[0].sharding.device_set) == dst
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _workers(out: Path, tags=("same", "same"), timeout=120):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     procs = [subprocess.Popen([sys.executable, str(TESTS / "distributed_worker.py"), "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--out", str(out),
                                "--tag", tag], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, tag in enumerate(tags)]
-    try:
-        return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    return finish(procs, timeout)
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
@@ -180,7 +170,7 @@ def test_mismatched_configs_across_processes_are_detected(tmp_path):
 def test_unreachable_coordinator_fails_fast_with_a_message():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     result = subprocess.run([sys.executable, str(TESTS / "distributed_worker.py"), "--coordinator",
-                             f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1", "--out", "x",
+                             f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1", "--out", "x",
                              "--timeout", "3"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "cannot reach the coordinator" in result.stderr and "Traceback" not in result.stderr
@@ -198,3 +188,10 @@ def test_train_step_axis_name_averages_gradients_not_sums():
     ref_delta = jax.tree.map(lambda a, b: a - b, one.params, ref_state.params)
     chex.assert_trees_all_close(delta, ref_delta, atol=1e-5, rtol=1e-4)
     assert optax.tree.norm(ref_delta) > 0
+
+
+
+def test_one_process_errors_return_their_code():
+    """Without JAX's multi-process runtime, exit_after_error only returns the code (this test process would end
+    otherwise)."""
+    assert parallel.exit_after_error(2) == 2
