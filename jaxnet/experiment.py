@@ -404,6 +404,7 @@ def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eva
     return parallel.broadcast_from_main(decide)
 
 
+@parallel.peer_failures()
 def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume: bool = False,
                        export: tuple[str, ...] = (), export_platforms: tuple[str, ...] = export_lib.DEFAULT_PLATFORMS,
                        should_stop: Callable[[], bool] = lambda: False,
@@ -423,7 +424,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     _check_options(config, export, export_platforms, parallel_mode, dump_hlo or profile)
     workdir = Path(workdir)
     resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
-    train_set, val_set, test_set = load_splits(config, data_dir, seed)
+    train_set, val_set, test_set = parallel.on_every_process(lambda: load_splits(config, data_dir, seed))
     if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)
         return {"interrupted": True, "step": None}
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
@@ -478,10 +479,9 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
                           image_size=(lambda step: config.low_res if step < n_low else None) if n_low else None)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
-    with parallel.peer_failures():
-        outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,
-                                test_norm, eval_batches, identity=identity, resume=resume, should_stop=should_stop,
-                                show_progress=show_progress, profile=profile)
+    outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
+                            eval_batches, identity=identity, resume=resume, should_stop=should_stop,
+                            show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
     return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0, flops=flops,

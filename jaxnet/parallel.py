@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -270,7 +270,7 @@ def peer_failures() -> Iterator[None]:
         if isinstance(e, JaxnetError) or jax.process_count() == 1 or not any(m in text for m in PEER_FAILURE_MARKERS):
             raise
         raise ParallelError(f"a peer process failed or left the run ({text.splitlines()[0][:160]}); every "
-                            f"process stops: start them all again with --resume") from None
+                            f"process stops: start them all again, with --resume if a checkpoint was saved") from None
 
 
 def exit_after_error(code: int) -> int:
@@ -327,15 +327,49 @@ def broadcast_from_main(fn: Callable[[], Any]) -> Any:
         try:
             text = json.dumps({"ok": fn()})
         except JaxnetError as e:
-            kind = next(c.__name__ for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
-            text = json.dumps({"error": kind, "message": str(e)})
+            text = _error_json(e)
     data = np.frombuffer(text.encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     received = multihost_utils.broadcast_one_to_all(data if is_main_process() else np.zeros(size, np.uint8))
     payload = json.loads(np.asarray(received, np.uint8).tobytes().decode())
     if "error" in payload:
-        raise getattr(errors, payload["error"])(payload["message"])
+        _raise_json(payload)
     return payload["ok"]
+
+
+def on_every_process(fn: Callable[[], Any]) -> Any:
+    """`fn()` run on every process (its result stays local), which must succeed on all: a jaxnet error it raises
+    on some is raised on every process at once, as its own on those and with "process i: " before the message on
+    the others (the first failed process's type and line). Alone, a process that failed would leave the others
+    waiting at their next collective, until JAX's runtime ends them. With one process, just `fn()`."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    try:
+        result = fn()
+    except JaxnetError as e:
+        error = e
+    data = np.frombuffer((_error_json(error) if error else "").encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.int32(data.size))))
+    everyone = np.asarray(multihost_utils.process_allgather(np.pad(data, (0, size - data.size))), np.uint8)
+    if error is not None:
+        raise error
+    failed = [i for i, row in enumerate(everyone) if row.any()]
+    if failed:
+        _raise_json(json.loads(everyone[failed[0]].tobytes().rstrip(b"\0").decode()), f"process {failed[0]}: ")
+    return result
+
+
+def _error_json(e: JaxnetError) -> str:
+    """A jaxnet error as JSON for the other processes: {"error": its public type's name, "message"}."""
+    kind = next(c.__name__ for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
+    return json.dumps({"error": kind, "message": str(e)})
+
+
+def _raise_json(payload: dict, prefix: str = "") -> NoReturn:
+    raise getattr(errors, payload["error"])(prefix + payload["message"])
 
 
 def broadcast_arrays(tree: Any, like: Any) -> Any:

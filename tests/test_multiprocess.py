@@ -103,6 +103,23 @@ def test_processes_started_differently_each_stop_in_one_line_before_writing_anyt
     assert not any(w.exists() for w in workdirs)
 
 
+@pytest.mark.parametrize("failing", [1, 0], ids=["worker", "coordinator"])
+def test_a_process_whose_data_is_missing_stops_every_process_in_one_line(tmp_path, dataset, failing):
+    """One host without the data: every process stops at once, exit 2, one line each (the others name the failed
+    process and quote its line), before writing anything. Before, the others waited at their next collective:
+    a traceback, or JAX's runtime ending them with its own stack trace."""
+    workdirs = [tmp_path / "p0", tmp_path / "p1"]
+    own = [[], []]
+    own[failing] = ["--data-dir", str(tmp_path / "missing")]
+    results = finish(_start(dataset, workdirs, own=own), timeout=120)
+    for i, (code, _, stderr) in enumerate(results):
+        ours = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and "Traceback" not in stderr and len(ours) == 1, _why(stderr)
+        said = "" if i == failing else f"process {failing}: "
+        assert ours[0].startswith(f"error: {said}CIFAR-10 source {tmp_path / 'missing'} does not exist"), ours
+    assert not any(w.exists() for w in workdirs)
+
+
 def test_two_processes_stopped_together_resume_andfinish(tmp_path, dataset):
     """SIGTERM to both (as a scheduler sends it): they agree on the stop, process 0 saves, both exit 143; the
     same two commands with --resume finish, equal to one uninterrupted process with two devices."""

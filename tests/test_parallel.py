@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from parallel_case import global_batch, initial_state
 from processes import finish, free_port
 
-from jaxnet import checkpoint, layers, models, parallel, train
+from jaxnet import checkpoint, errors, layers, models, parallel, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -190,8 +190,14 @@ def test_train_step_axis_name_averages_gradients_not_sums():
     assert optax.tree.norm(ref_delta) > 0
 
 
-
-def test_one_process_errors_return_their_code():
+def test_one_process_errors_return_their_code_and_steps_run_once():
     """Without JAX's multi-process runtime, exit_after_error only returns the code (this test process would end
-    otherwise)."""
+    otherwise) and on_every_process is the call itself, its error unchanged."""
+    def missing():
+        raise errors.DataError("no data")
+
+    calls = []
     assert parallel.exit_after_error(2) == 2
+    assert parallel.on_every_process(lambda: calls.append(1) or 7) == 7 and calls == [1]
+    with pytest.raises(errors.DataError, match="^no data$"):
+        parallel.on_every_process(missing)
