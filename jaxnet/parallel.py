@@ -246,10 +246,16 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     given = [a is not None for a in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise ParallelError("coordinator address, number of processes and process id go together: give all three")
-    if num_processes is not None and not 0 <= process_id < num_processes:
-        raise ParallelError(f"process id {process_id} is not in [0, {num_processes})")
-    if process_id:  # not the coordinator: JAX aborts the process if it cannot connect, so look first
-        _wait_for_coordinator(coordinator_address, timeout_s)
+    if num_processes is not None:
+        if num_processes < 1:
+            raise ParallelError(f"number of processes must be at least 1, got {num_processes}")
+        if not 0 <= process_id < num_processes:
+            raise ParallelError(f"process id {process_id} is not in [0, {num_processes})")
+        host, port = _host_and_port(coordinator_address)
+        if process_id:  # not the coordinator: JAX aborts the process if it cannot connect, so look first
+            _wait_for_coordinator(host, port, timeout_s)
+        else:  # the coordinator: JAX crashes if its service cannot listen on the port
+            _check_port_free(port)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout_s,
@@ -285,18 +291,41 @@ def exit_after_error(code: int) -> int:
     return code
 
 
-def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+def _host_and_port(address: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) as (host, port); a ParallelError for anything else. Checked on every
+    process: JAX's runtime crashes on an address it cannot parse."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ParallelError(f"coordinator address must be HOST:PORT, got {address!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ParallelError(f"coordinator address must be HOST:PORT with a port in 1-65535, got {address!r}")
+    return host, int(port)
+
+
+def _check_port_free(port: int) -> None:
+    """ParallelError if something on this host listens on `port` (every address, as JAX's service binds it)."""
+    try:
+        probe, anywhere = socket.socket(socket.AF_INET6), "::"
+    except OSError:  # no IPv6 on this host
+        probe, anywhere = socket.socket(socket.AF_INET), "0.0.0.0"
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a closed run's port is free
+        try:
+            probe.bind((anywhere, port))
+        except OSError as e:
+            raise ParallelError(f"the coordinator's port {port} is in use on this host ({e.strerror or e}): another "
+                                f"run's coordinator? Pick another port for every process") from None
+
+
+def _wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            socket.create_connection((host, port), timeout=1).close()
             return
         except OSError as e:
             if time.monotonic() > deadline:
-                raise ParallelError(f"cannot reach the coordinator at {address} within {timeout_s} s ({e.strerror or e})") from None
+                raise ParallelError(f"cannot reach the coordinator at {host}:{port} within {timeout_s} s "
+                                    f"({e.strerror or e})") from None
             time.sleep(0.5)
 
 

@@ -4,6 +4,7 @@ stderr naming the field and what is allowed, exit code 2, nothing created or ove
 import contextlib
 import io
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -156,6 +157,14 @@ FLAG_CASES = [
     (["--coordinator", "127.0.0.1:1"], "give all three"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "process id 2 is not in [0, 2)"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"], "coordinator address must be HOST:PORT"),
+    # on process 0 these reached JAX's runtime, which crashed (SIGSEGV); on the others they waited 60 s
+    (["--coordinator", "127.0.0.1:abc", "--num-processes", "2", "--process-id", "0"],
+     "coordinator address must be HOST:PORT with a port in 1-65535, got '127.0.0.1:abc'"),
+    (["--coordinator", "127.0.0.1:99999", "--num-processes", "2", "--process-id", "0"], "a port in 1-65535"),
+    (["--coordinator", ":123", "--num-processes", "2", "--process-id", "1"], "a port in 1-65535, got ':123'"),
+    (["--coordinator", "[::1]:0", "--num-processes", "2", "--process-id", "1"], "a port in 1-65535, got '[::1]:0'"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "0", "--process-id", "0"],
+     "number of processes must be at least 1, got 0"),
     (["--config", "muon", "renorm_every=0"], "renorm_every must be > 0, got 0"),
     (["--config", "muon", "filter_momentum=1.0"], "filter_momentum must be in [0, 1), got 1.0"),
     (["--config", "muon", "ns_steps=0"], "ns_steps must be > 0"),
@@ -194,6 +203,18 @@ def test_bad_config_value(tmp_path, dataset, overrides, message):
 def test_bad_flag(tmp_path, dataset, flags, message):
     _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), *flags],
            message)
+
+
+def test_coordinator_port_in_use(tmp_path, dataset):
+    """Process 0 on a port something listens on (a previous run's coordinator): one line, where JAX's service
+    crashed the process (SIGSEGV or abort)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset),
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"],
+               f"the coordinator's port {port} is in use on this host")
 
 
 @pytest.mark.parametrize("source,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
