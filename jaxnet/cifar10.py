@@ -110,7 +110,9 @@ def train(args, stop: dict) -> dict:
     compiler.set_host_memory(config.host_memory)
     if args.coordinator or args.num_processes or args.process_id is not None:
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
-        parallel.assert_same_across_processes({"config": config.to_dict(), "seed": args.seed})
+        parallel.assert_same_across_processes(
+            {"config": config.to_dict(), "seed": args.seed, "processes": args.num_processes, "parallel": args.parallel,
+             "devices": args.num_devices}, what="config, --seed, --num-processes, --parallel or --num-devices")
     for signum in (signal.SIGINT, signal.SIGTERM):  # after JAX's runtime, whose preemption notifier takes SIGTERM
         signal.signal(signum, lambda signum, _frame: stop.update(signal=signum))
     if args.compilation_cache:

@@ -89,11 +89,13 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, dataset):
     assert "process 1 of 2" in results[1][1]
 
 
-@pytest.mark.parametrize("own", [[["epochs=1.0"], ["epochs=2.0"]], [["--seed", "1"], []]], ids=["config", "seed"])
+@pytest.mark.parametrize("own", [[["epochs=1.0"], ["epochs=2.0"]], [["--seed", "1"], []],
+                                 [[], ["--num-processes", "3"]], [[], ["--parallel", "pmap"]]],
+                         ids=["config", "seed", "num-processes", "parallel"])
 def test_processes_started_differently_each_stop_in_one_line_before_writing_anything(tmp_path, dataset, own):
-    """Processes of one run with different configs (or seeds) would train different programs, waiting for each
-    other at collectives that never match: each says so in one line and exits 2 before training, with no
-    workdir written, and none hangs at JAX's shutdown."""
+    """Processes of one run with different configs, seeds or parallel flags would train different programs (or
+    wait for each other at collectives that never match; a process count that differs went unnoticed): each
+    says so in one line and exits 2 before training, with no workdir written, and none hangs at JAX's shutdown."""
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
     results = finish(_start(dataset, workdirs, own=own), timeout=120)
     for code, _, stderr in results:
