@@ -1,7 +1,7 @@
 """Checkpoints of the whole training state (orbax): the last k and the best, atomic, for exact resume.
 
-A checkpoint holds params, batch stats, optimizer state, step, the dropout key and the lookahead EMA
-(the `TrainState` arrays), plus JSON metadata: epoch, position in the epoch, early-stopping state and the
+A checkpoint holds params, batch stats, optimizer state, step, the dropout key, the lookahead EMA and a
+proxy model's state (the `TrainState` arrays), plus JSON metadata: epoch, position in the epoch, early-stopping state and the
 run's config.
 Orbax writes into a temporary directory and renames it when complete, so a killed save is never restored.
 """
@@ -23,15 +23,27 @@ from jaxnet.train import TrainState
 
 
 # Fields of jaxnet's TrainState that Flax's TrainState lacks: saved and restored where the state has them.
-_OPTIONAL = ("batch_stats", "rng", "ema")
+_OPTIONAL = ("batch_stats", "rng", "ema", "proxy")
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
+    """The state's arrays as saved: the dropout key as its raw data, a proxy's state as its own arrays."""
     arrays = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
     arrays |= {name: getattr(state, name) for name in _OPTIONAL if hasattr(state, name)}
     if arrays.get("rng") is not None:
         arrays["rng"] = jax.random.key_data(arrays["rng"])
+    if arrays.get("proxy") is not None:
+        arrays["proxy"] = _arrays(arrays["proxy"])
     return arrays
+
+
+def _with_arrays(template: TrainState, arrays: dict[str, Any]) -> TrainState:
+    """`template` holding `arrays` (as `_arrays` gives them)."""
+    if arrays.get("rng") is not None:
+        arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
+    if arrays.get("proxy") is not None:
+        arrays["proxy"] = _with_arrays(template.proxy, arrays["proxy"])
+    return template.replace(**arrays)
 
 
 def _differences(saved: dict[str, Any], expect: dict[str, Any]) -> str:
@@ -122,9 +134,7 @@ class Checkpointer:
 
             meta = parallel.broadcast_from_main(read)
             arrays = parallel.broadcast_arrays(host.get("arrays"), target)
-        if arrays.get("rng") is not None:
-            arrays["rng"] = jax.random.wrap_key_data(arrays["rng"])
-        return template.replace(**arrays), meta
+        return _with_arrays(template, dict(arrays)), meta
 
     def meta(self, which: str = "last") -> dict[str, Any]:
         """The metadata of the newest `which` checkpoint, without its arrays (process 0 reads it for all);
@@ -168,7 +178,7 @@ class Checkpointer:
 
 def read_arrays(step_dir: str | os.PathLike) -> dict[str, Any]:
     """The arrays of one saved checkpoint (`…/last/<step>`) as saved — params, batch_stats, opt_state, step,
-    rng (as key data), ema — on this process's first device, whatever devices saved them and without a
+    rng (as key data), ema, proxy — on this process's first device, whatever devices saved them and without a
     template state: for inspecting or comparing checkpoints."""
     path = Path(step_dir) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

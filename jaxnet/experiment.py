@@ -30,7 +30,7 @@ import optax
 
 from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, loop, models, optim, parallel, profiling
 from jaxnet import train
-from jaxnet.configs.default import LOW_RES_FRACTION
+from jaxnet.configs.default import LOW_RES_FRACTION, PROXY_EVERY
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.metrics import MetricWriter, plot_curves
 from jaxnet.ops import IMPLS, onednn
@@ -81,6 +81,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "hard_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
         "hard_score_size": (lambda v: v == 0 or 8 <= v <= 32, "0 (the images as trained) or 8 to 32 (pixels)"),
+        "proxy_widths": (lambda v: v == () or (len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)),
+                         "() (off) or 3 positive integers (channels of the proxy FastNet's three blocks)"),
+        "proxy_every": (lambda v: isinstance(v, int) and v > 0, "a positive integer (steps)"),
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
@@ -99,7 +102,14 @@ def validate_config(config) -> None:
     if config.get("hard_score_size") and config.get("hard_fraction", 1.0) == 1:
         raise ConfigError(f"hard_score_size={config.hard_score_size!r} changes nothing while hard_fraction is 1 (every "
                           "image trains): set hard_fraction below 1 too")
+    if config.get("proxy_widths") and config.get("hard_fraction", 1.0) == 1:
+        raise ConfigError(f"proxy_widths={tuple(config.proxy_widths)!r} changes nothing while hard_fraction is 1 "
+                          "(every image trains): set hard_fraction below 1 too")
+    if config.get("proxy_every", PROXY_EVERY) != PROXY_EVERY and not config.get("proxy_widths"):
+        raise ConfigError(f"proxy_every={config.proxy_every!r} changes nothing without a proxy: set proxy_widths too")
     if not config.model.startswith("fastnet"):
+        if config.get("proxy_widths"):
+            raise ConfigError(f"proxy_widths sets a FastNet proxy; model {config.model} is not a FastNet")
         for key, (default, what) in FASTNET_FIELDS.items():
             if config.get(key, default) != default:
                 raise ConfigError(f"{key} sets {what}; model {config.model} has its own")
@@ -115,9 +125,11 @@ def compute_dtype(name: str, platform: str | None = None) -> Any:
     return DTYPES[name]
 
 
-def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None) -> nn.Module:
-    """The model of `config`; `bn_axis_name` makes BatchNorm average its statistics over a pmap axis;
-    `conv_impl` replaces the config's (the parameters are the same for every impl)."""
+def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | None = None,
+                proxy: bool = False) -> nn.Module:
+    """The model of `config`, or with `proxy` its proxy net (the same FastNet at `proxy_widths`, two convs a
+    block); `bn_axis_name` makes BatchNorm average its statistics over a pmap axis; `conv_impl` replaces the
+    config's (the parameters are the same for every impl)."""
     conv = partial(layers.Conv, impl=conv_impl or config.conv_impl)
     fastnet = {}
     for key, (default, _) in FASTNET_FIELDS.items():
@@ -125,6 +137,8 @@ def build_model(config, *, bn_axis_name: str | None = None, conv_impl: str | Non
         value = tuple(value) if isinstance(value, list) else value  # a config read back from JSON holds lists
         if value != default:
             fastnet[key] = value
+    if proxy:
+        fastnet |= {"widths": tuple(config.proxy_widths), "depth": 2}
     if "activation" in fastnet:
         fastnet["activation"] = models.ACTIVATIONS[fastnet["activation"]]
     return models.get(config.model, num_classes=NUM_CLASSES, conv=conv,
@@ -144,7 +158,7 @@ def build_schedule(config, total_steps: int) -> optim.Schedule:
             return optim.constant(1.0)
 
 
-def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+def build_optimizer(config, total_steps: int, steps_per_epoch: float) -> optax.GradientTransformation:
     """`config.optimizer` with its schedule: "airbench" (airbench94's groups, lr and decay per 1024 examples),
     "muon" (airbench94_muon's: Muon on conv filters at `lr`, SGD for biases and head; decay per example),
     "sgd" (Nesterov, decoupled decay) or "adam" (AdamW)."""
@@ -169,12 +183,14 @@ def build_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Gra
 
 def build_train_step(config, total_steps: int) -> Callable:
     """The uncompiled step of `config`: `train_step` with its label smoothing — on the `hard_fraction` of each
-    batch the model finds hardest when below 1 (`train.select_hardest`) — followed by airbench's lookahead EMA
-    (decay 0.95⁵·(step/total)³, every `lookahead_every` steps, the net set to the EMA after the last step)
-    unless `lookahead_every` is 0."""
+    batch that the model, or its proxy net (`proxy_widths`, trained every `proxy_every` steps), finds hardest
+    when below 1 (`train.select_hardest`) — followed by airbench's lookahead EMA (decay 0.95⁵·(step/total)³,
+    every `lookahead_every` steps, the net set to the EMA after the last step) unless `lookahead_every` is 0."""
     step = partial(train.train_step, label_smoothing=config.label_smoothing)
     if config.hard_fraction < 1:
-        step = train.select_hardest(step, fraction=config.hard_fraction, score_size=config.hard_score_size or None)
+        step = train.select_hardest(step, fraction=config.hard_fraction, score_size=config.hard_score_size or None,
+                                    proxy_step=step if config.proxy_widths else None,
+                                    proxy_every=config.proxy_every)
     if not config.lookahead_every:
         return step
     return train.lookahead_ema(step, every=config.lookahead_every, final_step=total_steps,
@@ -194,13 +210,21 @@ def load_splits(config, data_dir, seed: int) -> tuple[data_lib.Split, data_lib.S
 
 
 def initial_state(config, model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                  train_images: np.ndarray) -> train.TrainState:
-    """The state before step 0; with `whiten_stem`, the model's stem set from 5 000 training images."""
-    state = train.create_train_state(model, key, jnp.zeros((1, 32, 32, 3)), tx, ema=bool(config.lookahead_every))
-    if config.whiten_stem and "stem" in state.params:
-        sample = np.asarray(data_lib.normalize(train_images[:5000], config.mean, config.std))
-        state = state.with_params(models.with_whitening_stem(state.params, sample))
-    return state
+                  train_images: np.ndarray, *,
+                  proxy: tuple[nn.Module, optax.GradientTransformation] | None = None) -> train.TrainState:
+    """The state before step 0; with `whiten_stem`, the model's stem set from 5 000 training images. `proxy`:
+    the proxy net and its optimizer, whose state (no EMA; its stem whitened alike; initialised from
+    `fold_in(key, 1)`) the state holds in `proxy`."""
+    sample = np.asarray(data_lib.normalize(train_images[:5000], config.mean, config.std)) if config.whiten_stem else None
+
+    def create(model, tx, key, ema):
+        state = train.create_train_state(model, key, jnp.zeros((1, 32, 32, 3)), tx, ema=ema)
+        if sample is not None and "stem" in state.params:
+            state = state.with_params(models.with_whitening_stem(state.params, sample))
+        return state
+
+    state = create(model, tx, key, bool(config.lookahead_every))
+    return state if proxy is None else state.replace(proxy=create(*proxy, jax.random.fold_in(key, 1), False))
 
 
 def _devices(parallel_mode: str, num_devices: int | None, config) -> tuple[Any, int]:
@@ -237,6 +261,9 @@ def step_flops(config, train_step: Callable, state: train.TrainState, example: A
     """XLA's FLOP count of one compiled train step, counted with XLA's convs (the same math): XLA counts nothing
     inside the FFI calls of conv impl "onednn", which "auto" runs on CPUs where oneDNN is installed."""
     counted = state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
+    if getattr(state, "proxy", None) is not None:
+        counted = counted.replace(proxy=state.proxy.replace(apply_fn=build_model(config, conv_impl="xla",
+                                                                                 proxy=True).apply))
     return (train_step.compiled.lower(counted, example).cost_analysis() or {}).get("flops")
 
 
@@ -445,9 +472,15 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     def build(config):
         """(total steps, the state on the devices, compiled train step, tta level → compiled eval step)."""
         steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
-        model = build_model(config, bn_axis_name=parallel.AXIS if parallel_mode == "pmap" else None)
-        state = initial_state(config, model, build_optimizer(config, total_steps, steps_per_epoch), init_key,
-                              train_set["image"])
+        axis = parallel.AXIS if parallel_mode == "pmap" else None
+        proxy = None
+        if config.proxy_widths:  # trained every proxy_every steps: its schedule runs over that many fewer
+            proxy = (build_model(config, bn_axis_name=axis, proxy=True),
+                     build_optimizer(config, -(-total_steps // config.proxy_every),
+                                     steps_per_epoch / config.proxy_every))
+        state = initial_state(config, build_model(config, bn_axis_name=axis),
+                              build_optimizer(config, total_steps, steps_per_epoch), init_key, train_set["image"],
+                              proxy=proxy)
         if mesh is not None:
             state = parallel.put_replicated(state, mesh)
         train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,

@@ -34,12 +34,15 @@ DEFAULT_DROPOUT_SEED = 0
 
 class TrainState(train_state.TrainState):
     """Flax's TrainState plus `batch_stats` (an empty dict for models without BatchNorm), `rng`, the
-    dropout key (step s uses `fold_in(rng, s)`, so no key is ever captured or reused), and `ema`, the
-    lookahead EMA of {"params", "batch_stats"} (None unless created with `ema=True`; see `lookahead_ema`)."""
+    dropout key (step s uses `fold_in(rng, s)`, so no key is ever captured or reused), `ema`, the
+    lookahead EMA of {"params", "batch_stats"} (None unless created with `ema=True`; see `lookahead_ema`), and
+    `proxy`, the state of a small second model that picks the images each step trains on (None, or a state
+    such as `create_train_state` makes; see `select_hardest`)."""
 
     batch_stats: Any = struct.field(default_factory=dict)
     rng: jax.Array | None = None
     ema: Any = None
+    proxy: Any = None
 
     def with_params(self, params: Any) -> TrainState:
         """This state with new `params` (e.g. a kernel set from data), the optimizer state and the EMA (if
@@ -188,13 +191,13 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
     return step
 
 
-def select_hardest(step_fn: Callable = train_step, *, fraction: float,
-                   score_size: int | None = None) -> Callable[..., tuple[Any, Metrics]]:
-    """`step_fn` on the `fraction` of each batch that the current model finds hardest (online batch selection,
-    Loshchilov & Hutter 2015; airbench96_faster scores with a small proxy net, here the model scores itself).
+def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_size: int | None = None,
+                   proxy_step: Callable | None = None, proxy_every: int = 1) -> Callable[..., tuple[Any, Metrics]]:
+    """`step_fn` on the `fraction` of each batch that a scoring model finds hardest (online batch selection,
+    Loshchilov & Hutter 2015): the model itself, or a small proxy net as airbench96_faster's.
 
     A forward pass in training mode (BatchNorm on the whole batch's statistics, which are not kept; the
-    step's dropout key) gives each image's cross-entropy; `step_fn` then trains on the max(1, round(fraction ·
+    scorer's dropout key) gives each image's cross-entropy; `step_fn` then trains on the max(1, round(fraction ·
     N)) images of highest loss, every key of the batch gathered alike. Its metrics are those of the trained
     images. Under pmap (`axis_name`) each device picks from its own share. The optimizer, schedule and step
     count are those of the whole batch: an epoch is the same number of steps, each training on fewer images.
@@ -202,14 +205,22 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float,
     images rounded back to their dtype), for a model that takes any size (global pooling): at 16 of 32 pixels
     it costs about a quarter of the FLOPs.
 
+    `proxy_step` (e.g. `partial(train_step, label_smoothing=0.2)`): the state's `proxy` (jaxnet's TrainState
+    field: a small model's own state, optimizer included) scores the batch instead of the model, and after
+    every `proxy_every`-th step (steps 0, k, 2k, … of the state) `proxy_step(proxy, chosen images, **kwargs)`
+    trains it on the images it chose, as airbench96_faster trains its proxy on its hardest half every 4th step.
+    The proxy's own step count (its schedule's) advances only when it trains.
+
     Raises:
-      ConfigError: `fraction` is not in (0, 1], or `score_size` is not a positive integer.
+      ConfigError: `fraction` is not in (0, 1], `score_size` or `proxy_every` is not a positive integer, or
+        (when called) `proxy_step` is given and the state holds no proxy.
     """
     if isinstance(fraction, bool) or not (isinstance(fraction, numbers.Real) and 0 < fraction <= 1):
         raise ConfigError(f"select_hardest fraction must be in (0, 1], got {fraction!r}")
-    if score_size is not None and (isinstance(score_size, bool)
-                                   or not (isinstance(score_size, numbers.Integral) and score_size > 0)):
-        raise ConfigError(f"select_hardest score_size must be a positive integer, got {score_size!r}")
+    for name, value in (("score_size", score_size), ("proxy_every", proxy_every)):
+        if (value is not None or name == "proxy_every") and (
+                isinstance(value, bool) or not (isinstance(value, numbers.Integral) and value > 0)):
+            raise ConfigError(f"select_hardest {name} must be a positive integer, got {value!r}")
 
     def scored(images: jax.Array) -> jax.Array:
         if score_size is None or score_size >= min(images.shape[1:3]):
@@ -220,13 +231,25 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float,
         return small.astype(images.dtype)
 
     def step(state: Any, batch: Batch, **kwargs) -> tuple[Any, Metrics]:
-        stats = _batch_stats(state)
-        logits = state.apply_fn(_variables(state), scored(batch["image"]), train=True,
-                                rngs=_dropout_rngs(state, kwargs.get("dropout_rng")),
-                                mutable=["batch_stats"] if stats else [])[0]
+        scorer = state
+        if proxy_step is not None:
+            scorer = getattr(state, "proxy", None)
+            if scorer is None:
+                raise ConfigError("select_hardest with a proxy_step needs a state with a proxy: "
+                                  "state.replace(proxy=create_train_state(small_model, ...))")
+        stats = _batch_stats(scorer)
+        logits = scorer.apply_fn(_variables(scorer), scored(batch["image"]), train=True,
+                                 rngs=_dropout_rngs(scorer, kwargs.get("dropout_rng")),
+                                 mutable=["batch_stats"] if stats else [])[0]
         k = max(1, round(fraction * batch["label"].shape[0]))
         _, chosen = jax.lax.top_k(cross_entropy(logits, batch["label"]), k)
-        return step_fn(state, {key: value[chosen] for key, value in batch.items()}, **kwargs)
+        chosen = {key: value[chosen] for key, value in batch.items()}
+        new_state, metrics = step_fn(state, chosen, **kwargs)
+        if proxy_step is None:
+            return new_state, metrics
+        proxy = jax.lax.cond(state.step % proxy_every == 0, lambda p: proxy_step(p, chosen, **kwargs)[0],
+                             lambda p: p, scorer)
+        return new_state.replace(proxy=proxy), metrics
 
     return step
 

@@ -154,6 +154,29 @@ def test_hard_fraction_trains_each_step_on_the_hardest_images_of_its_batch(tmp_p
     assert small["config"]["hard_fraction"] == 0.5 and small["config"]["hard_score_size"] == 16
 
 
+def test_a_proxy_scored_run_resumes_bit_identical_with_its_proxy(tmp_path, dataset):
+    """`proxy_widths`: a proxy FastNet in the state picks each step's images and trains every `proxy_every`-th step;
+    stopped inside the second epoch and resumed, the run ends where the straight run does, proxy included."""
+    config = smoke(epochs=2.0, hard_fraction=0.5, proxy_widths=(4, 8, 8), proxy_every=3)
+    straight = experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+    calls = {"n": 0}
+
+    def stop_after_8_steps():
+        calls["n"] += 1
+        return calls["n"] >= 8
+
+    out = experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, should_stop=stop_after_8_steps,
+                                        show_progress=False)
+    assert out["interrupted"] and 6 < out["step"] < 12, out
+    experiment.train_and_evaluate(config, tmp_path / "stopped", data_dir=dataset, resume=True, show_progress=False)
+    (step_a, a), (step_b, b) = _last_arrays(tmp_path / "straight"), _last_arrays(tmp_path / "stopped")
+    assert step_a == step_b == 12 and tuple(straight["config"]["proxy_widths"]) == (4, 8, 8)
+    assert int(a["proxy"]["step"]) == 4  # trained at steps 0, 3, 6 and 9
+    assert a["proxy"]["params"]["ConvGroup_0"]["Conv_0"]["kernel"].shape[-1] == 4
+    np.testing.assert_array_equal(a["proxy"]["params"]["stem"]["kernel"], a["params"]["stem"]["kernel"])  # whitened
+    chex.assert_trees_all_equal(a, b)  # bit-identical, the proxy's params, statistics and optimizer state too
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path, dataset):
     import signal
     import time

@@ -202,6 +202,69 @@ def test_select_hardest_with_dropout_still_memorises_and_composes_with_the_ema(d
     assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.99
 
 
+@pytest.mark.parametrize("devices", [None, 8], ids=["one", "mesh8"])
+def test_select_hardest_with_a_proxy_trains_on_the_proxys_picks_and_the_proxy_every_kth_step(data, devices):
+    """airbench96_faster's selection: the state's proxy (another model's own state) scores the batch, the model
+    trains on the proxy's 16 hardest of 64, and the proxy trains on them too after steps 0 and 2 of 3
+    (`proxy_every=2`), each step equal to `train_step` by hand; compiled once."""
+    from jaxnet import parallel
+
+    mesh = parallel.make_mesh(devices) if devices else None
+    proxy = train.create_train_state(BnMlp(), jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8),
+                                     optax.sgd(0.05, momentum=0.9))
+    state = _state(tx=optax.sgd(0.05, momentum=0.9)).replace(proxy=proxy)
+    chex.clear_trace_counter()
+    selecting = train.select_hardest(partial(train.train_step, label_smoothing=0.1), fraction=0.25,
+                                     proxy_step=train.train_step, proxy_every=2)
+    step = parallel.jit_train_step(chex.assert_max_traces(selecting, n=1), mesh=mesh)
+    state = parallel.put_replicated(state, mesh) if mesh else state
+    for i in range(3):
+        picked = _hardest_by_hand(state.proxy, data, 16)
+        assert not np.array_equal(picked["image"], _hardest_by_hand(state, data, 16)["image"])  # not the model's own
+        ref, ref_metrics = train.train_step(state, picked, label_smoothing=0.1)
+        ref_proxy = train.train_step(state.proxy, picked)[0] if i % 2 == 0 else state.proxy
+        expected = _snapshot((ref.params, ref.batch_stats, ref_metrics, ref_proxy.params, ref_proxy.batch_stats))
+        state, metrics = step(state, data)  # donates the state: the references are host copies by now
+        assert int(metrics["count"]) == 16 and int(state.proxy.step) == (1, 1, 2)[i]
+        chex.assert_trees_all_close(_snapshot((state.params, state.batch_stats, metrics, state.proxy.params,
+                                               state.proxy.batch_stats)), expected, rtol=2e-5, atol=2e-6)
+
+
+class FlaxStateWithProxy(flax_train_state.TrainState):
+    proxy: Any = None
+
+
+def test_select_hardest_with_a_proxy_on_pmap_in_a_users_own_state_class(data):
+    """A user's subclass of Flax's TrainState with a `proxy` field, models without BatchNorm, on 8 devices: each
+    device takes the proxy's 2 hardest of its 8, and both averaged steps equal `train_step` on those 16."""
+    from jaxnet import parallel
+
+    small = ScalingMlp()
+    variables = small.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), train=False)
+    proxy = flax_train_state.TrainState.create(apply_fn=small.apply, params=variables["params"], tx=optax.adam(3e-3))
+    state = _flax_state(ScalingMlp(), cls=FlaxStateWithProxy).replace(proxy=proxy)
+    step = parallel.pmap_train_step(train.select_hardest(fraction=0.25, proxy_step=train.train_step), num_devices=8)
+    picked = _hardest_by_hand(proxy, data, 2, axis=8)
+    assert not np.array_equal(picked["image"], _hardest_by_hand(state, data, 2, axis=8)["image"])
+    ref, ref_metrics = train.train_step(state, picked)
+    ref_proxy = train.train_step(proxy, picked)[0]
+    state, metrics = step(state, data)
+    assert type(state) is FlaxStateWithProxy and int(metrics["count"]) == 16 and int(state.proxy.step) == 1
+    chex.assert_trees_all_close(_snapshot((state.params, metrics, state.proxy.params)),
+                                _snapshot((ref.params, ref_metrics, ref_proxy.params)), rtol=1e-4, atol=1e-5)
+
+
+def test_select_hardest_with_a_proxy_step_needs_a_state_with_a_proxy(data):
+    with pytest.raises(jaxnet.ConfigError, match="select_hardest with a proxy_step needs a state with a proxy"):
+        train.select_hardest(fraction=0.5, proxy_step=train.train_step)(_state(), data)
+
+
+@pytest.mark.parametrize("every", [0, -4, 2.0, "4", True, None])
+def test_select_hardest_rejects_a_proxy_every_that_is_not_a_positive_integer(every):
+    with pytest.raises(jaxnet.ConfigError, match="select_hardest proxy_every must be a positive integer"):
+        train.select_hardest(fraction=0.5, proxy_step=train.train_step, proxy_every=every)
+
+
 @pytest.mark.parametrize("fraction", [0, 1.5, -0.5, "0.5", None, True, float("nan"), np.float32(2)])
 def test_select_hardest_rejects_fractions_outside_0_to_1(fraction):
     with pytest.raises(jaxnet.ConfigError, match=r"select_hardest fraction must be in \(0, 1\]"):

@@ -11,6 +11,7 @@ import ml_collections
 # Progressive resizing's default share of the steps at low resolution: a run that sets another share without
 # `low_res` is refused (experiment.validate_config), as it would change nothing.
 LOW_RES_FRACTION = 0.5
+PROXY_EVERY = 4  # airbench96_faster's: its proxy trains on every 4th batch
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -38,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.2
     c.hard_fraction = 1.0               # fraction of each batch trained on: its highest-loss images under the current model; 1 = all
     c.hard_score_size = 0               # side (pixels) of the images the hard_fraction scoring pass sees; 0 = as trained
+    c.proxy_widths = ()                 # FastNet models, hard_fraction < 1: a proxy FastNet of these widths scores instead, e.g. (32, 64, 64)
+    c.proxy_every = PROXY_EVERY         # steps between the proxy's own training steps (on the images it picked)
     c.mean = (0.4914, 0.4822, 0.4465)  # per-channel input normalisation, [0, 1] units
     c.std = (0.2470, 0.2435, 0.2616)
     c.translate = 2                     # pixels of random translation (reflect padding)
