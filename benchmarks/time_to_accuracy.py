@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import statistics
 import subprocess
@@ -56,7 +57,7 @@ def _seeds(text: str) -> list[int]:
 
 def _variant(text: str) -> tuple[str, list[str]]:
     name, sep, items = text.partition(":")
-    overrides = [item for item in items.split(",") if item]
+    overrides = [item for item in re.split(r",(?![^()\[\]]*[)\]])", items) if item]  # not inside a tuple's brackets
     if not sep or not name or not overrides or not all("=" in item for item in overrides):
         raise argparse.ArgumentTypeError(f"expected NAME:key=value[,key=value...], got {text!r}")
     return name, overrides

@@ -165,6 +165,13 @@ def test_time_to_accuracy_ablates_a_variant_beside_the_recipe(tmp_path, data):
     assert "| silu | `activation=silu tta_fraction=0.5 jitter=0.2` |" in result.stdout
 
 
+def test_an_ablated_override_may_hold_a_tuple():
+    from benchmarks.time_to_accuracy import _variant
+
+    assert _variant("p16:hard_fraction=0.5,proxy_widths=(16, 32, 32),widths=[8,16,16],epochs=8") == (
+        "p16", ["hard_fraction=0.5", "proxy_widths=(16, 32, 32)", "widths=[8,16,16]", "epochs=8"])
+
+
 def test_ablation_table_compares_each_variant_with_the_recipe():
     from benchmarks.time_to_accuracy import ablation
 
