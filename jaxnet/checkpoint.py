@@ -1,8 +1,8 @@
 """Checkpoints of the whole training state (orbax): the last k and the best, atomic, for exact resume.
 
 A checkpoint holds params, batch stats, optimizer state, step, the dropout key, the lookahead EMA and a
-proxy model's state (the `TrainState` arrays), plus JSON metadata: epoch, position in the epoch, early-stopping state and the
-run's config.
+proxy model's state (the `TrainState` arrays), plus JSON metadata: epoch, position in the epoch,
+early-stopping state and the run's config.
 Orbax writes into a temporary directory and renames it when complete, so a killed save is never restored.
 """
 
