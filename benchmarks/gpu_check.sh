@@ -1,30 +1,38 @@
 #!/usr/bin/env bash
-# Everything jaxnet claims on an NVIDIA GPU, in one call of about 8 minutes, on a machine with JAX (CUDA) and
+# Everything jaxnet claims on an NVIDIA GPU, in one call of at most 9 minutes, on a machine with JAX (CUDA) and
 # PyTorch (CUDA) installed but no network. Writes one results file, ready to append to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh prepare      # here, with network: the wheels and data to carry, in .gpu-carry/
 #   bash benchmarks/gpu_check.sh [OUT_DIR]    # on the GPU machine (OUT_DIR default: $OUT, else gpu-check-out)
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # the same steps at CPU sizes, to check the script itself
 #
-# Carried (.gpu-carry/, 64 MiB at most): the wheels of what the device image lacks — ml-collections, tensorboardX
-# (jaxnet's imports), pytest, pytest-timeout, pytest-xdist, execnet (the tests) — and the JPEG copy of CIFAR-10.
+# Carried (.gpu-carry/, 64 MiB at most): the wheels of what the device image (JAX, flax, optax, orbax, PyTorch)
+# may lack — ml-collections, tensorboardX, tqdm, pillow, matplotlib (jaxnet's imports), chex, pytest,
+# pytest-timeout, pytest-xdist (the tests), with their dependencies but chex's JAX — and the JPEG copy of CIFAR-10.
+# Those the image has are left as they are.
 # Steps, each with its own time limit, each one's outcome a line of the results file:
 #   1. the machine: nvidia-smi, jax's devices, versions
-#   2. the conv and train-step tests, on the GPU (tests/test_conv.py, tests/test_train.py)
-#   3. every conv impl against the reference on the models' layer shapes, fp32 and bf16; a user's model's train
+#   2. the conv and train-step tests, on the GPU (tests/test_conv.py, tests/test_train.py; 8 workers sharing it)
+#   3. time to accuracy: the record's `muon` recipe (bf16 by its dtype "auto") against the PyTorch record script
+#      on the GPU (bf16 autocast), seeds interleaved (benchmarks.time_to_accuracy --peer-device cuda)
+#   4. every conv impl against the reference on the models' layer shapes, fp32 and bf16; a user's model's train
 #      step per impl; a jax export made on the CPU run on the GPU (python -m benchmarks.gpu_check)
-#   4. train steps against PyTorch (eager, torch.compile, fp32 and bf16 autocast), bf16 jaxnet (benchmarks.train_step)
-#   5. the `default` recipe end to end (bf16 by its dtype "auto"), with a profile of 5 steps: time and accuracy
+#   5. train steps against PyTorch (eager and torch.compile, bf16 autocast), bf16 jaxnet (benchmarks.train_step)
+#   6. the `muon` recipe again with a profile of 5 steps (python -m jaxnet.profiling summarize)
+# Steps run in that order of importance; their limits add up to 8.5 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.gpu-carry
-WHEELS="ml-collections tensorboardX pytest pytest-timeout pytest-xdist execnet"
+WHEELS="ml-collections tensorboardX tqdm pillow matplotlib pytest pytest-timeout pytest-xdist toolz"
+NO_DEPS="chex"  # its other dependencies are JAX's, or above
 
 if [ "${1:-}" = prepare ]; then
     set -e
     mkdir -p "$CARRY/wheels"
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
         --platform manylinux_2_28_x86_64 -d "$CARRY/wheels" $WHEELS
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$CARRY/wheels" $NO_DEPS
+    rm -f "$CARRY"/wheels/numpy-*  # JAX's own dependency, in the image: 16 MB of the 64 the carry may hold
     cp "${CIFAR10:-../shared/data/cifar10/cifar10-jpeg.tar.gz}" "$CARRY/cifar10-jpeg.tar.gz"
     du -sh "$CARRY"
     exit 0
@@ -53,7 +61,8 @@ echo "## GPU check — $(date -u +%Y-%m-%d)" >"$RESULTS"
 echo >>"$RESULTS"
 : >"$LOG"
 if [ -d "$CARRY/wheels" ]; then
-    $PY -m pip install -q --no-index --find-links "$CARRY/wheels" $WHEELS >>"$LOG" 2>&1 ||
+    $PY -m pip install -q --no-index --find-links "$CARRY/wheels" $WHEELS >>"$LOG" 2>&1 &&
+        $PY -m pip install -q --no-index --no-deps --find-links "$CARRY/wheels" $NO_DEPS >>"$LOG" 2>&1 ||
         echo "- installing the carried wheels failed (see the log)" >>"$RESULTS"
 fi
 DATA=${CIFAR10:-$CARRY/cifar10-jpeg.tar.gz}
@@ -70,26 +79,36 @@ DATA=${CIFAR10:-$CARRY/cifar10-jpeg.tar.gz}
 
 if [ -n "$DRY" ]; then
     step "tests (conv, train step)" 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_conv.py -k "pallas and across"
+    step "time to accuracy against the PyTorch record" 300 $PY -m benchmarks.time_to_accuracy --config muon \
+        --seeds 0,1 --data-dir "$DATA" --peer torch_record --workdir "$OUT_DIR/tta" --no-record epochs=1.0 \
+        batch_size=100 train_subset=200 test_subset=100
     step "impls against the reference, a user's train step, a CPU-made export" 300 \
         $PY -m benchmarks.gpu_check --small --out "$OUT_DIR/checks.md"
     step "train steps against PyTorch (bf16)" 300 $PY -m benchmarks.train_step --models plain32 --steps 3 \
         --dtype bfloat16 --conv-impl xla --torch-modes eager,eager-bf16 --no-record
-    step "recipe smoke (stands in for default), with a profile" 300 $PY -m experiments.cifar10 --config smoke \
+    step "recipe smoke (stands in for muon), with a profile" 300 $PY -m experiments.cifar10 --config smoke \
         --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile"
 else
-    # fp32 convs on a GPU run TF32 unless told: the tests compare with a float32 reference to 1e-4
-    step "tests (conv, train step)" 150 env JAX_DEFAULT_MATMUL_PRECISION=highest $PY -m pytest -q -x \
-        -p no:cacheprovider tests/test_conv.py tests/test_train.py
-    step "impls against the reference, a user's train step, a CPU-made export" 90 \
+    # The suite runs on the CPU unless JAX_PLATFORMS says otherwise (tests/conftest.py). fp32 convs on a GPU run
+    # TF32 unless told: the tests compare with a float32 reference to 1e-4. Eight workers share the GPU, so none may
+    # take 75 % of its memory at start.
+    step "tests (conv, train step)" 120 env JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest \
+        XLA_PYTHON_CLIENT_PREALLOCATE=false $PY -m pytest -v -n 8 -p no:cacheprovider tests/test_conv.py \
+        tests/test_train.py
+    step "time to accuracy against the PyTorch record" 160 $PY -m benchmarks.time_to_accuracy --config muon \
+        --seeds 0,1 --data-dir "$DATA" --peer torch_record --peer-dtype bfloat16 --peer-device cuda \
+        --workdir "$OUT_DIR/tta" --no-record
+    step "impls against the reference, a user's train step, a CPU-made export" 75 \
         $PY -m benchmarks.gpu_check --out "$OUT_DIR/checks.md"
-    step "train steps against PyTorch (bf16)" 150 $PY -m benchmarks.train_step --models fastnet,resnet18 \
+    step "train steps against PyTorch (bf16)" 110 $PY -m benchmarks.train_step --models fastnet,resnet18 \
         --steps 7 --dtype bfloat16 --conv-impl auto,pallas --torch-modes eager-bf16,compile-bf16 --no-record
-    step "recipe default, with a profile" 120 $PY -m experiments.cifar10 --config default \
-        --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile" --peak-tflops 989.4 \
-        --compilation-cache ''
+    step "recipe muon, with a profile" 45 $PY -m experiments.cifar10 --config muon --workdir "$OUT_DIR/run" \
+        --data-dir "$DATA" --profile "$OUT_DIR/profile" --peak-tflops 989.4
 fi
 
 {
+    echo
+    sed -n '/^jaxnet, `muon`:/,/^jaxnet \/ peer/p' "$LOG"
     echo
     [ -f "$OUT_DIR/checks.md" ] && cat "$OUT_DIR/checks.md"
     echo

@@ -10,15 +10,16 @@ With --peer torch_record, the PyTorch record script (`benchmarks/torch_record.py
 PyTorch; extra `bench`) runs too, on the same images (the recipe's train/test subsets, the same seed), seeds
 interleaved (jaxnet, peer, peer, jaxnet, ...), and the table ends with the ratios of their mean times. The peer
 follows the overrides `epochs=` and `batch_size=` when given; otherwise it keeps the record's 8 epochs of 2000.
-It computes in float32 unless `--peer-dtype bfloat16` (PyTorch's autocast, its fast mode on CPUs with AMX).
+It computes in float32 unless `--peer-dtype bfloat16` (PyTorch's autocast, its fast mode on CPUs with AMX), on
+the CPU unless `--peer-device cuda` (where jaxnet's runs have the GPU too).
 
 With --ablate NAME:key=value[,key=value...] (repeatable), each such variant of the recipe runs too, in the same
 rotation, and an ablation table gives each variant's mean accuracy and time against the recipe's: what each
 ingredient buys, measured side by side.
 
     python -m benchmarks.time_to_accuracy [--config default] [--seeds 0,1,2] [--data-dir D] [--target 0.94]
-        [--peer torch_record [--peer-dtype bfloat16]] [--ablate NAME:key=value,...] [--workdir DIR] [--no-record]
-        [key=value ...]
+        [--peer torch_record [--peer-dtype bfloat16] [--peer-device cuda]] [--ablate NAME:key=value,...]
+        [--workdir DIR] [--no-record] [key=value ...]
 
 A seed whose run fails stops the benchmark with that run's exit code; nothing is recorded then.
 """
@@ -75,6 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer", choices=("torch_record",), help="run the PyTorch record script too, interleaved")
     p.add_argument("--peer-dtype", choices=("float32", "bfloat16"),
                    help="the peer's compute dtype (default float32; bfloat16: under torch.autocast)")
+    p.add_argument("--peer-device", choices=("cpu", "cuda"), help="where the peer runs (default cpu)")
     p.add_argument("--ablate", type=_variant, action="append", default=[], metavar="NAME:key=value,...",
                    help="a variant of the recipe to run beside it (repeatable)")
     p.add_argument("--workdir", help="keep each run in DIR/seed<S> (default: a temporary directory, removed)")
@@ -82,9 +84,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.target is not None and not 0 < args.target <= 1:
         p.error(f"--target is an accuracy in (0, 1], got {args.target}")
-    if args.peer_dtype and not args.peer:
-        p.error("--peer-dtype sets the peer's dtype: give --peer too")
+    for flag, value in (("--peer-dtype", args.peer_dtype), ("--peer-device", args.peer_device)):
+        if value and not args.peer:
+            p.error(f"{flag} is the peer's: give --peer too")
     args.peer_dtype = args.peer_dtype or "float32"
+    args.peer_device = args.peer_device or "cpu"
+    if args.peer:  # the peer's PyTorch and device are checked now, not after the first run
+        from benchmarks.torch_record import unavailable
+
+        problem = unavailable(args.peer_device)
+        if problem:
+            p.error(problem)
     names = [name for name, _ in args.ablate]
     if len(set(names)) != len(names) or {"jaxnet", "peer"} & set(names):
         p.error(f"--ablate names must differ from each other and from jaxnet and peer, got {', '.join(names)}")
@@ -151,16 +161,16 @@ def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overri
 
 
 def run_peer(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str],
-             dtype: str = "float32") -> tuple[int, dict]:
-    """One run of the PyTorch record script, computing in `dtype`, on the images `config` (with `overrides`)
-    draws for `seed`."""
+             dtype: str = "float32", device: str = "cpu") -> tuple[int, dict]:
+    """One run of the PyTorch record script, computing in `dtype` on `device`, on the images `config` (with
+    `overrides`) draws for `seed`."""
     recipe = configs.override(configs.get_config(config), overrides)
     given = {item.partition("=")[0] for item in overrides}
     shape = [f"--{key.replace('_', '-')}={recipe[key]}" for key in ("epochs", "batch_size") if key in given]
     workdir.mkdir(parents=True, exist_ok=True)
     return _run([sys.executable, "-m", "benchmarks.torch_record", "--seed", str(seed), "--summary",
                  str(workdir / "summary.json"), f"--train-subset={recipe.train_subset}",
-                 f"--test-subset={recipe.test_subset}", f"--dtype={dtype}", *shape,
+                 f"--test-subset={recipe.test_subset}", f"--dtype={dtype}", f"--device={device}", *shape,
                  *(["--data-dir", data_dir] if data_dir else [])],
                 workdir / "summary.json")
 
@@ -195,7 +205,8 @@ def ablation(base: dict[int, dict], variants: dict[str, tuple[list[str], dict[in
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    runners = {"jaxnet": run_seed} | ({"peer": partial(run_peer, dtype=args.peer_dtype)} if args.peer else {})
+    runners = {"jaxnet": run_seed} | (
+        {"peer": partial(run_peer, dtype=args.peer_dtype, device=args.peer_device)} if args.peer else {})
     variants = dict(args.ablate)
     for name, extra in variants.items():
         runners[name] = partial(lambda extra, config, seed, workdir, data_dir, overrides:
@@ -219,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                     return code
                 summaries[name][seed] = summary
     result = table(summaries["jaxnet"], args.target)
+    peer = f"{args.peer} ({args.peer_dtype}{', ' + args.peer_device if args.peer_device != 'cpu' else ''})"
     if args.peer:
-        result = (f"jaxnet, `{args.config}`:\n\n{result}\n\nPeer, {args.peer} ({args.peer_dtype}):\n\n"
+        result = (f"jaxnet, `{args.config}`:\n\n{result}\n\nPeer, {peer}:\n\n"
                   f"{table(summaries['peer'], args.target)}\n{ratios(summaries['jaxnet'], summaries['peer'])}")
     for name, overrides in variants.items():
         result += f"\n\nVariant {name} (`{' '.join(overrides)}`):\n\n{table(summaries[name], args.target)}"
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', interleaved with the peer' if args.peer else ''}; "
                  "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop.")
         seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
-        peer = f" vs {args.peer} ({args.peer_dtype})" if args.peer else ""
+        peer = f" vs {peer}" if args.peer else ""
         peer += f", ablation of {', '.join(variants)}" if variants else ""
         append_results(f"Time to accuracy, `{args.config}` recipe{peer}, {seeds}", result, notes)
     return 0

@@ -1,5 +1,6 @@
-"""The peer: the CIFAR-10 speed record's recipe (airbench94_muon, Jordan 2024) in PyTorch eager on the CPU,
-on the same images jaxnet's experiment draws (`jaxnet.experiment.load_splits`, the same seed and subsets).
+"""The peer: the CIFAR-10 speed record's recipe (airbench94_muon, Jordan 2024) in PyTorch eager, on the CPU
+or an NVIDIA GPU, on the same images jaxnet's experiment draws (`jaxnet.experiment.load_splits`, the same seed
+and subsets).
 
 Written from the published recipe: the whitened FastNet (GELU, BatchNorm without scale, momentum 0.6, eps
 1e-12; dirac-initialised 3×3 convs; head × 1/256 with unit-std weights), Muon (Nesterov momentum 0.6, 3
@@ -11,10 +12,14 @@ Times as the record does: `train_seconds` is whitening init + training, without 
 per-epoch evaluation (the record's per-epoch test pass is skipped); `wall_seconds` is the whole process.
 `--dtype bfloat16` runs the net's forward passes (training and test) under `torch.autocast("cpu",
 torch.bfloat16)` — the record runs its net in half precision on GPUs; on CPUs with AMX or AVX-512 BF16 this is
-PyTorch's fast mode (oneDNN) — with parameters, optimizer and whitening in float32.
+PyTorch's fast mode (oneDNN) — with parameters, optimizer and whitening in float32. `--device cuda` runs it all
+on the GPU (`--dtype bfloat16` autocasts there alike; cuDNN's autotuner on; the clock read after a
+synchronisation); the record itself also compiles the net (`torch.compile`, minutes of autotuning) and times
+after a warm-up run, which this peer does not: its `train_seconds` include cuDNN's first-call autotuning.
 
     python -m benchmarks.torch_record --data-dir D --summary out.json [--seed 0] [--epochs 8]
         [--batch-size 2000] [--train-subset N] [--test-subset N] [--threads N] [--dtype float32|bfloat16]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -103,12 +108,12 @@ def _muon_step(torch, params, buffers, lr, momentum=0.6):
 
 def _crop(torch, padded, size, generator):
     r = (padded.size(-1) - size) // 2
-    shifts = torch.randint(-r, r + 1, (len(padded), 2), generator=generator)
-    rows = torch.empty((len(padded), 3, size, padded.size(-1)), dtype=padded.dtype)
+    shifts = torch.randint(-r, r + 1, (len(padded), 2), generator=generator).to(padded.device)
+    rows = torch.empty((len(padded), 3, size, padded.size(-1)), dtype=padded.dtype, device=padded.device)
     for s in range(-r, r + 1):
         mask = shifts[:, 0] == s
         rows[mask] = padded[mask, :, r + s:r + s + size, :]
-    out = torch.empty((len(padded), 3, size, size), dtype=padded.dtype)
+    out = torch.empty((len(padded), 3, size, size), dtype=padded.dtype, device=padded.device)
     for s in range(-r, r + 1):
         mask = shifts[:, 1] == s
         out[mask] = rows[mask, :, :, r + s:r + s + size]
@@ -142,25 +147,33 @@ def run(args) -> dict:
     from jaxnet import configs
     from jaxnet import experiment
 
+    device = torch.device(args.device)
+
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def clock():  # GPU work is asynchronous: read the clock once it is done
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     config = configs.override(configs.get_config("muon"), [f"train_subset={args.train_subset}",
                                                            f"test_subset={args.test_subset}"])
     train_set, _, test_set = experiment.load_splits(config, args.data_dir, args.seed)
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
 
     def tensor(split):
-        x = torch.from_numpy(split["image"]).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(split["image"]).to(device).permute(0, 3, 1, 2).float() / 255
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last), torch.from_numpy(
-            split["label"]).long()
+            split["label"]).to(device).long()
 
     train_x, train_y = tensor(train_set)
     test_x, test_y = tensor(test_set)
-    net = _net(torch, nn)().to(memory_format=torch.channels_last)
+    net = _net(torch, nn)().to(device, memory_format=torch.channels_last)
     batch = args.batch_size
     steps_per_epoch = len(train_x) // batch
     total = math.ceil(args.epochs * steps_per_epoch)
@@ -176,16 +189,16 @@ def run(args) -> dict:
     filters = [p for p in net.parameters() if p.ndim == 4 and p.requires_grad]
     buffers: dict = {}
 
-    t_train = time.perf_counter()
+    t_train = clock()
     net.init_whiten(train_x[:5000])
-    mirrored = torch.rand(len(train_x), generator=generator) < 0.5  # half the images mirrored once, then
+    mirrored = (torch.rand(len(train_x), generator=generator) < 0.5).to(device)  # half the images mirrored once, then
     padded = torch.nn.functional.pad(torch.where(mirrored.view(-1, 1, 1, 1), train_x.flip(-1), train_x), (2,) * 4,
                                      "reflect")  # every image mirrored every other epoch
     step = 0
     net.train()
     for epoch in range(math.ceil(total / steps_per_epoch)):
         source = padded if epoch % 2 == 0 else padded.flip(-1)
-        order = torch.randperm(len(train_x), generator=generator)
+        order = torch.randperm(len(train_x), generator=generator).to(device)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             x = _crop(torch, source[idx], 32, generator).contiguous(memory_format=torch.channels_last)
@@ -202,7 +215,7 @@ def run(args) -> dict:
             step += 1
             if step >= total:
                 break
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = clock() - t_train
     net.eval()
     with autocast():
         plain = (_plain_logits(torch, net, test_x, 2000).argmax(1) == test_y).float().mean().item()
@@ -210,7 +223,19 @@ def run(args) -> dict:
     return {"peer": "torch_record (airbench94_muon)", "seed": args.seed, "test_accuracy": plain,
             "test_accuracy_tta": tta, "steps": step, "train_seconds": train_seconds,
             "images_per_second": step * batch / train_seconds, "wall_seconds": time.perf_counter() - T0,
-            "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype}
+            "torch": torch.__version__, "threads": args.threads, "dtype": args.dtype,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def unavailable(device: str) -> str | None:
+    """Why the peer cannot run on `device` here (no PyTorch, or no GPU that it sees), or None if it can."""
+    try:
+        import torch
+    except ImportError:
+        return "the peer needs PyTorch: pip install -e '.[bench]'"
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"the peer's device is cuda, but this PyTorch ({torch.__version__}) sees no CUDA GPU"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the net's compute dtype (bfloat16: under torch.autocast; parameters stay float32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs (default: %(default)s)")
     args = p.parse_args(argv)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("error: the peer needs PyTorch: pip install -e '.[bench]'", file=sys.stderr)
+    problem = unavailable(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # jaxnet reads the images: its JAX must not claim the GPU's memory
     summary = run(args)
     with open(args.summary, "w") as f:
         json.dump(summary, f, indent=1)

@@ -210,8 +210,10 @@ def test_time_to_accuracy_passes_sigterm_to_the_run_which_keeps_its_checkpoint(t
     (["--ablate", "peer:jitter=0.1"], "--ablate names must differ"),
     (["--data-dir", "/nonexistent/cifar"], "error: the jaxnet run of seed 0 failed (exit code 2); nothing recorded"),
     (["--peer", "tensorflow"], "invalid choice: 'tensorflow'"),
-    (["--peer-dtype", "bfloat16"], "--peer-dtype sets the peer's dtype: give --peer too"),
+    (["--peer-dtype", "bfloat16"], "--peer-dtype is the peer's: give --peer too"),
+    (["--peer-device", "cuda"], "--peer-device is the peer's: give --peer too"),
     (["--peer", "torch_record", "--peer-dtype", "float16"], "invalid choice: 'float16'"),
+    (["--peer", "torch_record", "--peer-device", "tpu"], "invalid choice: 'tpu'"),
     (["--seeds", "0,x"], "expected comma-separated integers"),
     (["--target", "94"], "--target is an accuracy in (0, 1]"),
 ])
@@ -337,6 +339,17 @@ def test_time_to_accuracy_runs_the_peer_in_the_dtype_asked(tmp_path, data):
     assert peer["dtype"] == "bfloat16" and peer["steps"] == 2 and "Peer, torch_record (bfloat16):" in result.stdout
 
 
+def test_time_to_accuracy_refuses_a_gpu_peer_without_a_gpu_before_any_run():
+    """--peer-device cuda where PyTorch sees no GPU: one line and exit 2 at once, not after jaxnet's first run."""
+    torch = pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
+    if torch.cuda.is_available():
+        pytest.skip("this PyTorch sees a CUDA GPU: the GPU peer can run here")
+    result = _run_tta("--peer", "torch_record", "--peer-device", "cuda", "--data-dir", "/nonexistent/cifar")
+    assert result.returncode == 2, result.stderr
+    assert f"the peer's device is cuda, but this PyTorch ({torch.__version__}) sees no CUDA GPU" in result.stderr
+    assert "seed 0" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_kill_resume_kills_three_times_and_ends_bit_identical(data):
     """The long tally (benchmarks.kill_resume --kills 10+, RESULTS.md) in small: 3 SIGKILLs at random moments of a
     smoke run, each followed by --resume; every checkpoint readable after each kill; the end bit-identical."""
@@ -387,8 +400,9 @@ def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert report.count(": ok,") == 4 and "FAIL" not in report, report
+    assert report.count(": ok,") == 5 and "FAIL" not in report, report
     assert "| plain32 | 32 | xla |" in report and "Recipe fastnet_tiny" in report
+    assert "Peer, torch_record (float32):" in report and "jaxnet / peer, mean over seeds" in report
 
 
 @pytest.mark.parametrize("impl", ["xla", "onednn"])
