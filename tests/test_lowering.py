@@ -79,3 +79,40 @@ def test_onednn_refuses_a_gpu_at_lowering_in_one_line(which):
     with pytest.raises(ConfigError, match="onednn") as info:
         _lowered("fastnet_tiny", "onednn", "float32", which)
     assert "\n" not in str(info.value)
+
+
+def test_a_refused_branch_called_outside_jit_raises_the_same_one_line_error():
+    """Outside jit, `lax.platform_dependent` calls the branch of the platform at hand at once (on a GPU, impl
+    "onednn"'s refusal): the refusal then compiles alone and says the same, not that an evaluation rule is missing.
+    Here with a refusal made for the test, on whichever platform runs it."""
+    from jaxnet.ops import conv as conv_ops
+
+    x = jnp.ones((2, 3))
+    with pytest.raises(ConfigError) as info:
+        conv_ops._refused_at_lowering(x, out=jax.ShapeDtypeStruct((2, 3), x.dtype),
+                                      message="no kernel for {platform} here")
+    platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())  # as lowering names it
+    assert str(info.value).splitlines()[0] == f"no kernel for {platform} here"  # then JAX's note on its frames
+
+
+def test_onednn_missing_here_is_still_refused_for_a_gpu_as_cpu_only(monkeypatch):
+    """On a host without oneDNN, impl "onednn" lowered for a GPU says it runs on CPUs only (installing oneDNN would
+    not help there); lowered for the CPU, that oneDNN is missing and how to install it. Both at lowering: the same
+    traced program holds both branches."""
+    from jaxnet.ops import conv2d, onednn
+
+    def missing(name):
+        raise onednn.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(onednn.metadata, "distribution", missing)
+    monkeypatch.setattr(onednn, "load", onednn.load.__wrapped__)  # past this process's loaded build
+    onednn.check_dtype.cache_clear()
+    try:
+        traced = jax.jit(partial(conv2d, impl="onednn")).trace(jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4)))
+        with pytest.raises(ConfigError, match="^conv impl 'onednn' runs on CPUs only .*lowering for cuda") as info:
+            traced.lower(lowering_platforms=("cuda",))
+        assert not isinstance(info.value, onednn.OnednnError)
+        with pytest.raises(onednn.OnednnError, match=r"needs oneDNN, which is not installed: .*jaxnet\[onednn\]"):
+            traced.lower(lowering_platforms=("cpu",))
+    finally:
+        onednn.check_dtype.cache_clear()

@@ -197,11 +197,16 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                                  f"and dilation 1 only, got "
                                  f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
             out = jax.eval_shape(partial(_xla, strides=strides, pads=pads, dilation=dilation, groups=groups), x, w)
+            try:
+                onednn.check_dtype(x.dtype)
+                cpu = partial(_onednn, strides=strides, pads=pads)
+            except onednn.OnednnError as e:  # said if (and when) lowered for a CPU: a GPU's program is refused alike
+                message = str(e).replace("{", "{{").replace("}", "}}")
+                cpu = partial(_refused_at_lowering, out=out, message=message, error=onednn.OnednnError)
             return lax.platform_dependent(
-                x, w, cpu=partial(_onednn, strides=strides, pads=pads),
-                default=lambda x, w: _refused_at_lowering(
-                    x, w, out=out, message="conv impl 'onednn' runs on CPUs only (oneDNN's CPU kernels); "
-                                           "lowering for {platform}: use impl='xla' or 'auto'"))
+                x, w, cpu=cpu, default=partial(_refused_at_lowering, out=out, error=ConfigError,
+                                               message="conv impl 'onednn' runs on CPUs only (oneDNN's CPU "
+                                                       "kernels); lowering for {platform}: use impl='xla' or 'auto'"))
         case "auto":
             layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides,
                           onednn=(_FFI_ALLOWED.get() and jax.default_backend() == "cpu" and groups == 1
@@ -399,24 +404,28 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 # ---- A branch for a platform an impl cannot run on: it traces, and its lowering is a one-line ConfigError ----
 
 _refusal = jax.extend.core.Primitive("jaxnet_refused_at_lowering")
-_refusal.def_abstract_eval(lambda *args, out, message: jax.core.ShapedArray(out.shape, out.dtype))
+_refusal.def_abstract_eval(lambda *args, out, message, error: jax.core.ShapedArray(out.shape, out.dtype))
 
 
-def _refusal_lowering(ctx, *args, out, message):
-    raise ConfigError(message.format(platform="/".join(ctx.module_context.platforms)))
+def _refusal_lowering(ctx, *args, out, message, error):
+    raise error(message.format(platform="/".join(ctx.module_context.platforms)))
 
 
 mlir.register_lowering(_refusal, _refusal_lowering)
+# Called outside jit (on a GPU, `conv2d(x, w, impl="onednn")` runs this branch at once), it is compiled alone: the
+# same one-line error, not JAX's missing evaluation rule.
+_refusal.def_impl(lambda *args, **params: jax.jit(partial(_refusal.bind, **params))(*args))
 # Its output is a constant to differentiation: the gradient program holds the refusal too, and fails alike.
-ad.primitive_jvps[_refusal] = lambda primals, tangents, *, out, message: (
-    _refusal.bind(*primals, out=out, message=message), lax.full(out.shape, 0, out.dtype))
+ad.primitive_jvps[_refusal] = lambda primals, tangents, *, out, **params: (
+    _refusal.bind(*primals, out=out, **params), lax.full(out.shape, 0, out.dtype))
 
 
-def _refused_at_lowering(*args, out: jax.ShapeDtypeStruct, message: str) -> jax.Array:
-    """A value of `out`'s shape that cannot be lowered: lowering raises ConfigError(`message`), with
-    "{platform}" replaced by the platform(s) lowered for. For the branch of `lax.platform_dependent` that an
-    impl cannot run: the refusal comes when (and only when) the program is lowered for that platform."""
-    return _refusal.bind(*args, out=out, message=message)
+def _refused_at_lowering(*args, out: jax.ShapeDtypeStruct, message: str,
+                         error: type[ConfigError] = ConfigError) -> jax.Array:
+    """A value of `out`'s shape that cannot be lowered: lowering raises `error`(`message`), with "{platform}"
+    replaced by the platform(s) lowered for. For the branch of `lax.platform_dependent` that an impl cannot run:
+    the refusal comes when (and only when) the program is lowered for that platform."""
+    return _refusal.bind(*args, out=out, message=message, error=error)
 
 
 # ---- oneDNN: its convs and their gradients as XLA FFI calls on CPU (extra `onednn`; see onednn.py) ----
