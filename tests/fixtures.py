@@ -2,15 +2,30 @@
 
 import io
 import pickle
+import platform
+import sys
 import tarfile
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from jaxnet import layers
 from jaxnet.data import CLASSES
+
+# The suite runs on the CPU with 8 devices (tests/conftest.py) unless JAX_PLATFORMS says otherwise, as the GPU
+# script (benchmarks/gpu_check.sh) does: there, claims about the CPU's programs and 8-device runs skip, saying why.
+cpu_backend = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a claim about the CPU's compiled program; "
+                                 f"this run's default backend is {jax.default_backend()}")
+eight_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason="runs on 8 devices, which tests/conftest.py makes of "
+                                   f"the CPU; this run's default backend has {len(jax.devices())}")
+# PyPI's oneDNN (the extras test and onednn) is built for Linux x86-64 only.
+onednn_platform = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64" and jax.default_backend() == "cpu"),
+    reason="oneDNN from PyPI (impl 'onednn') is for CPUs, on Linux x86-64 only")
 
 # The real CIFAR-10 copy (JPEG) where the workplace keeps it, beside the checkout; tests that need it skip without it.
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"

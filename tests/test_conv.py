@@ -1,8 +1,6 @@
 """Every conv impl equals conv2d_reference, forward and in gradient, and lowers to what it claims."""
 
 import functools
-import platform
-import sys
 from functools import partial
 
 import chex
@@ -10,15 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fixtures import require_onednn_bfloat16
+from fixtures import cpu_backend, onednn_platform, require_onednn_bfloat16
 
 from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.ops import conv as conv_ops
-
-# PyPI's oneDNN (the extras test and onednn) is built for Linux x86-64 only.
-onednn_platform = pytest.mark.skipif(
-    not (sys.platform == "linux" and platform.machine() == "x86_64" and jax.default_backend() == "cpu"),
-    reason="oneDNN from PyPI (impl 'onednn') is for CPUs, on Linux x86-64 only")
 
 # (N, H, W, C, O, K, strides, padding, dilation, groups): stride, padding style, dilation and groups each vary.
 CASES = [
@@ -153,6 +146,7 @@ def _check_cpu_choice(hlo, chosen):
 @pytest.mark.parametrize("hw,kernel,strides,channels,dtype", [
     (8, 1, 2, 4, jnp.float32), (8, 3, 1, 4, jnp.float32), (2, 3, 1, 4, jnp.float32), (4, 3, 1, 512, jnp.float32),
     (4, 3, 1, 512, jnp.bfloat16)])
+@cpu_backend
 def test_auto_compiles_to_the_cpu_choice_only(hw, kernel, strides, channels, dtype):
     """The platform switch is resolved at compilation: the CPU program holds the chosen impl's ops alone."""
     from jaxnet.ops import onednn
@@ -211,6 +205,7 @@ def test_auto_traced_portable_holds_no_ffi_call_and_lowers_for_cpu_and_cuda_at_o
     assert ("JaxnetOnednnConvForward" in text) == onednn.available(jnp.float32) and "stablehlo.convolution" in text
 
 
+@onednn_platform
 def test_auto_refuses_an_installed_onednn_that_does_not_build(monkeypatch):
     """oneDNN installed but no C++ compiler: "auto" is an error that says both fixes, not slower convs."""
     from jaxnet.ops import onednn
@@ -245,6 +240,7 @@ def test_xla_conv_weight_gradient_does_not_recompute_its_input():
 
 
 @pytest.mark.parametrize("strides", [2, (2, 1)])
+@cpu_backend
 def test_strided_xla_conv_input_gradient_has_no_dilated_conv(strides):
     """On CPU a strided conv's input gradient is stride-1 convs over the output gradient, not XLA's conv over
     that gradient dilated with zeros (up to 2x slower, at ResNet-18's first downsampling conv); the values are
@@ -396,6 +392,20 @@ def test_onednn_without_bfloat16_kernels_says_so(monkeypatch):
         conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), impl="onednn")
 
 
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="impl 'onednn' runs on this CPU backend")
+def test_onednn_off_the_cpu_says_so_in_one_line_even_outside_jit():
+    """On a GPU, `conv2d(impl="onednn")` called eagerly runs the refusing branch at once: the one-line ConfigError
+    that jit's lowering gives, not JAX's missing evaluation rule."""
+    from jaxnet.errors import ConfigError
+
+    x, w = _inputs(CASES[0])
+    for conv in (partial(conv2d, impl="onednn"), jax.jit(partial(conv2d, impl="onednn"))):
+        with pytest.raises(ConfigError) as info:
+            conv(x, w)
+        assert str(info.value).splitlines()[0].startswith("conv impl 'onednn' runs on CPUs only"), info.value
+
+
+@onednn_platform
 def test_onednn_without_onednn_installed_says_how_to_install(monkeypatch):
     """No silent fallback to another impl: a missing oneDNN is an error that names the extra."""
     from jaxnet.ops import onednn

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from fixtures import require_onednn_bfloat16
+from fixtures import eight_devices, onednn_platform, require_onednn_bfloat16
 from flax.training import train_state as flax_train_state
 
 import jaxnet
@@ -69,7 +69,8 @@ def test_train_step_is_pure_and_deterministic(data):
     assert not np.array_equal(s1.batch_stats["norm_init"]["mean"], state.batch_stats["norm_init"]["mean"])
 
 
-@pytest.mark.parametrize("impl", [None, "onednn"])  # the models' default conv, and oneDNN's FFI calls
+@pytest.mark.parametrize("impl", [None, pytest.param("onednn", marks=onednn_platform)])  # the models' default
+# conv, and oneDNN's FFI calls
 def test_jitted_step_compiles_once_and_donates(data, impl):
     chex.clear_trace_counter()  # chex counts traces of train.train_step across the parameters
     step = jaxnet.jit_train_step(chex.assert_max_traces(train.train_step, n=1))
@@ -150,7 +151,8 @@ def _hardest_by_hand(state, batch, k, axis=None, score_size=None):
 
 
 @pytest.mark.parametrize("fraction,k,devices,score_size", [(0.25, 16, None, None), (0.3, 19, None, None),
-                                                            (1.0, 64, None, None), (0.5, 32, 8, None),
+                                                            (1.0, 64, None, None),
+                                                            pytest.param(0.5, 32, 8, None, marks=eight_devices),
                                                             (0.5, 32, None, 8), (np.float32(0.5), 32, None, np.int64(8))],
                          ids=["quarter", "rounded", "all", "mesh8", "scored_at_8px", "numpy_scalars"])
 def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, devices, score_size):
@@ -174,6 +176,7 @@ def test_select_hardest_trains_on_the_highest_loss_images(data, fraction, k, dev
                                     _snapshot((ref.params, ref.batch_stats, ref_metrics)), rtol=2e-5, atol=2e-6)
 
 
+@eight_devices
 def test_select_hardest_on_pmap_picks_from_each_devices_share_with_flaxs_state(data):
     """A user's model without BatchNorm in Flax's own TrainState: each of 8 devices picks its 2 hardest of 8,
     and the averaged step equals `train_step` on those 16 images."""
@@ -202,7 +205,7 @@ def test_select_hardest_with_dropout_still_memorises_and_composes_with_the_ema(d
     assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) >= 0.99
 
 
-@pytest.mark.parametrize("devices", [None, 8], ids=["one", "mesh8"])
+@pytest.mark.parametrize("devices", [None, pytest.param(8, marks=eight_devices)], ids=["one", "mesh8"])
 def test_select_hardest_with_a_proxy_trains_on_the_proxys_picks_and_the_proxy_every_kth_step(data, devices):
     """airbench96_faster's selection: the state's proxy (another model's own state) scores the batch, the model
     trains on the proxy's 16 hardest of 64, and the proxy trains on them too after steps 0 and 2 of 3
@@ -234,6 +237,7 @@ class FlaxStateWithProxy(flax_train_state.TrainState):
     proxy: Any = None
 
 
+@eight_devices
 def test_select_hardest_with_a_proxy_on_pmap_in_a_users_own_state_class(data):
     """A user's subclass of Flax's TrainState with a `proxy` field, models without BatchNorm, on 8 devices: each
     device takes the proxy's 2 hardest of its 8, and both averaged steps equal `train_step` on those 16."""
@@ -513,6 +517,7 @@ def test_the_model_sees_the_batch_exactly_as_given(data):
     assert seen == {False: (jnp.uint8, (N, SIZE, SIZE, 3)), True: (jnp.uint8, (N, SIZE, SIZE, 3))}
 
 
+@eight_devices
 def test_flax_train_state_checkpoints_and_runs_on_a_mesh(data, tmp_path):
     """Flax's own state through jaxnet's other seams: a jit step over an 8-device mesh, and a checkpoint
     round trip (the fields jaxnet's state adds are absent, not required)."""
