@@ -13,13 +13,17 @@ follows the overrides `epochs=` and `batch_size=` when given; otherwise it keeps
 It computes in float32 unless `--peer-dtype bfloat16` (PyTorch's autocast, its fast mode on CPUs with AMX), on
 the CPU unless `--peer-device cuda` (where jaxnet's runs have the GPU too).
 
+With --warmup, one run of each (jaxnet, the peer, each variant) on the first seed goes first and is left out of the
+tables: the record times after a warm-up run too, and on a GPU the first jaxnet run fills JAX's compilation cache
+with XLA's autotuning (95 s of the `muon` recipe's first run on an H200, 2 s once cached).
+
 With --ablate NAME:key=value[,key=value...] (repeatable), each such variant of the recipe runs too, in the same
 rotation, and an ablation table gives each variant's mean accuracy and time against the recipe's: what each
 ingredient buys, measured side by side.
 
     python -m benchmarks.time_to_accuracy [--config default] [--seeds 0,1,2] [--data-dir D] [--target 0.94]
         [--peer torch_record [--peer-dtype bfloat16] [--peer-device cuda]] [--ablate NAME:key=value,...]
-        [--workdir DIR] [--no-record] [key=value ...]
+        [--warmup] [--workdir DIR] [--no-record] [key=value ...]
 
 A seed whose run fails stops the benchmark with that run's exit code; nothing is recorded then.
 """
@@ -79,6 +83,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peer-device", choices=("cpu", "cuda"), help="where the peer runs (default cpu)")
     p.add_argument("--ablate", type=_variant, action="append", default=[], metavar="NAME:key=value,...",
                    help="a variant of the recipe to run beside it (repeatable)")
+    p.add_argument("--warmup", action="store_true",
+                   help="first one run of each (jaxnet, peer, variants) on the first seed, left out of the tables")
     p.add_argument("--workdir", help="keep each run in DIR/seed<S> (default: a temporary directory, removed)")
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args(argv)
@@ -212,22 +218,27 @@ def main(argv: list[str] | None = None) -> int:
         runners[name] = partial(lambda extra, config, seed, workdir, data_dir, overrides:
                                 run_seed(config, seed, workdir, data_dir, [*overrides, *extra]), extra)
     summaries: dict[str, dict[int, dict]] = {name: {} for name in runners}
+    # (seed or None for the warm-up, runner), seeds in the order A, B, B, A, ...: drift hits both alike
+    schedule = [(None, name) for name in runners] if args.warmup else []
+    schedule += [(seed, name) for i, seed in enumerate(args.seeds) for name in list(runners)[::-1 if i % 2 else 1]]
     with tempfile.TemporaryDirectory(prefix="jaxnet-tta-") as scratch:
         root = Path(args.workdir or scratch)
-        for i, seed in enumerate(args.seeds):
-            for name in list(runners)[::-1 if i % 2 else 1]:  # A, B, B, A, ...: drift hits both alike
-                what = args.peer if name == "peer" else " ".join([args.config, *variants.get(name, [])])
-                print(f"seed {seed}: {name} ({what})", flush=True)
-                try:
-                    code, summary = runners[name](args.config, seed, root / f"{name}-seed{seed}", args.data_dir,
-                                                  args.overrides)
-                except KeyboardInterrupt:  # Ctrl-C before the run had started: nothing of it to save
-                    code = 130
-                if code:
-                    what = "was interrupted" if code in (130, 143) else "failed"
-                    print(f"error: the {name} run of seed {seed} {what} (exit code {code}); nothing recorded",
-                          file=sys.stderr)
-                    return code
+        for seed, name in schedule:
+            what = args.peer if name == "peer" else " ".join([args.config, *variants.get(name, [])])
+            run = "warm-up" if seed is None else f"seed {seed}"
+            print(f"{run}: {name} ({what})", flush=True)
+            try:
+                code, summary = runners[name](args.config, args.seeds[0] if seed is None else seed,
+                                              root / f"{name}-{'warmup' if seed is None else f'seed{seed}'}",
+                                              args.data_dir, args.overrides)
+            except KeyboardInterrupt:  # Ctrl-C before the run had started: nothing of it to save
+                code = 130
+            if code:
+                what = "was interrupted" if code in (130, 143) else "failed"
+                print(f"error: the {name} {'warm-up run' if seed is None else f'run of seed {seed}'} {what} "
+                      f"(exit code {code}); nothing recorded", file=sys.stderr)
+                return code
+            if seed is not None:
                 summaries[name][seed] = summary
     result = table(summaries["jaxnet"], args.target)
     peer = f"{args.peer} ({args.peer_dtype}{', ' + args.peer_device if args.peer_device != 'cpu' else ''})"
@@ -250,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{first['tta_level']}; {first['devices']} {first['platform']} device(s); XLA_FLAGS of the runs: "
                  f"`{first['xla_flags']}`. Each run in its own process"
                  f"{', interleaved with the peer' if args.peer else ''}; "
-                 "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop.")
+                 "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop"
+                 f"{'; after one warm-up run of each, not counted' if args.warmup else ''}.")
         seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
         peer = f" vs {peer}" if args.peer else ""
         peer += f", ablation of {', '.join(variants)}" if variants else ""

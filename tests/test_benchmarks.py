@@ -307,17 +307,21 @@ def test_time_to_accuracy_ratios_are_of_the_means():
 
 def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images(tmp_path, data):
     """The peer at smoke scale, so the benchmark cannot rot: the record script (float32, its default) and the muon
-    recipe on the same 200 images, seeds in the order jaxnet, peer, peer, jaxnet; both summaries in the table and
-    the ratio line."""
+    recipe on the same 200 images, after a warm-up run of each, seeds in the order jaxnet, peer, peer, jaxnet; both
+    summaries in the table (not the warm-ups') and the ratio line."""
     pytest.importorskip("torch", reason="the peer needs PyTorch: pip install -e '.[bench]'")
     result = subprocess.run([*TTA[:3], "--config", "muon", "--no-record", "--peer", "torch_record", "--seeds", "0,1",
+                             "--warmup",
                              "--data-dir", str(data), "--workdir", str(tmp_path / "runs"), "epochs=1.0",
                              "batch_size=100", "train_subset=200", "test_subset=100"],
                             cwd=ROOT, env=_tta_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    order = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
-    assert order == ["seed 0: jaxnet (muon)", "seed 0: peer (torch_record)", "seed 1: peer (torch_record)",
+    order = [line for line in result.stdout.splitlines() if line.startswith(("seed ", "warm-up"))]
+    assert order == ["warm-up: jaxnet (muon)", "warm-up: peer (torch_record)", "seed 0: jaxnet (muon)",
+                     "seed 0: peer (torch_record)", "seed 1: peer (torch_record)",
                      "seed 1: jaxnet (muon)"], result.stdout
+    assert (tmp_path / "runs" / "jaxnet-warmup" / "summary.json").exists()
+    assert result.stdout.count("| 0 | ") == result.stdout.count("| 1 | ") == 2  # one row per seed in each table
     peer = json.loads((tmp_path / "runs" / "peer-seed1" / "summary.json").read_text())
     ours = json.loads((tmp_path / "runs" / "jaxnet-seed1" / "summary.json").read_text())
     assert peer["steps"] == ours["steps"] == 2  # 200 images: 2 steps of 100 per epoch, for both
