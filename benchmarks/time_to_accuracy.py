@@ -3,12 +3,13 @@
 Each seed runs as its own process, `python -m experiments.cifar10 --config C --seed S ...`, started as a user
 would start it (the persistent compilation cache is warm after the first). The table gives each run's test
 accuracy (plain and with the recipe's TTA), best validation accuracy, steps, train and wall seconds and steady
-img/s from its `summary.json`, then the mean ± sample std over seeds, and with --target how many runs reached it
+img/s from its `summary.json`, the seconds its whole process took (start-up and imports too, timed here), then the mean ± sample std over seeds, and with --target how many runs reached it
 (with TTA, as airbench counts).
 
 With --peer torch_record, the PyTorch record script (`benchmarks/torch_record.py`, airbench94_muon in eager
 PyTorch; extra `bench`) runs too, on the same images (the recipe's train/test subsets, the same seed), seeds
-interleaved (jaxnet, peer, peer, jaxnet, ...), and the table ends with the ratios of their mean times. The peer
+interleaved (jaxnet, peer, peer, jaxnet, ...), and the table ends with the ratios of their mean times: their
+processes' (what a user waits for), their wall times as each timed itself, their training loops'. The peer
 follows the overrides `epochs=` and `batch_size=` when given; otherwise it keeps the record's 8 epochs of 2000.
 It computes in float32 unless `--peer-dtype bfloat16` (PyTorch's autocast, its fast mode on CPUs with AMX), on
 the CPU unless `--peer-device cuda` (where jaxnet's runs have the GPU too).
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from jaxnet.errors import ConfigError
 COLUMNS = (("test acc", "test_accuracy", "{:.2%}"), ("test acc, TTA", "test_accuracy_tta", "{:.2%}"),
            ("best val acc", "best_val_accuracy", "{:.2%}"), ("steps", "steps", "{:d}"),
            ("train s", "train_seconds", "{:.1f}"), ("wall s", "wall_seconds", "{:.1f}"),
+           ("process s", "process_seconds", "{:.1f}"),
            ("img/s", "images_per_second", "{:.1f}"))
 
 
@@ -141,22 +144,25 @@ def table(summaries: dict[int, dict], target: float | None) -> str:
 
 
 def _run(command: list[str], summary_path: Path) -> tuple[int, dict]:
-    """`command` in its own process: (exit code, the summary it wrote, or {} if it failed).
+    """`command` in its own process: (exit code, the summary it wrote with the process's seconds added as
+    "process_seconds", or {} if it failed).
 
     SIGINT and SIGTERM are passed on to the run, which saves a checkpoint and exits (130/143); this process
     waits for it.
     """
+    start = time.perf_counter()
     with subprocess.Popen(command) as child:
         handlers = {s: signal.signal(s, lambda signum, _: child.send_signal(signum))
                     for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             code = child.wait()
+            seconds = time.perf_counter() - start
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)
     if code or not summary_path.exists():
         return code or 1, {}
-    return 0, json.loads(summary_path.read_text())
+    return 0, json.loads(summary_path.read_text()) | {"process_seconds": seconds}
 
 
 def run_seed(config: str, seed: int, workdir: Path, data_dir: str | None, overrides: list[str]) -> tuple[int, dict]:
@@ -182,12 +188,13 @@ def run_peer(config: str, seed: int, workdir: Path, data_dir: str | None, overri
 
 
 def ratios(ours: dict[int, dict], peer: dict[int, dict]) -> str:
-    """Mean wall and training time of jaxnet's runs over the peer's, and their mean accuracies with TTA."""
+    """Mean process, wall and training time of jaxnet's runs over the peer's, and their mean accuracies with
+    TTA."""
     def mean(runs, key):
         return statistics.mean(s[key] for s in runs.values())
 
-    wall = mean(ours, "wall_seconds") / mean(peer, "wall_seconds")
-    return (f"\njaxnet / peer, mean over seeds: wall time {wall:.2f}×, "
+    process, wall = (mean(ours, key) / mean(peer, key) for key in ("process_seconds", "wall_seconds"))
+    return (f"\njaxnet / peer, mean over seeds: process time {process:.2f}×, wall time {wall:.2f}×, "
             f"training time {mean(ours, 'train_seconds') / mean(peer, 'train_seconds'):.2f}×; test accuracy with TTA "
             f"{mean(ours, 'test_accuracy_tta'):.2%} (jaxnet) vs {mean(peer, 'test_accuracy_tta'):.2%} (peer).")
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{first['tta_level']}; {first['devices']} {first['platform']} device(s); XLA_FLAGS of the runs: "
                  f"`{first['xla_flags']}`. Each run in its own process"
                  f"{', interleaved with the peer' if args.peer else ''}; "
-                 "wall s = the whole run (data, compilation, training, evaluation), train s = its training loop"
+                 "wall s = the whole run (data, compilation, training, evaluation) as it timed itself, process s = "
+                 "its process as timed from outside (start-up and imports too), train s = its training loop"
                  f"{'; after one warm-up run of each, not counted' if args.warmup else ''}.")
         seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}"
         peer = f" vs {peer}" if args.peer else ""

@@ -42,7 +42,7 @@ FLIPS = ("alternate", "random", "none")
 NUM_CLASSES = 10
 # Config fields a resumed run may change: they do not touch the training math. Every other field, the seed and
 # the data (a fingerprint of the splits) must be those of the checkpoint.
-RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "eval_batch_size", "host_memory")
+RESUME_MAY_CHANGE = ("log_every", "keep_checkpoints", "checkpoint_minutes", "eval_batch_size", "host_memory")
 # Config fields only FastNet models take: (the value that leaves the model's own, what the field sets).
 FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "FastNet's"),
                   "depth": (2, "FastNet's blocks")}
@@ -87,7 +87,7 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,
-        "time_budget": non_negative,
+        "time_budget": non_negative, "checkpoint_minutes": non_negative,
     }
 
 
@@ -452,6 +452,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     workdir = Path(workdir)
     resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
     train_set, val_set, test_set = parallel.on_every_process(lambda: load_splits(config, data_dir, seed))
+    t_data = time.perf_counter()
     if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)
         return {"interrupted": True, "step": None}
     mesh, n_dev = _devices(parallel_mode, num_devices, config)
@@ -512,11 +513,13 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
                           image_size=(lambda step: config.low_res if step < n_low else None) if n_low else None)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
+    t_setup = time.perf_counter()
     outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
                             eval_batches, identity=identity, resume=resume, should_stop=should_stop,
                             show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
+    outcome["phase_seconds"] = {"data": t_data - t0, "setup": t_setup - t_data, **outcome["phase_seconds"]}
     return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0, flops=flops,
                    peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
@@ -534,7 +537,8 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
     eval_step = eval_step_for(0)
     options = loop.FitOptions(log_every=config.log_every, patience=config.patience or None,
                               min_delta=config.min_delta, show_progress=show_progress and main_process,
-                              profile_dir=profile if main_process else None)
+                              profile_dir=profile if main_process else None,
+                              checkpoint_interval=60 * config.checkpoint_minutes)
     try:
         result = loop.fit(
             state, train_step, data, total_steps, eval_step=eval_step,
@@ -543,14 +547,17 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
             resume_check={"config": fixed, **identity}, should_stop=should_stop, options=options)
         if result.interrupted:
             return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
+        t_test = time.perf_counter()
         final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
         test = loop.evaluate(eval_step, final, eval_batches(test_norm))
         test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
                                  eval_batches(test_norm))
+        test_seconds = time.perf_counter() - t_test
     finally:
         checkpointer.close()
         writer.close()
-    return {"result": result, "final": final, "test": test, "test_tta": test_tta}
+    return {"result": result, "final": final, "test": test, "test_tta": test_tta,
+            "phase_seconds": {"train": result.train_seconds, "test": test_seconds}}
 
 
 def versions() -> dict[str, str]:
@@ -563,6 +570,7 @@ def _finish(config, workdir: Path, outcome: dict, *, export, export_platforms, t
             n_dev, seed) -> dict:
     """Curves, exports and summary.json (process 0 writes them); returns the summary."""
     result, final = outcome["result"], outcome["final"]
+    t_finish = time.perf_counter()
     exported = {}
     if parallel.is_main_process():
         plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
@@ -577,7 +585,8 @@ def _finish(config, workdir: Path, outcome: dict, *, export, export_platforms, t
         "epochs_completed": result.epochs_completed, "steps": int(parallel.fetch(final.step)),
         "stopped_early": result.stopped_early,
         "wall_seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
-        "compile_seconds": result.compile_seconds,
+        "compile_seconds": result.compile_seconds, "checkpoint_seconds": result.checkpoint_seconds,
+        "phase_seconds": {**outcome["phase_seconds"], "finish": time.perf_counter() - t_finish},
         "steady_step_seconds": steady, "images_per_second": config.batch_size / steady if steady else None,
         "step_flops": flops, "flops_per_second": flops / steady if flops and steady else None,
         "peak_flops": peak_flops,

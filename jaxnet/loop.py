@@ -49,7 +49,9 @@ class FitOptions:
     """log_every: steps between metric fetches (the only host syncs of the loop, with evaluation);
     patience, min_delta: early stopping after `patience` epochs without a gain of more than `min_delta` in
     validation accuracy (None: never); profile_dir: a `jax.profiler` trace (Perfetto included) of
-    `profile_steps` steps after two warm-up steps, each marked with a StepTraceAnnotation."""
+    `profile_steps` steps after two warm-up steps, each marked with a StepTraceAnnotation;
+    checkpoint_interval: seconds from one epoch-end checkpoint to the next (0: every epoch) — the last epoch, a
+    new best, an early stop and a stop asked for are saved whenever they come."""
 
     log_every: int = 50
     patience: int | None = None
@@ -57,13 +59,14 @@ class FitOptions:
     show_progress: bool = True
     profile_dir: str | None = None
     profile_steps: int = 5
+    checkpoint_interval: float = 0.0
 
 
 @dataclasses.dataclass
 class FitResult:
     """first_step_seconds: compilation and the first step; steady_step_seconds: a step's time after
     compilation, over the run's image sizes (`_steady`); compile_seconds: the first minus a steady step of its
-    size (None until a logging window at that size was timed)."""
+    size (None until a logging window at that size was timed); checkpoint_seconds: the time spent saving."""
 
     state: TrainState
     best_val_accuracy: float | None
@@ -74,6 +77,7 @@ class FitResult:
     steady_step_seconds: float | None
     train_seconds: float
     compile_seconds: float | None = None
+    checkpoint_seconds: float = 0.0
 
 
 def _steady(window_times: dict[Any, list[float]], steps_at: dict[Any, int]) -> float | None:
@@ -104,6 +108,14 @@ def _check_finite(state: TrainState, step: int) -> None:
         raise TrainingDiverged(f"parameters are not finite after step {step}")
 
 
+def _save(checkpointer: Checkpointer, state: TrainState, step: int, meta: dict[str, Any], best: bool = False) -> float:
+    """Save `state` if its parameters are finite (else TrainingDiverged); the seconds it took."""
+    t = time.perf_counter()
+    _check_finite(state, step)
+    checkpointer.save(state, meta, best=best)
+    return time.perf_counter() - t
+
+
 def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: int, *,
         eval_step: Callable | None = None, val_batches: Callable[[], Iterable] | None = None,
         checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
@@ -115,8 +127,8 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     Args:
       eval_step: compiled `(state, batch) -> metrics`; val_batches: zero-argument function giving an
         iterable of host eval batches, evaluated after every epoch (for early stopping, see `FitOptions`).
-      checkpointer: saves after each epoch (the best epoch also as "best"), and when `should_stop()` turns
-        True between steps (with several processes: at the next multiple of `log_every` steps, on all of them);
+      checkpointer: saves after each epoch, or after the first epoch to end `options.checkpoint_interval`
+        seconds after the last save (the best epoch also as "best"), and when `should_stop()` turns True between steps (with several processes: at the next multiple of `log_every` steps, on all of them);
         with `resume`, training continues from its latest checkpoint.
       meta: JSON-able dict saved with each checkpoint (e.g. the config and seed); with `resume`, the checkpoint
         must have been saved with `resume_check` (default: `meta`; see `Checkpointer.restore`).
@@ -150,6 +162,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     stopped_early = interrupted = False
     # Per image size: each logging window's time per step (windows of one size only) and the steps run.
     t_start, window_times, steps_at = time.perf_counter(), {}, {}
+    t_saved, saving = t_start, 0.0
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     while step < total_steps and not (stopped_early or interrupted):
         order = data_lib.epoch_indices(jax.random.fold_in(order_key, epoch), n, batch_size)
@@ -199,8 +212,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                 if stop:
                     interrupted = True
                     if checkpointer:
-                        _check_finite(state, step)
-                        checkpointer.save(state, position(epoch, i + 1))
+                        saving += _save(checkpointer, state, step, position(epoch, i + 1))
                     break
         finally:
             bar.close()
@@ -216,14 +228,18 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
             improved = best is None or val["accuracy"] > best + min_delta
             best, bad = (val["accuracy"], 0) if improved else (best, bad + 1)
             stopped_early = patience is not None and bad >= patience
-        if checkpointer:
-            _check_finite(state, step)
-            checkpointer.save(state, position(epoch, offset), best=improved)
         interrupted = step < total_steps and parallel.any_process(should_stop())
+        # Every process reaches the same decision: all but the clock are the same on each, and they agree on that.
+        if checkpointer and (step >= total_steps or improved or stopped_early or interrupted
+                             or not options.checkpoint_interval
+                             or parallel.any_process(time.perf_counter() - t_saved >= options.checkpoint_interval)):
+            saving += _save(checkpointer, state, step, position(epoch, offset), best=improved)
+            t_saved = time.perf_counter()
     if trace_window[0] < step < trace_window[1]:  # the run ended inside the traced window
         jax.profiler.stop_trace()
     first_rate = window_times.get(first_size)
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
                      interrupted=interrupted, first_step_seconds=first_step,
                      steady_step_seconds=_steady(window_times, steps_at), train_seconds=time.perf_counter() - t_start,
-                     compile_seconds=first_step - float(np.median(first_rate)) if first_rate else None)
+                     compile_seconds=first_step - float(np.median(first_rate)) if first_rate else None,
+                     checkpoint_seconds=saving)

@@ -137,6 +137,7 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["low_res=20", "low_res_fraction=1.0"], "low_res_fraction must be in (0, 1), got 1.0"),
     (["low_res_fraction=0.3"], "low_res_fraction=0.3 changes nothing while low_res is 0 (off)"),
     (["time_budget=-1"], "time_budget must be >= 0"),
+    (["checkpoint_minutes=-0.5"], "checkpoint_minutes must be >= 0"),
     (["conv_impl=fast"], "conv_impl must be one of xla, im2col"),
     (["optimizer=rmsprop"], "optimizer must be one of airbench, muon, sgd, adam"),
     (["schedule=step"], "schedule must be one of piecewise, cosine, constant"),

@@ -66,6 +66,10 @@ def test_cli_smoke_run_end_to_end_then_predict(tmp_path, dataset):
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["config"]["model"] == "fastnet_tiny"
     assert summary["step_flops"] > 0 and summary["flops_per_second"] > 0
     assert summary["mfu"] is None and summary["peak_flops"] is None  # no peak given: no MFU
+    phases = summary["phase_seconds"]  # where the wall time went: all of it but the loop's setup and the summary
+    assert set(phases) == {"data", "setup", "train", "test", "finish"} and min(phases.values()) >= 0
+    assert 0.9 * summary["wall_seconds"] <= sum(phases.values()) <= summary["wall_seconds"]
+    assert phases["train"] == summary["train_seconds"] and 0 < summary["checkpoint_seconds"] < phases["train"]
     assert summary["dtype"] == "float32"  # dtype "auto" on a CPU
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -599,7 +603,7 @@ def test_resume_refuses_another_seed_or_data_and_allows_logging_changes(tmp_path
     with pytest.raises(CheckpointError, match=r"another config \(differs in epochs\)"):
         experiment.train_and_evaluate(smoke(epochs=3.0), workdir, data_dir=dataset, resume=True, show_progress=False)
     summary = experiment.train_and_evaluate(smoke(epochs=2.0, log_every=3, keep_checkpoints=1, eval_batch_size=32,
-                                                  host_memory="system"),
+                                                  host_memory="system", checkpoint_minutes=5.0),
                                             workdir, data_dir=dataset, resume=True, show_progress=False)
     assert summary["steps"] == 12 and summary["epochs_completed"] == 2
 
@@ -653,6 +657,36 @@ def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
         loop.fit(state, poisoned_step, data, 4, checkpointer=ckpt, options=loop.FitOptions(show_progress=False))
     ckpt.close()
     assert not [p for p in (tmp_path / "ckpt" / "last").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.parametrize("interval,last,best", [(0.0, [2, 4, 6], [6]), (1e-9, [2, 4, 6], [6]),
+                                                 (3600.0, [2, 6], [6])])
+def test_checkpoint_interval_spaces_the_saves_but_keeps_every_best_and_the_end(tmp_path, interval, last, best):
+    """3 epochs of 2 steps whose validation accuracy goes 0.5, 0.4, 0.6: checkpoint_interval 0 (or any time at
+    all) saves every epoch; an hour apart, only the improving first and last epochs, each as "best" too, and
+    the run's end; the time spent saving is reported."""
+    import jax.numpy as jnp
+
+    from jaxnet import checkpoint as checkpoint_lib, loop
+
+    def step(state, batch):
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.5),
+                                                     "count": jnp.int32(4)}
+
+    def eval_step(state, batch):
+        return {"loss": jnp.float32(1.0), "accuracy": jnp.array([0.0, 0.0, 0.5, 0.0, 0.4, 0.0, 0.6])[state.step],
+                "count": jnp.int32(1)}
+
+    images, labels = jnp.zeros((8, 32, 32, 3), jnp.uint8), jnp.zeros((8,), jnp.int32)
+    data = loop.TrainData(images, labels, lambda key, im, lb, idx, epoch: {"image": im[idx], "label": lb[idx]}, 4,
+                          jax.random.key(0))
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt", keep=5)
+    result = loop.fit(jaxnet_state(), step, data, 6, eval_step=eval_step, val_batches=lambda: [None],
+                      checkpointer=ckpt, options=loop.FitOptions(show_progress=False, checkpoint_interval=interval))
+    ckpt.close()
+    assert result.best_val_accuracy == pytest.approx(0.6) and 0 < result.checkpoint_seconds < result.train_seconds
+    for which, steps in (("last", last), ("best", best)):
+        assert sorted(int(p.name) for p in (tmp_path / "ckpt" / which).iterdir() if p.name.isdigit()) == steps
 
 
 @pytest.mark.parametrize("finished,updates", [(True, [4] * 7), (False, [12, 12, 4])])

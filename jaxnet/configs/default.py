@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.min_delta = 0.0                   # val accuracy gain (fraction) that counts as a gain
     c.time_budget = 0.0                 # minutes of wall time for the run: fewer epochs if they do not fit (timed before training); 0 = off
     c.keep_checkpoints = 2              # newest checkpoints kept (the best is kept besides)
+    c.checkpoint_minutes = 0.0          # minutes from one epoch-end checkpoint to the next; 0 = every epoch (the last epoch, a new best and a stop are always saved)
     c.log_every = 10                    # steps between metric fetches (host syncs)
     c.xla_cpu_conv = "eigen"            # CPU convolutions: eigen | ynnpack (XLA's default); set before JAX starts
     c.host_memory = "keep"              # malloc: keep (XLA's step buffers stay mapped) | system; set before JAX starts

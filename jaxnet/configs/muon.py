@@ -27,4 +27,5 @@ def get_config():
     c.lookahead_every = 0               # no lookahead EMA
     c.schedule_points = ((0.0, 1.0), (1.0, 0.0))  # (fraction of steps, lr multiplier): linear decay to 0
     c.val_size = 0                      # train on all 50 000; no per-epoch evaluation
+    c.checkpoint_minutes = 1.0          # an epoch is seconds on a GPU, minutes on 2 CPU cores: save at most once a minute
     return c
