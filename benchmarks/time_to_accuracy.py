@@ -216,6 +216,25 @@ def ablation(base: dict[int, dict], variants: dict[str, tuple[list[str], dict[in
     return "\n".join(rows)
 
 
+PHASES = ("data", "setup", "train", "test", "finish")
+
+
+def phases(runs: dict[str, dict[int, dict]]) -> str:
+    """Where each jaxnet runner's time went, means over its seeds in seconds: the whole process, the run's own
+    wall time and its phases (`phase_seconds`), the checkpoint saves among the training loop's."""
+    def mean(summaries, get):
+        return f"{statistics.mean(get(s) for s in summaries.values()):.2f}"
+
+    rows = ["| run | process | wall | " + " | ".join(PHASES) + " | of train: checkpoints |",
+            "| --- " * (len(PHASES) + 4) + "|"]
+    for name, summaries in runs.items():
+        rows.append(f"| {name} | {mean(summaries, lambda s: s['process_seconds'])} | "
+                    f"{mean(summaries, lambda s: s['wall_seconds'])} | "
+                    + " | ".join(mean(summaries, lambda s, p=p: s["phase_seconds"][p]) for p in PHASES)
+                    + f" | {mean(summaries, lambda s: s['checkpoint_seconds'])} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     runners = {"jaxnet": run_seed} | (
@@ -257,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if variants:
         result += "\n\nAblation (means over the seeds):\n\n" + ablation(
             summaries["jaxnet"], {name: (overrides, summaries[name]) for name, overrides in variants.items()})
+    result += "\n\nWhere jaxnet's time went (means over the seeds, seconds):\n\n" + phases(
+        {name: runs for name, runs in summaries.items() if name != "peer"})
     print(result)
     if not args.no_record:
         from benchmarks.common import append_results

@@ -331,6 +331,8 @@ def test_time_to_accuracy_runs_the_pytorch_record_interleaved_on_the_same_images
     assert f"| {ours['wall_seconds']:.1f} | " in result.stdout  # the process's own seconds: its wall and more
     row = next(line for line in result.stdout.splitlines() if line.startswith("| 1 | "))
     assert float(row.split(" | ")[7]) >= ours["wall_seconds"]
+    assert "Where jaxnet's time went" in result.stdout and "\n| jaxnet | " in result.stdout
+    assert "\n| peer | " not in result.stdout  # the peer's summary has no phases
 
 
 def test_time_to_accuracy_runs_the_peer_in_the_dtype_asked(tmp_path, data):
@@ -408,7 +410,8 @@ def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert report.count(": ok,") == 5 and "FAIL" not in report, report
-    assert "| plain32 | 32 | xla |" in report and "Recipe fastnet_tiny" in report
+    assert "| plain32 | 32 | xla |" in report and "/run/summary.json: fastnet_tiny / float32" in report
+    assert "Where jaxnet's time went" in report and "; phases data " in report
     assert "Peer, torch_record (float32):" in report and "jaxnet / peer, mean over seeds" in report
 
 
@@ -503,3 +506,16 @@ def test_step_ops_bad_input_is_one_line_and_exit_2(args, message):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_phases_table_gives_each_runs_mean_seconds_where_they_went():
+    from benchmarks.time_to_accuracy import phases
+
+    def run(process, train):
+        return {"process_seconds": process, "wall_seconds": process - 2.0, "checkpoint_seconds": train / 10,
+                "phase_seconds": {"data": 1.0, "setup": 2.0, "train": train, "test": 0.5, "finish": 0.25}}
+
+    rows = phases({"jaxnet": {0: run(10.0, 4.0), 1: run(12.0, 6.0)}, "fast": {0: run(5.0, 1.0)}}).splitlines()
+    assert rows[0] == "| run | process | wall | data | setup | train | test | finish | of train: checkpoints |"
+    assert rows[2] == "| jaxnet | 11.00 | 9.00 | 1.00 | 2.00 | 5.00 | 0.50 | 0.25 | 0.50 |"
+    assert rows[3] == "| fast | 5.00 | 3.00 | 1.00 | 2.00 | 1.00 | 0.50 | 0.25 | 0.10 |"
