@@ -215,7 +215,7 @@ def initial_state(config, model: nn.Module, tx: optax.GradientTransformation, ke
     """The state before step 0; with `whiten_stem`, the model's stem set from 5 000 training images. `proxy`:
     the proxy net and its optimizer, whose state (no EMA; its stem whitened alike; initialised from
     `fold_in(key, 1)`) the state holds in `proxy`."""
-    sample = np.asarray(data_lib.normalize(train_images[:5000], config.mean, config.std)) if config.whiten_stem else None
+    sample = data_lib.normalize(train_images[:5000], config.mean, config.std) if config.whiten_stem else None
 
     def create(model, tx, key, ema):
         state = train.create_train_state(model, key, jnp.zeros((1, 32, 32, 3)), tx, ema=ema)
@@ -259,7 +259,10 @@ def _compiled_steps(step_fn: Callable, mesh, n_dev: int,
 
 def step_flops(config, train_step: Callable, state: train.TrainState, example: Any) -> float | None:
     """XLA's FLOP count of one compiled train step, counted with XLA's convs (the same math): XLA counts nothing
-    inside the FFI calls of conv impl "onednn", which "auto" runs on CPUs where oneDNN is installed."""
+    inside custom calls — oneDNN's FFI calls (impl "onednn", and "auto" on CPUs), Pallas kernels. A model whose
+    convs are XLA's already is counted as it runs: the step's own trace, which its first call reuses."""
+    if config.conv_impl in ("xla", "im2col") or (config.conv_impl == "auto" and jax.default_backend() != "cpu"):
+        return (train_step.compiled.lower(state, example).cost_analysis() or {}).get("flops")
     counted = state.replace(apply_fn=build_model(config, conv_impl="xla").apply)
     if getattr(state, "proxy", None) is not None:
         counted = counted.replace(proxy=state.proxy.replace(apply_fn=build_model(config, conv_impl="xla",
@@ -499,9 +502,9 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     n_low = low_res_steps(config, total_steps)
     flops = None
     if mesh is not None:
-        def example(size=None):
-            return jax.eval_shape(partial(make_batch, size=size), jax.random.key(0), *train_arrays,
-                                  jnp.arange(config.batch_size), 0)
+        def example(size=None):  # a batch as the loop makes it, placed alike: its first step reuses this trace
+            return batch_fn(jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0,
+                            **({"size": size} if n_low else {}))
 
         flops = step_flops(config, train_step, state, example())
         if flops and n_low:  # the mean over the run's steps

@@ -514,6 +514,22 @@ def test_onednn_run_reports_the_flops_of_its_convs(tmp_path, dataset):
     assert runs["onednn"]["step_flops"] == runs["auto"]["step_flops"] == runs["xla"]["step_flops"] > 0
 
 
+def test_a_run_with_xla_convs_traces_its_train_step_once(tmp_path, dataset, monkeypatch):
+    """The FLOP count lowers the step the run then calls, on a batch placed as the loop's: one trace in all
+    (a second one, seconds of a GPU run's fixed costs, only where custom calls hide FLOPs: see above)."""
+    traces = []
+    build = experiment.build_train_step
+
+    def counted(config, total_steps):
+        step = build(config, total_steps)
+        return lambda state, batch: traces.append(1) or step(state, batch)
+
+    monkeypatch.setattr(experiment, "build_train_step", counted)
+    summary = experiment.train_and_evaluate(smoke(epochs=1.0, conv_impl="xla"), tmp_path / "run", data_dir=dataset,
+                                            show_progress=False)
+    assert summary["steps"] == 6 and summary["step_flops"] > 0 and len(traces) == 1
+
+
 def test_cli_auto_with_an_installed_onednn_that_cannot_build_is_one_line(tmp_path):
     """oneDNN installed (as here) but no C++ compiler to build jaxnet's handlers with (and none built before: an
     empty cache): conv impl "auto" stops the run at its options, one line, exit 2, nothing written."""

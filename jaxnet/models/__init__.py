@@ -6,7 +6,7 @@ from collections.abc import Callable
 import flax.linen as nn
 
 from jaxnet.errors import ConfigError
-from jaxnet.models.fast import (ACTIVATIONS, FastNet, FastNetMuon, FastNetTiny, whitening_kernel,
+from jaxnet.models.fast import (ACTIVATIONS, FastNet, FastNetMuon, FastNetTiny, patch_covariance, whitening_kernel,
                                with_whitening_stem)
 from jaxnet.models.plain import PlainCNN, PlainCNNTiny
 from jaxnet.models.resnet import (BasicBlock, Bottleneck, ResNet, ResNet18, ResNet20, ResNet34, ResNet50, ResNet56,
@@ -29,4 +29,4 @@ def get(name: str, **kwargs) -> nn.Module:
 
 __all__ = ["ACTIVATIONS", "NAMES", "REGISTRY", "BasicBlock", "Bottleneck", "FastNet", "FastNetMuon", "FastNetTiny", "PlainCNN",
            "PlainCNNTiny", "ResNet", "ResNet18", "ResNet20", "ResNet34", "ResNet50", "ResNet56", "ResNetTiny", "get",
-           "whitening_kernel", "with_whitening_stem"]
+           "patch_covariance", "whitening_kernel", "with_whitening_stem"]

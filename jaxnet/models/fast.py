@@ -117,19 +117,28 @@ class FastNet(nn.Module):
         return (x * scale).astype(jnp.float32)
 
 
-def whitening_kernel(images: np.ndarray, *, patch_size: int = 2, eps: float = 5e-4) -> np.ndarray:
+@partial(jax.jit, static_argnames="patch_size")
+def patch_covariance(images: jax.Array, patch_size: int = 2) -> jax.Array:
+    """The uncentred covariance of every `patch_size`² patch of `images` (N, H, W, C float), (p²C, p²C) float32
+    with the patch's values in (h, w, c) order, matching HWIO: one program on the device, accumulated at full
+    float32 precision (within ~1e-6 of float64's on CIFAR-10's 5 000 images: 4.8 million patches)."""
+    n, h, w, c = images.shape
+    p = patch_size
+    flat = jnp.concatenate([images[:, i: h - p + 1 + i, j: w - p + 1 + j] for i in range(p) for j in range(p)],
+                           axis=3).reshape(-1, p * p * c).astype(jnp.float32)
+    return jnp.matmul(flat.T, flat, precision=jax.lax.Precision.HIGHEST) / flat.shape[0]
+
+
+def whitening_kernel(images: jax.Array | np.ndarray, *, patch_size: int = 2, eps: float = 5e-4) -> np.ndarray:
     """The stem kernel that whitens `patch_size`² patches: (p, p, C, 2·p²·C) float32, HWIO.
 
-    Eigenvectors of the patch covariance of `images` (N, H, W, C float, already normalised), largest
-    eigenvalue first, each scaled by 1/√(λ + eps), then the same filters negated (so GELU keeps both
-    signs). Computed in float64 on the host; call once before training.
+    Eigenvectors of the patch covariance of `images` (N, H, W, C float, already normalised; `patch_covariance`,
+    on the device), largest eigenvalue first, each scaled by 1/√(λ + eps), then the same filters negated (so GELU
+    keeps both signs). The eigendecomposition runs in float64 on the host; call once before training.
     """
-    x = np.asarray(images, np.float64)
-    n, h, w, c = x.shape
-    p = patch_size
-    patches = np.stack([x[:, i: h - p + 1 + i, j: w - p + 1 + j] for i in range(p) for j in range(p)], axis=3)
-    flat = patches.reshape(-1, p * p * c)  # (h, w, c) order within a patch, matching HWIO
-    eigenvalues, eigenvectors = np.linalg.eigh(flat.T @ flat / flat.shape[0])
+    p, c = patch_size, images.shape[-1]
+    covariance = np.asarray(patch_covariance(jnp.asarray(images, jnp.float32), p), np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
     filters = (eigenvectors / np.sqrt(eigenvalues + eps)).reshape(p, p, c, p * p * c)
     return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
@@ -150,7 +159,7 @@ FastNetTiny = partial(FastNet, widths=(8, 16, 16))
 FastNetMuon = partial(FastNet, scale=None, head_init=unit_std_init())
 
 
-def with_whitening_stem(params: dict, images: np.ndarray, *, module: str = "stem") -> dict:
+def with_whitening_stem(params: dict, images: jax.Array | np.ndarray, *, module: str = "stem") -> dict:
     """`params` with the kernel of `module` (a `patch_size`×`patch_size` conv of 2·p²·C features, FastNet's
     stem) set by `whitening_kernel` from `images` (N, H, W, C float, normalised as the model sees them)."""
     p = params[module]["kernel"].shape[0]
