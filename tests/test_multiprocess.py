@@ -124,7 +124,8 @@ def test_a_process_whose_data_is_missing_stops_every_process_in_one_line(tmp_pat
 
 def test_two_processes_stopped_together_resume_andfinish(tmp_path, dataset):
     """SIGTERM to both (as a scheduler sends it): they agree on the stop, process 0 saves, both exit 143; the
-    same two commands with --resume finish, equal to one uninterrupted process with two devices."""
+    same two commands with --resume (and another checkpoint_minutes) finish, equal to one uninterrupted process
+    with two devices."""
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
     procs = _start(dataset, workdirs, "epochs=10.0")
     metrics = workdirs[0] / "metrics.jsonl"
@@ -139,7 +140,8 @@ def test_two_processes_stopped_together_resume_andfinish(tmp_path, dataset):
     assert [r[0] for r in results] == [143, 143], [_why(r[2]) for r in results]
     stopped = [int(r[2].split("interrupted at step ")[1].split(";")[0]) for r in results]
     assert stopped[0] == stopped[1] < 60 and _last(workdirs[0])[0] == stopped[0]
-    results = finish(_start(dataset, workdirs, "epochs=10.0", "--resume"))
+    # Resumed with epoch-end saves spaced by the clock (6 ms: most epochs due), which the processes agree on.
+    results = finish(_start(dataset, workdirs, "epochs=10.0", "checkpoint_minutes=0.0001", "--resume"))
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
     reference = _one_process(dataset, tmp_path / "one", "epochs=10.0")
     assert reference.returncode == 0, _why(reference.stderr)
