@@ -3,8 +3,9 @@
 Each seed runs as its own process, `python -m experiments.cifar10 --config C --seed S ...`, started as a user
 would start it (the persistent compilation cache is warm after the first). The table gives each run's test
 accuracy (plain and with the recipe's TTA), best validation accuracy, steps, train and wall seconds and steady
-img/s from its `summary.json`, the seconds its whole process took (start-up and imports too, timed here), then the mean ± sample std over seeds, and with --target how many runs reached it
-(with TTA, as airbench counts).
+img/s from its `summary.json`, the seconds its whole process took (start-up and imports too, timed here), then
+the mean ± sample std over seeds, and with --target how many runs reached it (with TTA, as airbench counts); last,
+where each jaxnet run's seconds went (its `phase_seconds`).
 
 With --peer torch_record, the PyTorch record script (`benchmarks/torch_record.py`, airbench94_muon in eager
 PyTorch; extra `bench`) runs too, on the same images (the recipe's train/test subsets, the same seed), seeds

@@ -128,8 +128,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
       eval_step: compiled `(state, batch) -> metrics`; val_batches: zero-argument function giving an
         iterable of host eval batches, evaluated after every epoch (for early stopping, see `FitOptions`).
       checkpointer: saves after each epoch, or after the first epoch to end `options.checkpoint_interval`
-        seconds after the last save (the best epoch also as "best"), and when `should_stop()` turns True between steps (with several processes: at the next multiple of `log_every` steps, on all of them);
-        with `resume`, training continues from its latest checkpoint.
+        seconds after the last save (the best epoch also as "best"), and when `should_stop()` turns True between
+        steps (with several processes: at the next multiple of `log_every` steps, on all of them); with `resume`,
+        training continues from its latest checkpoint.
       meta: JSON-able dict saved with each checkpoint (e.g. the config and seed); with `resume`, the checkpoint
         must have been saved with `resume_check` (default: `meta`; see `Checkpointer.restore`).
 

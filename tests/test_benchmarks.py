@@ -105,7 +105,8 @@ def test_train_step_rejects_an_unknown_pytorch_mode_in_one_line():
 
 def _summary(acc, tta, wall):
     return {"test_accuracy": acc, "test_accuracy_tta": tta, "best_val_accuracy": None, "steps": 10,
-            "train_seconds": wall - 1.0, "wall_seconds": wall, "process_seconds": wall + 2.0, "images_per_second": 100.0}
+            "train_seconds": wall - 1.0, "wall_seconds": wall, "process_seconds": wall + 2.0,
+            "images_per_second": 100.0}
 
 
 def test_time_to_accuracy_table_gives_mean_and_sample_std_over_seeds():
