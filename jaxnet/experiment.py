@@ -396,21 +396,20 @@ def _with_epochs(config, epochs: float):
     return config
 
 
-def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eval_step_for, batch_fn, train_arrays,
-                     test_norm: data_lib.Split, *, num_val: int, n_dev: int) -> int:
+def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eval_step_for, example: Callable,
+                     test_norm: data_lib.Split, *, num_train: int, num_val: int, n_dev: int) -> int:
     """The training steps of `config`'s run that fit in its `time_budget` (minutes of wall time since `t0`), its
-    pieces timed on this machine (`time_run_parts`; the eval steps on a batch of `test_norm`, the test split,
-    beside which `num_val` validation images are evaluated after each epoch); process 0's answer for all.
-    ConfigError if none fit."""
-    steps_per_epoch = len(train_arrays[1]) // config.batch_size
+    pieces timed on this machine (`time_run_parts`; the train steps on `example(size)`, a batch made as the loop
+    makes it; the eval steps on a batch of `test_norm`, the test split, beside which `num_val` validation images
+    are evaluated after each epoch); process 0's answer for all. ConfigError if none fit."""
+    steps_per_epoch = num_train // config.batch_size
     n_test, n_val = (-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
                      for n in (len(test_norm["label"]), num_val))
     eval_batch = next(data_lib.eval_batches(test_norm, config.eval_batch_size, n_dev))
     size_steps = {None: 1 - (config.low_res_fraction if config.low_res else 0)}
     if config.low_res:
         size_steps[config.low_res] = config.low_res_fraction
-    indices = jnp.arange(config.batch_size)
-    train_batches = {size: batch_fn(jax.random.key(0), *train_arrays, indices, 0, size=size) for size in size_steps}
+    train_batches = {size: example(size) for size in size_steps}
     levels = sorted({0, config.tta_level})
     parts = time_run_parts(train_step, {level: eval_step_for(level) for level in levels}, state, train_batches,
                            eval_batch)
@@ -473,6 +472,12 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     eval_batches = partial(data_lib.eval_batches, batch_size=config.eval_batch_size, multiple=n_dev)
     batch_fn = parallel.jit_batch_fn(make_batch, mesh=mesh, static_argnames=("size",))
 
+    def example(size=None):
+        """A batch as the loop makes it (`size` passed where it passes it: with progressive resizing), placed
+        alike: the steps timed or lowered on it are those the loop then calls, compiled once."""
+        return batch_fn(jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0,
+                        **({"size": size} if config.low_res else {}))
+
     def build(config):
         """(total steps, the state on the devices, compiled train step, tta level → compiled eval step)."""
         steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
@@ -494,18 +499,14 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     total_steps, state, train_step, eval_step_for = build(config)
     parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
     if config.time_budget and not resume:
-        steps = _steps_in_budget(config, t0, total_steps, state, train_step, eval_step_for, batch_fn, train_arrays,
-                                 test_norm, num_val=len(val_set["label"]), n_dev=n_dev)
+        steps = _steps_in_budget(config, t0, total_steps, state, train_step, eval_step_for, example, test_norm,
+                                 num_train=len(train_set["label"]), num_val=len(val_set["label"]), n_dev=n_dev)
         if steps < total_steps:
             config = _with_epochs(config, steps / (len(train_set["label"]) // config.batch_size))
             total_steps, state, train_step, eval_step_for = build(config)
     n_low = low_res_steps(config, total_steps)
     flops = None
     if mesh is not None:
-        def example(size=None):  # a batch as the loop makes it, placed alike: its first step reuses this trace
-            return batch_fn(jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0,
-                            **({"size": size} if n_low else {}))
-
         flops = step_flops(config, train_step, state, example())
         if flops and n_low:  # the mean over the run's steps
             flops = (n_low * step_flops(config, train_step, state, example(config.low_res))
@@ -514,7 +515,8 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example(),
                         next(eval_batches(val_norm if config.val_size else test_norm)))
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
-                          image_size=(lambda step: config.low_res if step < n_low else None) if n_low else None)
+                          image_size=(lambda step: config.low_res if step < n_low else None) if config.low_res
+                          else None)
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
     t_setup = time.perf_counter()
     outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,

@@ -870,6 +870,16 @@ def test_a_time_budget_the_run_fits_in_changes_nothing(tmp_path, dataset):
     chex.assert_trees_all_equal(_last_arrays(tmp_path / "plain"), _last_arrays(tmp_path / "timed"))
 
 
+def test_timing_a_budget_compiles_no_batch_function_of_its_own(tmp_path, dataset, monkeypatch):
+    """The budget's timed steps run on batches made as the loop makes them, `size` left out as the loop leaves it
+    out without progressive resizing: the batch function is traced (so compiled) once in the whole run."""
+    traced, train_batch = [], data.train_batch
+    monkeypatch.setattr(data, "train_batch", lambda *a, **k: traced.append(k.get("size")) or train_batch(*a, **k))
+    summary = experiment.train_and_evaluate(smoke(val_size=0, time_budget=600.0), tmp_path / "w", data_dir=dataset,
+                                            show_progress=False)
+    assert summary["steps"] == 32 and traced == [None]
+
+
 def test_a_time_budget_too_short_trains_fewer_epochs_and_a_resume_keeps_them(tmp_path, dataset, monkeypatch):
     """A budget the run does not fit in (budget_steps: 9 of its 32 steps fit) makes it a run of 9 steps, 1.125
     epochs of 8, saved with its checkpoints as its config; stopped and resumed with the same command line, it
