@@ -18,6 +18,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
@@ -553,10 +554,14 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
         if result.interrupted:
             return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
         t_test = time.perf_counter()
-        final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
-        test = loop.evaluate(eval_step, final, eval_batches(test_norm))
-        test_tta = loop.evaluate(eval_step_for(config.tta_level), final,
-                                 eval_batches(test_norm))
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the curves are complete: drawn while the test is run
+            curves = pool.submit(plot_curves, workdir / "metrics.jsonl", workdir / "curves.png") if main_process \
+                else None
+            final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
+            test = loop.evaluate(eval_step, final, eval_batches(test_norm))
+            test_tta = loop.evaluate(eval_step_for(config.tta_level), final, eval_batches(test_norm))
+            if curves:
+                curves.result()
         test_seconds = time.perf_counter() - t_test
     finally:
         checkpointer.close()
@@ -573,16 +578,14 @@ def versions() -> dict[str, str]:
 
 def _finish(config, workdir: Path, outcome: dict, *, export, export_platforms, t0, flops, peak_flops, parallel_mode,
             n_dev, seed) -> dict:
-    """Curves, exports and summary.json (process 0 writes them); returns the summary."""
+    """Exports and summary.json (process 0 writes them); returns the summary."""
     result, final = outcome["result"], outcome["final"]
     t_finish = time.perf_counter()
     exported = {}
-    if parallel.is_main_process():
-        plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
-        if export:
-            exported = export_lib.export_model(parallel.local(final), lambda impl: build_model(config, conv_impl=impl),
-                                               config.conv_impl, workdir, export, mean=config.mean, std=config.std,
-                                               platforms=export_platforms)
+    if parallel.is_main_process() and export:
+        exported = export_lib.export_model(parallel.local(final), lambda impl: build_model(config, conv_impl=impl),
+                                           config.conv_impl, workdir, export, mean=config.mean, std=config.std,
+                                           platforms=export_platforms)
     steady = result.steady_step_seconds
     summary = {
         "test_accuracy": outcome["test"]["accuracy"], "test_accuracy_tta": outcome["test_tta"]["accuracy"],

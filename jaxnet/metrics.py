@@ -63,14 +63,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_curves(jsonl: str | os.PathLike, png: str | os.PathLike) -> None:
-    """A PNG with three panels: loss (train, val), accuracy (train, val) and learning rate, against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A PNG with three panels: loss (train, val), accuracy (train, val) and learning rate, against step. Drawn on
+    a figure of its own (matplotlib's object API: no pyplot, no backend chosen for the process), so it may run
+    beside other work in a thread."""
+    from matplotlib.figure import Figure
 
     rows = read_jsonl(jsonl)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for ax, key in zip(axes, ("loss", "accuracy", "lr")):
         for kind in ("train", "val"):
             points = [(r["step"], r[key]) for r in rows if r["kind"] == kind and key in r]
@@ -81,7 +81,6 @@ def plot_curves(jsonl: str | os.PathLike, png: str | os.PathLike) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=80)
-    plt.close(fig)
 
 
 def progress(total: int, desc: str, *, enabled: bool = True) -> tqdm:
