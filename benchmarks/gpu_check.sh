@@ -17,12 +17,13 @@
 #   3. time to accuracy: the record's `muon` recipe (bf16 by its dtype "auto") against the PyTorch record script
 #      on the GPU (bf16 autocast), after a warm-up run of each, 3 seeds interleaved (benchmarks.time_to_accuracy);
 #      each run's phases (data, setup, train, checkpoints, test, finish) from its summary
-#   4. every conv impl against the reference on the models' layer shapes, fp32 and bf16; a user's model's train
+#   4. one more warm `muon` run under cProfile: jaxnet's functions by cumulative time (where setup goes)
+#   5. every conv impl against the reference on the models' layer shapes, fp32 and bf16; a user's model's train
 #      step per impl; a jax export made on the CPU run on the GPU (python -m benchmarks.gpu_check)
-#   5. FastNet's train step against PyTorch eager (bf16 autocast), bf16 jaxnet (benchmarks.train_step)
+#   6. FastNet's train step against PyTorch eager (bf16 autocast), bf16 jaxnet (benchmarks.train_step)
 # Steps run in that order of importance; their limits add up to 9.5 minutes (the tests took 13 s of their 110).
 # The calls of 2026-12-04 (H200) started in ~30 s. Without XLA's autotuning (`--xla_gpu_autotune_level=0`) the
-# `muon` recipe's step took ~5 s, not 6.7 ms: steps 4 and 5 did not finish within their limits with it or without.
+# `muon` recipe's step took ~5 s, not 6.7 ms: steps 5 and 6 did not finish within their limits with it or without.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.gpu-carry
@@ -91,6 +92,8 @@ if [ -n "$DRY" ]; then
         --dtype bfloat16 --conv-impl xla --torch-modes eager,eager-bf16 --no-record
     step "recipe smoke (stands in for muon), with a profile" 300 $PY -m experiments.cifar10 --config smoke \
         --workdir "$OUT_DIR/run" --data-dir "$DATA" --profile "$OUT_DIR/profile"
+    step "a warm smoke run under cProfile" 300 $PY -m cProfile -o "$OUT_DIR/run.prof" -m experiments.cifar10 \
+        --config smoke --workdir "$OUT_DIR/run-prof" --data-dir "$DATA"
 else
     # The suite runs on the CPU unless JAX_PLATFORMS says otherwise (tests/conftest.py). fp32 convs on a GPU run
     # TF32 unless told: the tests compare with a float32 reference to 1e-4. cuDNN's weight gradients differ in the
@@ -106,11 +109,15 @@ else
     step "time to accuracy against the PyTorch record" 300 $PY -m benchmarks.time_to_accuracy --config muon \
         --seeds 0,1,2 --warmup --data-dir "$DATA" --peer torch_record --peer-dtype bfloat16 --peer-device cuda \
         --workdir "$OUT_DIR/tta" --no-record
+    # One more warm `muon` run under cProfile: where its setup's seconds go (4.1 s a run on 2026-12-04, not broken
+    # down there; on a CPU: the model's init, the step's trace, its compilation, the example batches).
+    step "a warm muon run under cProfile" 60 $PY -m cProfile -o "$OUT_DIR/run.prof" -m experiments.cifar10 \
+        --config muon --workdir "$OUT_DIR/run" --data-dir "$DATA"
     # Its 64 conv programs did not compile in 110 s with XLA's autotuning; without it they ran too slowly for 60 s.
-    step "impls against the reference, a user's train step, a CPU-made export" 110 \
+    step "impls against the reference, a user's train step, a CPU-made export" 90 \
         $PY -m benchmarks.gpu_check --out "$OUT_DIR/checks.md"
     # 2026-12-04: fastnet and resnet18 with torch.compile did not finish in 110 s, nor fastnet alone in 95 s.
-    step "train steps against PyTorch (bf16)" 50 $PY -m benchmarks.train_step --models fastnet \
+    step "train steps against PyTorch (bf16)" 30 $PY -m benchmarks.train_step --models fastnet \
         --steps 7 --dtype bfloat16 --conv-impl auto --torch-modes eager-bf16 --no-record
 fi
 
@@ -139,5 +146,12 @@ print(f"{sys.argv[1]}: {s['config']['model']} / {s['dtype']}, XLA_FLAGS `{s['xla
 EOF
     done
     $PY -m jaxnet.profiling summarize "$OUT_DIR/profile" --top 12 2>/dev/null | sed 's/^/    /'
+    if [ -f "$OUT_DIR/run.prof" ]; then
+        echo
+        echo "The warm run under cProfile: jaxnet's functions by cumulative seconds"
+        echo
+        $PY -c 'import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats("cumulative").print_stats("jaxnet/", 30)' \
+            "$OUT_DIR/run.prof" 2>&1 | sed -n '/ncalls/,$p' | sed 's/^/    /'
+    fi
 } >>"$RESULTS" 2>&1
 echo "results: $RESULTS (log: $LOG)"

@@ -410,7 +410,8 @@ def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
-    assert report.count(": ok,") == 5 and "FAIL" not in report, report
+    assert report.count(": ok,") == 6 and "FAIL" not in report, report
+    assert "The warm run under cProfile" in report and "experiment.py" in report and "(train_and_evaluate)" in report
     assert "| plain32 | 32 | xla |" in report and "/run/summary.json: fastnet_tiny / float32" in report
     assert "Where jaxnet's time went" in report and "; phases data " in report
     assert "Peer, torch_record (float32):" in report and "jaxnet / peer, mean over seeds" in report
