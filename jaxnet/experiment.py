@@ -411,12 +411,12 @@ def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eva
     if config.low_res:
         size_steps[config.low_res] = config.low_res_fraction
     train_batches = {size: example(size) for size in size_steps}
-    levels = sorted({0, config.tta_level})
+    levels = sorted({config.tta_level} | ({0} if n_val else set()))  # the test's TTA step, the validation's plain
     parts = time_run_parts(train_step, {level: eval_step_for(level) for level in levels}, state, train_batches,
                            eval_batch)
-    validation = n_val * parts["eval"][0]  # after every epoch: a step's share of it counts as the step's
+    validation = n_val * parts["eval"][0] if n_val else 0.0  # after every epoch: a step's share counts as the step's
     step = sum(share * parts["step"][size] for size, share in size_steps.items()) + validation / steps_per_epoch
-    after = n_test * sum(parts["eval"].values())
+    after = n_test * parts["eval"][config.tta_level]  # the test: one pass, its TTA step's (the plain view included)
     budget, spent = 60 * config.time_budget, time.perf_counter() - t0
 
     def decide() -> int:
@@ -558,8 +558,9 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
             curves = pool.submit(plot_curves, workdir / "metrics.jsonl", workdir / "curves.png") if main_process \
                 else None
             final = checkpointer.restore(result.state, "best")[0] if config.val_size else result.state
-            test = loop.evaluate(eval_step, final, eval_batches(test_norm))
+            # One pass over the test split: a TTA step's metrics include those of its plain view.
             test_tta = loop.evaluate(eval_step_for(config.tta_level), final, eval_batches(test_norm))
+            test = {k: test_tta[f"plain_{k}"] for k in ("loss", "accuracy")} if config.tta_level else test_tta
             if curves:
                 curves.result()
         test_seconds = time.perf_counter() - t_test

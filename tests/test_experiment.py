@@ -18,7 +18,7 @@ from fixtures import SHARED_CIFAR10, require_onednn_bfloat16, synthetic, write_b
 from PIL import Image
 
 from jaxnet import configs
-from jaxnet import data, experiment, export
+from jaxnet import data, experiment, export, loop
 from jaxnet.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -656,7 +656,7 @@ def test_a_state_with_non_finite_parameters_is_never_saved(tmp_path):
     """A step whose loss is still finite but whose update made the parameters NaN: fit raises before saving."""
     import jax.numpy as jnp
 
-    from jaxnet import checkpoint as checkpoint_lib, loop
+    from jaxnet import checkpoint as checkpoint_lib
     from jaxnet.errors import TrainingDiverged
 
     state = jaxnet_state()
@@ -856,6 +856,19 @@ def test_time_run_parts_times_a_train_step_past_its_slow_first_runs(monkeypatch)
     parts = experiment.time_run_parts(train_step, {0: eval_step}, state, {None: "batch"}, "batch")
     assert parts == {"compile": 8.0 + 3.0, "step": {None: 2.0}, "eval": {0: 4.0}}
     assert len(states) == 4 and states[0] is not state and float(states[-1]) == 3.0
+
+
+@pytest.mark.parametrize("tta_level", [2, 0])
+def test_the_test_split_is_evaluated_in_one_pass(tmp_path, dataset, monkeypatch, tta_level):
+    """The test accuracy without TTA is the TTA step's plain view: one pass over the test split gives both (and
+    with tta_level 0 both are the plain step's)."""
+    calls, evaluate = [], loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a: calls.append(evaluate(*a)) or calls[-1])
+    summary = experiment.train_and_evaluate(smoke(val_size=0, epochs=1.0, tta_level=tta_level), tmp_path / "w",
+                                            data_dir=dataset, show_progress=False)
+    assert len(calls) == 1 and calls[0]["count"] == summary["config"]["test_subset"]
+    assert summary["test_accuracy"] == calls[0]["plain_accuracy" if tta_level else "accuracy"]
+    assert summary["test_accuracy_tta"] == calls[0]["accuracy"]
 
 
 def test_a_time_budget_the_run_fits_in_changes_nothing(tmp_path, dataset):

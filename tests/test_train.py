@@ -312,6 +312,26 @@ def test_eval_mask_counts_only_real_rows(data):
     np.testing.assert_allclose(merged["loss"], float(full["loss"]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("tta,fraction", [(1, 1.0), (2, 1.0), (2, 0.25)])
+def test_a_tta_eval_step_reports_its_plain_view_as_a_plain_step_does(data, tta, fraction):
+    """A TTA step's "plain_loss" / "plain_accuracy" are the plain step's loss and accuracy (masked rows left out),
+    merged count-weighted over batches like the others (a metric that is not a scalar is left out); a plain step
+    has no such keys."""
+    state = _state()
+    padded = {"image": data["image"], "label": data["label"], "mask": np.arange(N) < 40}
+    plain, tta_metrics = train.eval_step(state, padded), train.eval_step(state, padded, tta=tta, tta_fraction=fraction)
+    assert set(plain) == {"loss", "accuracy", "count"} and set(tta_metrics) == set(plain) | {"plain_loss",
+                                                                                           "plain_accuracy"}
+    np.testing.assert_allclose(float(tta_metrics["plain_loss"]), float(plain["loss"]), rtol=1e-6)
+    assert float(tta_metrics["plain_accuracy"]) == float(plain["accuracy"])
+    assert float(tta_metrics["loss"]) != float(plain["loss"])  # the TTA metrics are TTA's
+    halves = [{k: v[rows] for k, v in data.items()} for rows in (slice(0, 40), slice(40, None))]
+    merged = train.merge_metrics([train.eval_step(state, h, tta=tta, tta_fraction=fraction) for h in halves])
+    np.testing.assert_allclose(merged["plain_accuracy"], float(train.eval_step(state, data)["accuracy"]), rtol=1e-6)
+    assert merged["count"] == N and set(merged) == set(tta_metrics)
+    assert set(train.merge_metrics([{**tta_metrics, "per_class": np.ones(3)}])) == set(tta_metrics)  # not a scalar
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda b: {"image": b["image"][0], "label": b["label"]}, r"must be \(N, H, W, C\), got shape \(16, 16, 3\)"),
     (lambda b: {"image": b["image"].astype(np.int32), "label": b["label"]}, "float or uint8, got dtype int32"),
