@@ -152,6 +152,12 @@ EOF
         echo
         $PY -c 'import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats("cumulative").print_stats("jaxnet/", 30)' \
             "$OUT_DIR/run.prof" 2>&1 | sed -n '/ncalls/,$p' | sed 's/^/    /'
+        echo "and JAX's lowering, compilation and compilation cache:"
+        echo
+        $PY -c 'import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats("cumulative").print_stats(
+            "jax/_src/(compiler|compilation_cache|interpreters/mlir|stages).py:[0-9]+[(](compile_or_get_cached|"
+            "get_executable_and_time|backend_compile.*|lower_jaxpr_to_module|compile|lower)[)]", 12)' \
+            "$OUT_DIR/run.prof" 2>&1 | sed -n '/ncalls/,$p' | sed 's/^/    /'
     fi
 } >>"$RESULTS" 2>&1
 echo "results: $RESULTS (log: $LOG)"
