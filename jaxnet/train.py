@@ -262,7 +262,7 @@ def predict_logits(state: Any, images: jax.Array, *, tta: int = 0, tta_fraction:
     mean of the mirrored pair at ±1 px diagonal translations (reflect padding). Raises ConfigError otherwise.
     `tta_fraction` < 1 (selective TTA, as hiverge's speedrun): only the round(fraction · N) images (at least one)
     of least confident plain prediction (lowest top softmax probability) get the augmented views; the others
-    keep their plain logits. At 0.25 with tta=2, 2.5 forward passes per image instead of 6.
+    keep their plain logits. At 0.25 with tta=2, 2.25 forward passes per image instead of 6.
     """
     return _plain_and_tta_logits(state, images, tta, tta_fraction)[1]
 
