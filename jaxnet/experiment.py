@@ -8,11 +8,11 @@ own types (`jaxnet.errors`): bad config values are ConfigError, raised before an
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -51,6 +51,8 @@ FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "Fa
 # out (checkpoint saves, metric fetches, the plots, steps slower than the timed ones): with 5 %, `quick` given 4 min
 # on a Zen 4 ended at 4 min 6 s; with 10 %, at 3 min 50 s (benchmarks/RESULTS.md, "ablation of budget3").
 BUDGET_MARGIN = 0.1
+# The reserve of the time left when a budgeted run is planned again after its first epoch from its own pace.
+REPLAN_MARGIN = 0.05
 log = logging.getLogger(__name__)
 
 
@@ -277,6 +279,15 @@ def low_res_steps(config, total_steps: int) -> int:
     return round(config.low_res_fraction * total_steps) if config.low_res else 0
 
 
+def image_sizes(config, total_steps: int) -> Callable[[int], int | None] | None:
+    """A run's image side per step (`loop.TrainData.image_size`): `low_res` for its `low_res_steps`, then None
+    (full size); None without progressive resizing."""
+    if not config.low_res:
+        return None
+    n_low = low_res_steps(config, total_steps)
+    return lambda step: config.low_res if step < n_low else None
+
+
 def _dump_steps(directory: str, train_step: Callable, eval_step: Callable, state, train_example, eval_example) -> None:
     profiling.dump_hlo(directory, {"train_step": (train_step.compiled, (state, train_example)),
                                    "eval_step": (eval_step.compiled, (state, eval_example))})
@@ -380,15 +391,41 @@ def time_run_parts(train_step: Callable, eval_steps: dict[int, Callable], state,
             **{part: {key: run for key, (_, run) in times.items()} for part, times in parts.items()}}
 
 
-def budget_steps(budget: float, *, spent: float, step: float, after: float, recompile: float, total_steps: int) -> int:
-    """Training steps that fit in `budget` seconds of wall time when `spent` are gone and `after` (evaluation) are
-    still to come, a step taking `step` seconds: all `total_steps` if they fit, else the most that fit beside
-    the `recompile` seconds a shorter run costs (its schedule is compiled into its step); 0 if none fit.
-    `BUDGET_MARGIN` of the time left is kept in reserve."""
-    room = (budget - spent - after) * (1 - BUDGET_MARGIN)
-    if total_steps * step <= room:
-        return total_steps
-    return max(0, math.floor((room - recompile) / step))
+@dataclasses.dataclass(frozen=True)
+class RunTimes:
+    """This machine's seconds for the parts of a budgeted run (`time_run_parts` on its own steps): a train step
+    per image size (None: full size), the validation's share of a step, the test's evaluation, and compiling the
+    train and eval steps (what a run of another length compiles again)."""
+
+    step: dict[int | None, float]
+    validation: float
+    test: float
+    compile: float
+
+
+def plan_seconds(config, times: RunTimes, total_steps: int, start: int, end: int) -> float:
+    """Seconds that steps `start` to `end` - 1 of a `total_steps`-step run of `config` take at `times`: those
+    before `low_res_steps` at `low_res` × `low_res`, the rest at full size, each with its share of validation."""
+    low = min(max(low_res_steps(config, total_steps) - start, 0), end - start)
+    return (low * times.step.get(config.low_res, 0.0) + (end - start - low) * times.step[None]
+            + (end - start) * times.validation)
+
+
+def budget_steps(room: float, *, cost: Callable[[int], float], planned: int, most: int, recompile: float,
+                 least: int = 1) -> int:
+    """A run's length in steps when `room` seconds are left for its steps, `cost(n)` the seconds a run of n
+    steps still needs: `planned` if it fits, or more, up to `most`, if they fit beside the `recompile` seconds
+    a run of another length costs (its schedule is compiled into its step); if `planned` does not fit, the
+    most steps from `least` on that fit beside `recompile`, `least` - 1 if none do. `cost` must grow with n."""
+    def most_that_fit(lo: int, hi: int) -> int:  # the largest n in [lo, hi] that fits, lo - 1 if none: bisection
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if cost(mid) + recompile <= room else (lo, mid - 1)
+        return hi
+
+    if cost(planned) <= room:
+        return max(planned, most_that_fit(planned + 1, most))
+    return most_that_fit(least, planned - 1)
 
 
 def _with_epochs(config, epochs: float):
@@ -397,41 +434,59 @@ def _with_epochs(config, epochs: float):
     return config
 
 
-def _steps_in_budget(config, t0: float, total_steps: int, state, train_step, eval_step_for, example: Callable,
-                     test_norm: data_lib.Split, *, num_train: int, num_val: int, n_dev: int) -> int:
-    """The training steps of `config`'s run that fit in its `time_budget` (minutes of wall time since `t0`), its
-    pieces timed on this machine (`time_run_parts`; the train steps on `example(size)`, a batch made as the loop
-    makes it; the eval steps on a batch of `test_norm`, the test split, beside which `num_val` validation images
-    are evaluated after each epoch); process 0's answer for all. ConfigError if none fit."""
+def _run_times(config, state, train_step, eval_step_for, example: Callable, test_norm: data_lib.Split, *,
+               num_train: int, num_val: int, n_dev: int) -> RunTimes:
+    """`config`'s run timed on this machine (`time_run_parts`; the train steps on `example(size)`, a batch made
+    as the loop makes it; the eval steps on a batch of `test_norm`, the test split, beside which `num_val`
+    validation images are evaluated after each epoch)."""
     steps_per_epoch = num_train // config.batch_size
     n_test, n_val = (-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
                      for n in (len(test_norm["label"]), num_val))
     eval_batch = next(data_lib.eval_batches(test_norm, config.eval_batch_size, n_dev))
-    size_steps = {None: 1 - (config.low_res_fraction if config.low_res else 0)}
-    if config.low_res:
-        size_steps[config.low_res] = config.low_res_fraction
-    train_batches = {size: example(size) for size in size_steps}
+    sizes = [None, config.low_res] if config.low_res else [None]
     levels = sorted({config.tta_level} | ({0} if n_val else set()))  # the test's TTA step, the validation's plain
-    parts = time_run_parts(train_step, {level: eval_step_for(level) for level in levels}, state, train_batches,
-                           eval_batch)
-    validation = n_val * parts["eval"][0] if n_val else 0.0  # after every epoch: a step's share counts as the step's
-    step = sum(share * parts["step"][size] for size, share in size_steps.items()) + validation / steps_per_epoch
-    after = n_test * parts["eval"][config.tta_level]  # the test: one pass, its TTA step's (the plain view included)
-    budget, spent = 60 * config.time_budget, time.perf_counter() - t0
+    parts = time_run_parts(train_step, {level: eval_step_for(level) for level in levels}, state,
+                           {size: example(size) for size in sizes}, eval_batch)
+    # After every epoch the validation split: its share counts as the step's. The test: one pass, its TTA step's
+    # (the plain view included).
+    return RunTimes(step=parts["step"], validation=n_val * parts["eval"][0] / steps_per_epoch if n_val else 0.0,
+                    test=n_test * parts["eval"][config.tta_level], compile=parts["compile"])
 
+
+def _steps_in_budget(config, t0: float, total_steps: int, times: RunTimes) -> int:
+    """The training steps of `config`'s run that fit in its `time_budget` (minutes of wall time since `t0`) at
+    `times`; process 0's answer for all. ConfigError if none fit."""
     def decide() -> int:
-        steps = budget_steps(budget, spent=spent, step=step, after=after, recompile=parts["compile"],
-                             total_steps=total_steps)
+        budget, spent = 60 * config.time_budget, time.perf_counter() - t0
+        steps = budget_steps((budget - spent - times.test) * (1 - BUDGET_MARGIN),
+                             cost=lambda n: plan_seconds(config, times, n, 0, n), planned=total_steps,
+                             most=total_steps, recompile=times.compile)
         if steps < 1:
+            step = plan_seconds(config, times, total_steps, 0, total_steps) / total_steps
             raise ConfigError(f"time_budget {config.time_budget:g} min leaves no time to train: data, compilation "
-                              f"and evaluation take {(spent + after + parts['compile']) / 60:.1f} min here, "
+                              f"and evaluation take {(spent + times.test + times.compile) / 60:.1f} min here, "
                               f"a step {step:.2f} s")
         if steps < total_steps:
             log.info("time_budget %g min: %d of %d steps fit (a step %.2f s; %.0f s spent, %.0f s of evaluation "
-                     "to come)", config.time_budget, steps, total_steps, step, spent, after)
+                     "to come)", config.time_budget, steps, total_steps,
+                     plan_seconds(config, times, steps, 0, steps) / steps, spent, times.test)
         return steps
 
     return parallel.broadcast_from_main(decide)
+
+
+def replanned_steps(config, times: RunTimes, *, left: float, step: int, pace: float, total_steps: int,
+                    most: int) -> tuple[int, float]:
+    """(new length, scale) of `config`'s budgeted run of `total_steps` steps, planned again at `step` with `left`
+    seconds of its budget to go, from its own `pace` (seconds a step since its first, evaluation and saves
+    included): the estimate `times` scaled by how the run's steps compare with it (the scale), the test kept out
+    of what is left and `REPLAN_MARGIN` of the rest in reserve; at most `most` steps (the config's own), at least
+    one more (its schedule's end)."""
+    scale = pace * (step - 1) / plan_seconds(config, times, total_steps, 1, step)
+    steps = budget_steps((left - times.test) * (1 - REPLAN_MARGIN),
+                         cost=lambda n: scale * plan_seconds(config, times, n, step, n), planned=total_steps,
+                         most=most, recompile=times.compile, least=step + 1)
+    return max(step + 1, steps), scale
 
 
 @parallel.peer_failures()
@@ -479,29 +534,37 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
         return batch_fn(jax.random.key(0), *train_arrays, jnp.arange(config.batch_size), 0,
                         **({"size": size} if config.low_res else {}))
 
+    def optimizers(config) -> tuple[int, optax.GradientTransformation, optax.GradientTransformation | None]:
+        """(total steps, the optimizer, the proxy net's or None) of `config`'s run: their schedules span its steps."""
+        steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
+        proxy_tx = None
+        if config.proxy_widths:  # trained every proxy_every steps: its schedule runs over that many fewer
+            proxy_tx = build_optimizer(config, -(-total_steps // config.proxy_every),
+                                       steps_per_epoch / config.proxy_every)
+        return total_steps, build_optimizer(config, total_steps, steps_per_epoch), proxy_tx
+
+    def compiled_steps(config, total_steps: int) -> tuple[Callable, Callable[[int], Callable]]:
+        return _compiled_steps(build_train_step(config, total_steps), mesh, n_dev, config.tta_fraction)
+
     def build(config):
         """(total steps, the state on the devices, compiled train step, tta level → compiled eval step)."""
-        steps_per_epoch, total_steps = _steps(config, len(train_set["label"]))
+        total_steps, tx, proxy_tx = optimizers(config)
         axis = parallel.AXIS if parallel_mode == "pmap" else None
-        proxy = None
-        if config.proxy_widths:  # trained every proxy_every steps: its schedule runs over that many fewer
-            proxy = (build_model(config, bn_axis_name=axis, proxy=True),
-                     build_optimizer(config, -(-total_steps // config.proxy_every),
-                                     steps_per_epoch / config.proxy_every))
-        state = initial_state(config, build_model(config, bn_axis_name=axis),
-                              build_optimizer(config, total_steps, steps_per_epoch), init_key, train_set["image"],
+        proxy = (build_model(config, bn_axis_name=axis, proxy=True), proxy_tx) if proxy_tx else None
+        state = initial_state(config, build_model(config, bn_axis_name=axis), tx, init_key, train_set["image"],
                               proxy=proxy)
         if mesh is not None:
             state = parallel.put_replicated(state, mesh)
-        train_step, eval_step_for = _compiled_steps(build_train_step(config, total_steps), mesh, n_dev,
-                                                    config.tta_fraction)
+        train_step, eval_step_for = compiled_steps(config, total_steps)
         return total_steps, state, train_step, cache(eval_step_for)
 
     total_steps, state, train_step, eval_step_for = build(config)
     parallel.broadcast_from_main(lambda: check_disk_space(workdir, state, config.keep_checkpoints))
+    configured_steps, times = total_steps, None
     if config.time_budget and not resume:
-        steps = _steps_in_budget(config, t0, total_steps, state, train_step, eval_step_for, example, test_norm,
-                                 num_train=len(train_set["label"]), num_val=len(val_set["label"]), n_dev=n_dev)
+        times = _run_times(config, state, train_step, eval_step_for, example, test_norm,
+                           num_train=len(train_set["label"]), num_val=len(val_set["label"]), n_dev=n_dev)
+        steps = _steps_in_budget(config, t0, total_steps, times)
         if steps < total_steps:
             config = _with_epochs(config, steps / (len(train_set["label"]) // config.batch_size))
             total_steps, state, train_step, eval_step_for = build(config)
@@ -516,22 +579,48 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
             _dump_steps(dump_hlo, train_step, eval_step_for(0), state, example(),
                         next(eval_batches(val_norm if config.val_size else test_norm)))
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
-                          image_size=(lambda step: config.low_res if step < n_low else None) if config.low_res
-                          else None)
+                          image_size=image_sizes(config, total_steps))
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
+    replanned = []  # the config of the run's new length, once its budget planned it again
+
+    def replan(state, step: int, pace: float) -> loop.Plan | None:
+        """Once, at the end of the first epoch: the run's length from its own pace (`_replanned_steps`)."""
+        if replanned:
+            return None
+
+        def decide() -> int:  # process 0's answer for all
+            steps, scale = replanned_steps(config, times, left=60 * config.time_budget - (time.perf_counter() - t0),
+                                           step=step, pace=pace, total_steps=total_steps, most=configured_steps)
+            if steps != total_steps:
+                log.info("time_budget %g min: %d steps instead of %d, planned again at step %d from the run's "
+                         "pace (%.2f× the estimate)", config.time_budget, steps, total_steps, step, scale)
+            return steps
+
+        steps = parallel.broadcast_from_main(decide)
+        new = config if steps == total_steps else _with_epochs(config, steps / (len(train_set["label"]) //
+                                                                                 config.batch_size))
+        replanned.append(new)
+        if new is config:
+            return None
+        _, tx, proxy_tx = optimizers(new)
+        state = state.replace(tx=tx, proxy=state.proxy.replace(tx=proxy_tx) if proxy_tx else state.proxy)
+        return loop.Plan(steps, compiled_steps(new, steps)[0], state, image_sizes(new, steps),
+                         {"config": new.to_dict(), **identity})
+
     t_setup = time.perf_counter()
     outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
                             eval_batches, identity=identity, resume=resume, should_stop=should_stop,
-                            show_progress=show_progress, profile=profile)
+                            replan=replan if times else None, show_progress=show_progress, profile=profile)
     if "interrupted" in outcome:
         return outcome
+    config = replanned[0] if replanned else config
     outcome["phase_seconds"] = {"data": t_data - t0, "setup": t_setup - t_data, **outcome["phase_seconds"]}
     return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0, flops=flops,
                    peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
 
 def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
-                  eval_batches, *, identity, resume, should_stop, show_progress, profile) -> dict:
+                  eval_batches, *, identity, resume, should_stop, replan, show_progress, profile) -> dict:
     """Train (with checkpoints, metrics, early stopping), then test the best (or last) state, plain and
     with TTA: {"result", "final", "test", "test_tta"}, or {"interrupted", "step"}. `eval_batches`: a split's
     host batches; `identity` (seed, data fingerprint) is saved with the config and must match on resume."""
@@ -550,7 +639,7 @@ def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data,
             state, train_step, data, total_steps, eval_step=eval_step,
             val_batches=(lambda: eval_batches(val_norm)) if config.val_size else None,
             checkpointer=checkpointer, writer=writer, meta={"config": config_dict, **identity}, resume=resume,
-            resume_check={"config": fixed, **identity}, should_stop=should_stop, options=options)
+            resume_check={"config": fixed, **identity}, should_stop=should_stop, replan=replan, options=options)
         if result.interrupted:
             return {"interrupted": True, "step": int(parallel.fetch(result.state.step))}
         t_test = time.perf_counter()

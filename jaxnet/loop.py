@@ -62,6 +62,19 @@ class FitOptions:
     checkpoint_interval: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A new length for the run in progress, from `fit`'s `replan`: its total steps, and what was built for
+    them — the train step and the state (whose optimizer may hold the schedule: e.g. `state.replace(tx=...)`), the
+    image size per step (`TrainData.image_size`), and the meta its checkpoints carry from then on."""
+
+    total_steps: int
+    train_step: Callable
+    state: TrainState
+    image_size: Callable[[int], int | None] | None
+    meta: dict[str, Any]
+
+
 @dataclasses.dataclass
 class FitResult:
     """first_step_seconds: compilation and the first step; steady_step_seconds: a step's time after
@@ -120,7 +133,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         eval_step: Callable | None = None, val_batches: Callable[[], Iterable] | None = None,
         checkpointer: Checkpointer | None = None, writer: MetricWriter | None = None,
         meta: dict[str, Any] | None = None, resume: bool = False, resume_check: dict[str, Any] | None = None,
-        should_stop: Callable[[], bool] = lambda: False, options: FitOptions = FitOptions()) -> FitResult:
+        should_stop: Callable[[], bool] = lambda: False,
+        replan: Callable[[TrainState, int, float], Plan | None] | None = None,
+        options: FitOptions = FitOptions()) -> FitResult:
     """Train `state` with `train_step` (compiled `(state, batch) -> (state, metrics)`) for `total_steps` steps
     of `data.batch_size` (epochs of `len(data.labels) // data.batch_size`).
 
@@ -133,6 +148,11 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         training continues from its latest checkpoint.
       meta: JSON-able dict saved with each checkpoint (e.g. the config and seed); with `resume`, the checkpoint
         must have been saved with `resume_check` (default: `meta`; see `Checkpointer.restore`).
+      replan: called at the end of each epoch before the last (after its validation, before its checkpoint) as
+        `replan(state, step, pace)`, `pace` the wall seconds a step has taken since the first of this call
+        (evaluation and saves included); a `Plan` it returns replaces the run's length, train step, state, image
+        sizes and meta from then on (the next step, which compiles, is left out of the step timings); None keeps
+        them. With several processes it must return the same on each.
 
     Raises:
       TrainingDiverged: the training loss is not finite at a log point.
@@ -147,6 +167,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     if steps_per_epoch < 1:
         raise ConfigError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
     order_key, aug_key = jax.random.split(data.key)
+    image_size = data.image_size
     single = jax.process_count() == 1
     meta = dict(meta or {})
     epoch, offset, best, bad = 0, 0, None, 0
@@ -160,9 +181,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     step = int(parallel.fetch(state.step))
     trace_window = (step + 2, step + 2 + options.profile_steps) if profile_dir else (-1, -1)
     first_step = first_size = None
-    stopped_early = interrupted = False
+    stopped_early = interrupted = recompiling = False
     # Per image size: each logging window's time per step (windows of one size only) and the steps run.
-    t_start, window_times, steps_at = time.perf_counter(), {}, {}
+    t_start, window_times, steps_at, start_step = time.perf_counter(), {}, {}, step
     t_saved, saving = t_start, 0.0
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     while step < total_steps and not (stopped_early or interrupted):
@@ -175,9 +196,9 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                 if step == trace_window[0]:
                     jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    size = None if data.image_size is None else data.image_size(step)
+                    size = None if image_size is None else image_size(step)
                     batch = make_batch(jax.random.fold_in(aug_key, step), train_images, train_labels, order[i], epoch,
-                                       **({} if data.image_size is None else {"size": size}))
+                                       **({} if image_size is None else {"size": size}))
                     state, metrics = train_step(state, batch)
                 step += 1
                 steps_at[size] = steps_at.get(size, 0) + 1
@@ -186,10 +207,11 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
                 pending.append(metrics)
-                if first_step is None:  # compile + one step: logged, but kept out of the steady-state timing
+                if first_step is None or recompiling:  # compile + one step: kept out of the steady-state timing
                     jax.block_until_ready(metrics)
-                    first_step = time.perf_counter() - t_window
-                    t_window, untimed, first_size = time.perf_counter(), 1, size
+                    if first_step is None:
+                        first_step, first_size = time.perf_counter() - t_window, size
+                    t_window, untimed, recompiling = time.perf_counter(), 1, False
                 while shown < len(pending) and _done(pending[shown]):  # finished steps, not dispatched ones
                     shown += 1
                     bar.update(batch_size)
@@ -229,6 +251,12 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
             improved = best is None or val["accuracy"] > best + min_delta
             best, bad = (val["accuracy"], 0) if improved else (best, bad + 1)
             stopped_early = patience is not None and bad >= patience
+        if replan is not None and step < total_steps and not stopped_early and step - start_step > 1:
+            plan = replan(state, step, (time.perf_counter() - t_start - first_step) / (step - start_step - 1))
+            if plan is not None:
+                total_steps, train_step, state, image_size, meta = (
+                    plan.total_steps, plan.train_step, plan.state, plan.image_size, dict(plan.meta))
+                total_epochs, recompiling = math.ceil(total_steps / steps_per_epoch), True
         interrupted = step < total_steps and parallel.any_process(should_stop())
         # Every process reaches the same decision: all but the clock are the same on each, and they agree on that.
         if checkpointer and (step >= total_steps or improved or stopped_early or interrupted

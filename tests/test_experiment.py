@@ -815,6 +815,47 @@ def test_the_steady_step_time_spans_the_image_sizes_and_leaves_compilation_out(m
     assert result.first_step_seconds == 101.0 and result.compile_seconds == pytest.approx(100.0)
 
 
+def test_a_plan_from_replan_changes_the_run_from_the_next_step(tmp_path, monkeypatch):
+    """fit asks `replan` at the end of each epoch but the last (2 steps an epoch, 6 steps planned): the first
+    answer makes it a run of 9 steps with another train step, whose first call (it compiles: 100 s on a fake
+    clock) stays out of the step timings, and another meta, which the checkpoints carry from that epoch on;
+    the pace it is given is that of the steps after the first."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from jaxnet import checkpoint as checkpoint_lib
+
+    now, used, asked = [0.0], [], []
+
+    def stepper(name, compile_seconds):
+        def step(state, batch):
+            now[0] += 1.0 + (compile_seconds if name not in used else 0.0)
+            used.append(name)
+            return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.5),
+                                                         "count": jnp.int32(4)}
+        return step
+
+    def replan(state, step, pace):
+        asked.append((step, pace))
+        return None if len(asked) > 1 else loop.Plan(9, stepper("new", 100.0), state, None, {"plan": "new"})
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    images, labels = jnp.zeros((8, 32, 32, 3), jnp.uint8), jnp.zeros((8,), jnp.int32)
+    data = loop.TrainData(images, labels, lambda key, im, lb, idx, epoch: {"image": im[idx], "label": lb[idx]}, 4,
+                          jax.random.key(0))
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / "ckpt", keep=10)
+    result = loop.fit(jaxnet_state(), stepper("old", 50.0), data, 6, checkpointer=ckpt, meta={"plan": "old"},
+                      replan=replan, options=loop.FitOptions(show_progress=False, log_every=2))
+    ckpt.close()
+    metas = {int(p.name): json.loads((p / "meta" / "metadata").read_text())["plan"]
+             for p in (tmp_path / "ckpt" / "last").iterdir() if p.name.isdigit()}
+    assert int(result.state.step) == 9 and used == ["old"] * 2 + ["new"] * 7
+    assert [step for step, _ in asked] == [2, 4, 6, 8] and asked[0][1] == 1.0
+    assert metas == {2: "new", 4: "new", 6: "new", 8: "new", 9: "new"}
+    assert result.steady_step_seconds == 1.0 and result.compile_seconds == 50.0
+
+
 def jaxnet_state():
     import jax.numpy as jnp
 
@@ -825,13 +866,41 @@ def jaxnet_state():
                                      jaxnet.sgd(0.1))
 
 
-def test_budget_steps_keeps_a_run_that_fits_and_cuts_one_that_does_not():
-    """80 s left once 10 are spent and 10 of evaluation are set aside; 10 % of them in reserve: 72 s for steps."""
-    steps = partial(experiment.budget_steps, 100.0, spent=10.0, after=10.0, recompile=5.5)
-    assert steps(step=1.0, total_steps=50) == 50 and steps(step=1.0, total_steps=72) == 72
-    assert steps(step=1.0, total_steps=73) == 66  # cut: the shorter run's compilation comes out of the 72 s
-    assert steps(step=2.0, total_steps=73) == 33
-    assert experiment.budget_steps(20.0, spent=15.0, after=10.0, step=1.0, recompile=0.0, total_steps=10) == 0
+def test_budget_steps_keeps_a_run_that_fits_cuts_one_that_does_not_and_lengthens_one_up_to_its_most():
+    """72 s of room, a step 1 s (2 s), a run of another length compiling 5.5 s more."""
+    steps = partial(experiment.budget_steps, 72.0, cost=lambda n: 1.0 * n, recompile=5.5)
+    assert steps(planned=50, most=50) == 50 and steps(planned=72, most=72) == 72
+    assert steps(planned=73, most=73) == 66  # cut: the shorter run's compilation comes out of the 72 s
+    assert experiment.budget_steps(72.0, cost=lambda n: 2.0 * n, planned=73, most=73, recompile=5.5) == 33
+    assert steps(planned=50, most=100) == 66 and steps(planned=50, most=60) == 60  # lengthened: up to its most
+    assert steps(planned=66, most=100) == 66  # 66 fit; 67 would not beside a recompilation
+    assert steps(planned=73, most=73, least=70) == 69  # none from 70 on fit: least - 1
+    assert experiment.budget_steps(5.0, cost=lambda n: 1.0 * n, planned=10, most=10, recompile=0.0, least=1) == 5
+    assert experiment.budget_steps(0.5, cost=lambda n: 1.0 * n, planned=10, most=10, recompile=0.0) == 0
+
+
+def test_a_run_planned_again_scales_the_estimate_by_its_own_pace():
+    """Planned again at step 10 of 50: the run's steps took 3 s against the 2 s estimated (scale 1.5); 100 s
+    left, the test's 10 out, 5 % in reserve: 85.5 s. 40 more steps (120 s) do not fit: 27 (81 s, and the
+    recompilation's 4) do; with 300 s left all 50 fit and more would, up to the config's `most`; with 12 s
+    left none fit, and the run ends at the next step, its schedule's end."""
+    times = experiment.RunTimes(step={None: 2.0}, validation=0.0, test=10.0, compile=4.0)
+    again = partial(experiment.replanned_steps, smoke(val_size=0), times, step=10, pace=3.0, total_steps=50)
+    assert again(left=100.0, most=50) == (37, 1.5)
+    assert again(left=300.0, most=50) == (50, 1.5) and again(left=300.0, most=80) == (80, 1.5)
+    assert again(left=300.0, most=200) == (100, 1.5)
+    assert again(left=12.0, most=50) == (11, 1.5)
+
+
+def test_a_run_planned_again_compares_its_pace_with_the_steps_it_ran():
+    """With progressive resizing the first steps ran at low resolution (1 s estimated; full size 2 s): a pace of
+    1.5 s is 1.5× the estimate of the steps it measured, and the steps left are costed at their own sizes."""
+    times = experiment.RunTimes(step={None: 2.0, 16: 1.0}, validation=0.0, test=0.0, compile=0.0)
+    config = smoke(val_size=0, low_res=16)  # low_res_fraction 0.5: of 40 steps the first 20 at 16 px
+    steps, scale = experiment.replanned_steps(config, times, left=1000.0, step=8, pace=1.5, total_steps=40, most=40)
+    assert scale == 1.5 and steps == 40
+    assert experiment.plan_seconds(config, times, 40, 8, 40) == 12 * 1.0 + 20 * 2.0
+    assert experiment.plan_seconds(config, times, 10, 8, 10) == 2 * 2.0  # 5 low steps, all run: the rest full
 
 
 def test_time_run_parts_times_a_train_step_past_its_slow_first_runs(monkeypatch):
@@ -897,7 +966,7 @@ def test_a_time_budget_too_short_trains_fewer_epochs_and_a_resume_keeps_them(tmp
     """A budget the run does not fit in (budget_steps: 9 of its 32 steps fit) makes it a run of 9 steps, 1.125
     epochs of 8, saved with its checkpoints as its config; stopped and resumed with the same command line, it
     keeps them and does not time its steps again."""
-    monkeypatch.setattr(experiment, "budget_steps", lambda budget, *, total_steps, **times: 9)
+    monkeypatch.setattr(experiment, "budget_steps", lambda room, **plan: 9)
     config, calls = smoke(time_budget=1.0, val_size=0), {"n": 0}
 
     def stop_after_4_steps():
@@ -912,6 +981,41 @@ def test_a_time_budget_too_short_trains_fewer_epochs_and_a_resume_keeps_them(tmp
                                             show_progress=False)
     assert summary["steps"] == 9 and summary["config"]["epochs"] == 9 / 8 and summary["config"]["time_budget"] == 1.0
     assert config.epochs == 4.0  # the caller's config is left as it was
+
+
+def test_a_budgeted_run_is_planned_again_from_its_own_pace_and_a_resume_keeps_that_plan(tmp_path, dataset,
+                                                                                          monkeypatch, caplog):
+    """The estimate says a step takes 30 s (fake timings), so only part of the 32 steps fit in 10 minutes; after
+    the first epoch (8 steps) the run's own pace, far faster, says all fit: it trains all 32, with their
+    schedule, and its checkpoints carry the 4 epochs from then on. Stopped right after that first epoch and
+    resumed with the same command line, it keeps that plan, times nothing again and ends bit-identical to the
+    run that was not stopped."""
+    def fake_times(train_step, eval_steps, state, train_batches, eval_batch, **repeats):
+        return {"compile": 1.0, "step": {size: 30.0 for size in train_batches}, "eval": dict.fromkeys(eval_steps, 0.01)}
+
+    monkeypatch.setattr(experiment, "time_run_parts", fake_times)
+    config, calls = smoke(time_budget=10.0, val_size=0), {"n": 0}
+
+    def stop_after_the_first_epoch():
+        calls["n"] += 1
+        return calls["n"] >= 9  # once before training, then after each step but an epoch's last, then at its end
+
+    with caplog.at_level("INFO", logger="jaxnet.experiment"):
+        out = experiment.train_and_evaluate(config, tmp_path / "w", data_dir=dataset,
+                                            should_stop=stop_after_the_first_epoch, show_progress=False)
+    assert out == {"interrupted": True, "step": 8}
+    first = int(caplog.text.split("time_budget 10 min: ")[1].split(" of 32 steps fit")[0])
+    assert 8 < first < 32 and f"32 steps instead of {first}, planned again at step 8" in caplog.text
+    saved = json.loads((tmp_path / "w" / "checkpoints" / "last" / "8" / "meta" / "metadata").read_text())
+    assert saved["config"]["epochs"] == 4.0
+    monkeypatch.setattr(experiment, "time_run_parts", lambda *a, **k: pytest.fail("the resumed run timed again"))
+    summary = experiment.train_and_evaluate(config, tmp_path / "w", data_dir=dataset, resume=True,
+                                            show_progress=False)
+    assert summary["steps"] == 32 and summary["config"]["epochs"] == 4.0
+    monkeypatch.setattr(experiment, "time_run_parts", fake_times)
+    whole = experiment.train_and_evaluate(config, tmp_path / "whole", data_dir=dataset, show_progress=False)
+    assert whole["steps"] == 32 and whole["config"]["epochs"] == 4.0
+    chex.assert_trees_all_equal(_last_arrays(tmp_path / "w"), _last_arrays(tmp_path / "whole"))
 
 
 def test_a_time_budget_too_short_for_one_step_is_one_line_before_training(tmp_path, dataset):

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_subset = 0                   # use only this many test images (0 = all)
     c.patience = 0                      # epochs without val gain before stopping; 0 = never stop early
     c.min_delta = 0.0                   # val accuracy gain (fraction) that counts as a gain
-    c.time_budget = 0.0                 # minutes of wall time for the run: fewer epochs if they do not fit (timed before training); 0 = off
+    c.time_budget = 0.0                 # minutes of wall time for the run: fewer epochs if they do not fit (timed before training, planned again after the first epoch); 0 = off
     c.keep_checkpoints = 2              # newest checkpoints kept (the best is kept besides)
     c.checkpoint_minutes = 0.0          # minutes from one epoch-end checkpoint to the next; 0 = every epoch (the last epoch, a new best and a stop are always saved)
     c.log_every = 10                    # steps between metric fetches (host syncs)
