@@ -11,7 +11,8 @@ seeds (RESULTS.md, "ablation of res24"). hiverge's label smoothing of 0.09 (the 
 jitter of 0.1 (the record's: none): +0.29 points with TTA at the same time, two seeds on a Zen 4, interleaved
 (RESULTS.md, "ablation of ls009jit01"); each alone gained less than the seeds' spread. On a CPU where the run
 would take longer than 9.5 minutes (the slowest seen here: 13), `time_budget` times the steps before training
-and trains fewer epochs, so that `make run` ends within 10 minutes anywhere.
+and trains fewer epochs, planned again after the first epoch from the run's own pace, so that `make run` ends
+within 10 minutes anywhere.
 """
 
 from jaxnet.configs import muon
