@@ -581,10 +581,10 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
                           image_size=image_sizes(config, total_steps))
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
-    replanned = []  # the config of the run's new length, once its budget planned it again
+    replanned = []  # the run's config once its budget planned it again (its new length, or the same)
 
     def replan(state, step: int, pace: float) -> loop.Plan | None:
-        """Once, at the end of the first epoch: the run's length from its own pace (`_replanned_steps`)."""
+        """Once, at the end of the first epoch: the run's length from its own pace (`replanned_steps`)."""
         if replanned:
             return None
 
