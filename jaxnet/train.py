@@ -81,9 +81,22 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy, (N, K) float logits and (N,) int labels → (N,) float32."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    """Per-example softmax cross-entropy, (N, K) float logits and (N,) int labels → (N,) float32; NaN where a
+    label is outside [0, K) (label values live on the device: reading them here would cost a host sync).
+
+    Raises:
+      DataError: shapes or dtypes other than those (checked from metadata, so at trace time under jit): labels
+        of shape (N, 1), one-hot or float labels, a model whose output is not (N, K), would otherwise broadcast
+        into a wrong loss without an error.
+    """
+    n = _check_labels(labels, name="labels")
+    if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != n:
+        raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, "
+                        f"got shape {tuple(jnp.shape(logits))}")
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.where((labels >= 0) & (labels < num_classes), losses, jnp.nan)
 
 
 def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array,
@@ -135,8 +148,15 @@ def train_step(state: Any, batch: Batch, *, label_smoothing: float = 0.0, dropou
     dropout key is `fold_in(k, state.step)` with k = `dropout_rng`, else the state's `rng`, else
     `key(DEFAULT_DROPOUT_SEED)`. `axis_name` (pmap only): gradients and metrics are averaged over that axis;
     under jit with shardings leave it None — the batch is already global.
+
+    A label outside [0, K) makes its loss, so the reported "loss", NaN (values are not read back to check;
+    `validate_batch` checks host arrays); its gradient is that of the other images.
+
+    Raises:
+      DataError: `batch` is not a mapping with "image" and "label", the labels are not (N,) integers (one per
+        input), or the model's output is not (N, K) logits — at trace time, from shapes and dtypes alone.
     """
-    images, labels = batch["image"], batch["label"]
+    images, labels = _step_batch(batch)
     stats = _batch_stats(state)
     rngs = _dropout_rngs(state, dropout_rng)
 
@@ -237,12 +257,13 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_siz
             if scorer is None:
                 raise ConfigError("select_hardest with a proxy_step needs a state with a proxy: "
                                   "state.replace(proxy=create_train_state(small_model, ...))")
+        images, labels = _step_batch(batch)
         stats = _batch_stats(scorer)
-        logits = scorer.apply_fn(_variables(scorer), scored(batch["image"]), train=True,
+        logits = scorer.apply_fn(_variables(scorer), scored(images), train=True,
                                  rngs=_dropout_rngs(scorer, kwargs.get("dropout_rng")),
                                  mutable=["batch_stats"] if stats else [])[0]
-        k = max(1, round(fraction * batch["label"].shape[0]))
-        _, chosen = jax.lax.top_k(cross_entropy(logits, batch["label"]), k)
+        k = max(1, round(fraction * labels.shape[0]))
+        _, chosen = jax.lax.top_k(cross_entropy(logits, labels), k)
         chosen = {key: value[chosen] for key, value in batch.items()}
         new_state, metrics = step_fn(state, chosen, **kwargs)
         if proxy_step is None:
@@ -309,11 +330,14 @@ def eval_step(state: Any, batch: Batch, *, tta: int = 0, tta_fraction: float = 1
     `batch` may carry "mask": (N,) bool, False for padding rows, so the last, short batch of a split can be
     padded to the common size (no recompile) and still count exactly: "count" is the number of real rows.
     `tta` and `tta_fraction` as in `predict_logits` (the fraction is of the batch, padding rows included);
-    `axis_name` (pmap only): metrics over all devices of that axis.
+    `axis_name` (pmap only): metrics over all devices of that axis. Bad input as for `train_step` (and a "mask" of
+    another shape than the labels') raises DataError.
     """
-    labels = batch["label"]
-    mask = batch.get("mask", jnp.ones(labels.shape, bool))
-    plain, logits = _plain_and_tta_logits(state, batch["image"], tta, tta_fraction)
+    images, labels = _step_batch(batch)
+    mask = batch.get("mask", jnp.ones(jnp.shape(labels), bool))
+    if jnp.shape(mask) != jnp.shape(labels):
+        raise DataError(f"batch['mask'] must have the labels' shape {jnp.shape(labels)}, got {jnp.shape(mask)}")
+    plain, logits = _plain_and_tta_logits(state, images, tta, tta_fraction)
     metrics = _metrics(cross_entropy(logits, labels), logits, labels, mask, axis_name)
     if tta:
         plain_metrics = _metrics(cross_entropy(plain, labels), plain, labels, mask, axis_name)
@@ -341,6 +365,37 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
     return x.shape, x.dtype
 
 
+def _images_and_labels(batch: Batch) -> tuple[Any, Any]:
+    """batch["image"], batch["label"]; DataError (one line) if `batch` is not a mapping holding both."""
+    if not isinstance(batch, Mapping):
+        raise DataError(f"batch must be a mapping with keys 'image' and 'label', got {type(batch).__name__}")
+    for key in ("image", "label"):
+        if key not in batch:
+            raise DataError(f"batch must have keys 'image' and 'label', got {sorted(batch)}")
+    return batch["image"], batch["label"]
+
+
+def _check_labels(labels: Any, num_images: int | None = None, name: str = "batch['label']") -> int:
+    """The number of labels; DataError (one line) unless they are (N,) integers, N = `num_images` when given."""
+    lshape, ldtype = _shape_dtype(labels)
+    if len(lshape) != 1 or not np.issubdtype(ldtype, np.integer):
+        raise DataError(f"{name} must be (N,) integers, got shape {lshape} dtype {ldtype}")
+    if num_images is not None and lshape[0] != num_images:
+        raise DataError(f"batch has {num_images} images but {lshape[0]} labels")
+    return lshape[0]
+
+
+def _step_batch(batch: Batch) -> tuple[Any, Any]:
+    """A step's images and labels: (N, ...) model input (an array; any other pytree is the model's business) and
+    (N,) integer labels, else DataError (one line)."""
+    images, labels = _images_and_labels(batch)
+    shape = getattr(images, "shape", None)
+    if shape is not None and not shape:
+        raise DataError("batch['image'] must be (N, ...), one model input per label, got a scalar")
+    _check_labels(labels, None if shape is None else shape[0])
+    return images, labels
+
+
 def validate_batch(batch: Batch, *, num_classes: int | None = None,
                    image_shape: Sequence[int] | None = None) -> None:
     """Raise DataError (a ValueError; one line: expected vs received) if `batch` cannot be an (images,
@@ -351,12 +406,7 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
     `num_classes` is given and the labels are host (NumPy) arrays — device arrays are not read back, which
     would cost a host sync per step.
     """
-    if not isinstance(batch, Mapping):
-        raise DataError(f"batch must be a mapping with keys 'image' and 'label', got {type(batch).__name__}")
-    for key in ("image", "label"):
-        if key not in batch:
-            raise DataError(f"batch must have keys 'image' and 'label', got {sorted(batch)}")
-    images, labels = batch["image"], batch["label"]
+    images, labels = _images_and_labels(batch)
     shape, dtype = _shape_dtype(images)
     if len(shape) != 4:
         raise DataError(f"batch['image'] must be (N, H, W, C), got shape {shape}")
@@ -366,11 +416,7 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
         raise DataError(f"batch is empty: batch['image'] has shape {shape}")
     if image_shape is not None and shape[1:] != tuple(image_shape):
         raise DataError(f"batch['image'] must be (N, {', '.join(map(str, image_shape))}), got shape {shape}")
-    lshape, ldtype = _shape_dtype(labels)
-    if len(lshape) != 1 or not np.issubdtype(ldtype, np.integer):
-        raise DataError(f"batch['label'] must be (N,) integers, got shape {lshape} dtype {ldtype}")
-    if lshape[0] != shape[0]:
-        raise DataError(f"batch has {shape[0]} images but {lshape[0]} labels")
+    _check_labels(labels, shape[0])
     if num_classes is not None and isinstance(labels, np.ndarray):
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:

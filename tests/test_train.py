@@ -350,6 +350,71 @@ def test_bad_input_is_a_one_line_value_error(data, change, message):
     assert "\n" not in str(err.value)
 
 
+class UnpooledNet(nn.Module):
+    """A user's net that forgets to pool: (N, H, W, K) "logits"."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        return nn.Conv(CLASSES, (3, 3))(x.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("step_fn", [jaxnet.train_step, jaxnet.eval_step,
+                                     train.select_hardest(fraction=0.5)], ids=["train", "eval", "select_hardest"])
+@pytest.mark.parametrize("change,message", [
+    (lambda b: {"image": b["image"], "label": b["label"][:, None]}, r"batch\['label'\] must be \(N,\) integers, "
+                                                                    r"got shape \(64, 1\) dtype int32"),
+    (lambda b: {"image": b["image"], "label": jax.nn.one_hot(b["label"], CLASSES)}, r"got shape \(64, 10\) dtype float"),
+    (lambda b: {"image": b["image"], "label": b["label"].astype(np.float32)}, r"got shape \(64,\) dtype float32"),
+    (lambda b: {"image": b["image"], "label": b["label"][:63]}, "batch has 64 images but 63 labels"),
+    (lambda b: (b["image"], b["label"]), "batch must be a mapping with keys 'image' and 'label', got tuple"),
+    (lambda b: {"image": b["image"]}, r"batch must have keys 'image' and 'label', got \['image'\]"),
+    (lambda b: b, r"the model's output must be \(N, classes\) logits for N = 64 labels, got shape \(64, 16, 16, 10\)"),
+], ids=["labels_n1", "one_hot", "float_labels", "count", "tuple", "no_label", "unpooled_model"])
+def test_a_users_jitted_step_refuses_a_batch_that_would_broadcast_into_a_wrong_loss(data, step_fn, change, message):
+    """jax.jit of the bare steps with Flax's own TrainState: a batch whose shapes do not fit is a one-line DataError
+    when traced, not a loss over (N, N) broadcast rows (labels of shape (N, 1) gave a finite, wrong loss)."""
+    model = UnpooledNet() if "model's output" in message else ScalingMlp()
+    with pytest.raises(jaxnet.DataError, match=message) as err:
+        jax.jit(step_fn)(_flax_state(model), change(data))
+    assert "\n" not in str(err.value)
+
+
+def test_an_eval_mask_of_another_shape_than_the_labels_is_refused(data):
+    batch = {**data, "mask": np.ones((N, 1), bool)}
+    with pytest.raises(jaxnet.DataError, match=r"batch\['mask'\] must have the labels' shape \(64,\), got \(64, 1\)"):
+        jax.jit(jaxnet.eval_step)(_flax_state(ScalingMlp()), batch)
+
+
+def test_cross_entropy_refuses_labels_and_logits_that_would_broadcast():
+    logits, labels = jnp.zeros((4, CLASSES)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(jaxnet.DataError, match=r"labels must be \(N,\) integers, got shape \(4, 1\)"):
+        jaxnet.cross_entropy(logits, labels[:, None])
+    with pytest.raises(jaxnet.DataError, match=r"logits for N = 4 labels, got shape \(4, 1, 10\)"):
+        jaxnet.cross_entropy(logits[:, None], labels)
+
+
+def test_a_label_outside_the_classes_makes_the_loss_nan_and_adds_no_gradient(data):
+    """Label values stay on the device (no host sync): one outside [0, K) shows as a NaN loss, and the step's
+    update is that of the other images alone (plain SGD: (N - 1) / N of the update of the batch without it)."""
+    state = _flax_state(ScalingMlp()).replace(tx=optax.sgd(0.1))
+    state = state.replace(opt_state=state.tx.init(state.params))
+    bad = {"image": data["image"], "label": np.concatenate([[CLASSES], data["label"][1:]]).astype(np.int32)}
+    rest = {k: v[1:] for k, v in data.items()}
+    step = jax.jit(jaxnet.train_step)
+    after_bad, metrics = step(state, bad)
+    after_rest, _ = step(state, rest)
+    assert np.isnan(float(metrics["loss"])) and np.isfinite(float(metrics["accuracy"]))
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a, p: a - p, after_bad.params, state.params),
+        jax.tree.map(lambda a, p: (N - 1) / N * (a - p), after_rest.params, state.params), rtol=1e-4, atol=1e-7)
+    for wrong in (-1, CLASSES):
+        labels = np.concatenate([[wrong], data["label"][1:]]).astype(np.int32)
+        assert np.isnan(float(jax.jit(jaxnet.eval_step)(state, {"image": data["image"], "label": labels})["loss"]))
+    masked = {"image": data["image"], "label": np.concatenate([[-1], data["label"][1:]]).astype(np.int32),
+              "mask": np.arange(N) > 0}  # a padding row's label is never counted, whatever it holds
+    chex.assert_trees_all_close(jaxnet.eval_step(state, masked), jaxnet.eval_step(state, rest), rtol=1e-6)
+
+
 def test_sgd_decays_kernels_only():
     params = {"conv": {"kernel": jnp.ones((3, 3, 1, 1)), "bias": jnp.ones((1,))}, "bn": {"scale": jnp.ones((1,))}}
     tx = optim.sgd(0.1, momentum=0.9, weight_decay=0.5)
