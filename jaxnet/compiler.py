@@ -17,7 +17,7 @@ from typing import Any
 import jax
 from jax._src import xla_bridge  # backends_are_initialized: no public equivalent in jax 0.10
 
-from jaxnet.cache import default_cache_dir
+from jaxnet.cache import check_directory, default_cache_dir
 from jaxnet.errors import ConfigError
 
 CPU_CONV_FLAGS = {
@@ -124,7 +124,9 @@ def xla_knows_flags(flags: str) -> bool:
 
 def enable_compilation_cache(directory: str | os.PathLike) -> None:
     """Keep compiled executables in `directory` (XLA's persistent cache), so a later run of the same
-    program skips compilation. Every compilation is cached, however short."""
+    program skips compilation. Every compilation is cached, however short. ConfigError if `directory` cannot be
+    one (JAX would warn and compile every program again)."""
+    check_directory(directory, "compilation cache")
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

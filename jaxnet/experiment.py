@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import numbers
 import os
 import platform
 import shutil
@@ -31,6 +32,7 @@ import optax
 
 from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, loop, models, optim, parallel, profiling
 from jaxnet import train
+from jaxnet.cache import check_directory
 from jaxnet.configs.default import LOW_RES_FRACTION, PROXY_EVERY
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.metrics import MetricWriter, plot_curves
@@ -303,14 +305,22 @@ def _check_workdir(workdir: Path, resume: bool) -> bool:
     """Whether the run resumes: `resume`, unless the checkpoint folders exist with nothing complete in them
     (a run killed before its first save), which starts afresh. Raises ConfigError or CheckpointError for a
     workdir that cannot be used; decided by process 0 (whose workdir holds the checkpoints) for all."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ConfigError(f"workdir {workdir} exists and is not a directory")
+    check_directory(workdir, "workdir")
     ckpt_dir = workdir / "checkpoints"
     if not resume and _saved_steps(ckpt_dir):
         raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue, or another --workdir")
     if resume and not ckpt_dir.exists():
         raise CheckpointError(f"--resume: no checkpoints in {ckpt_dir}")
     return resume and bool(_saved_steps(ckpt_dir))
+
+
+def _check_outputs(workdir: Path, resume: bool, **traces: str | None) -> bool:
+    """`_check_workdir`'s answer, after checking that each of `traces` (a directory of --dump-hlo, --profile)
+    can be written: on process 0, which writes them, before any data is read."""
+    for flag, directory in traces.items():
+        if directory:
+            check_directory(directory, f"--{flag.replace('_', '-')}")
+    return _check_workdir(workdir, resume)
 
 
 def check_disk_space(workdir: Path, state: train.TrainState, keep: int) -> None:
@@ -334,10 +344,12 @@ def data_fingerprint(*splits: data_lib.Split) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_options(config, export: tuple[str, ...], export_platforms: tuple[str, ...], parallel_mode: str,
+def _check_options(config, seed: int, export: tuple[str, ...], export_platforms: tuple[str, ...], parallel_mode: str,
                    traced: bool) -> None:
     """ConfigError for a config value or option that cannot work, before any data is read."""
     validate_config(config)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if unknown := [f for f in export if f not in export_lib.FORMATS]:
         raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
     export_lib.check_platforms(export_platforms)
@@ -506,9 +518,9 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     profiler trace of 5 steps; `peak_flops`: the device's peak FLOP/s, for the MFU in the summary (none without it).
     """
     t0 = time.perf_counter()
-    _check_options(config, export, export_platforms, parallel_mode, dump_hlo or profile)
+    _check_options(config, seed, export, export_platforms, parallel_mode, dump_hlo or profile)
     workdir = Path(workdir)
-    resume = parallel.broadcast_from_main(lambda: _check_workdir(workdir, resume))
+    resume = parallel.broadcast_from_main(lambda: _check_outputs(workdir, resume, dump_hlo=dump_hlo, profile=profile))
     train_set, val_set, test_set = parallel.on_every_process(lambda: load_splits(config, data_dir, seed))
     t_data = time.perf_counter()
     if parallel.any_process(should_stop()):  # a stop asked for while the data was decoded (cached by now)

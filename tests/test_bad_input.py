@@ -149,6 +149,8 @@ CONFIG_CASES = [  # (override(s), what the message must say)
 FLAG_CASES = [
     (["--config", "nope"], "argument --config: invalid choice: 'nope'"),
     (["--seed", "x"], "argument --seed: invalid int value"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**63), got -1"),  # were tracebacks from NumPy and JAX
+    (["--seed", str(2 ** 63)], f"seed must be an integer in [0, 2**63), got {2 ** 63}"),
     (["--parallel", "mpi"], "argument --parallel: invalid choice"),
     (["--peak-tflops", "-1"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0"),
@@ -210,6 +212,36 @@ def test_bad_config_value(tmp_path, dataset, overrides, message):
 def test_bad_flag(tmp_path, dataset, flags, message):
     _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), *flags],
            message)
+
+
+@pytest.mark.parametrize("flag,where,message", [
+    ("--workdir", "file/run", "workdir {file}/run cannot be made: {file} is not a directory"),
+    ("--dump-hlo", "file", "--dump-hlo {file} exists and is not a directory"),
+    ("--profile", "file/trace", "--profile {file}/trace cannot be made: {file} is not a directory"),
+])
+def test_an_output_directory_with_a_file_in_its_way_is_one_line_before_training(tmp_path, dataset, flag, where,
+                                                                                 message):
+    """Before: a traceback (the workdir), or one after training had started (the profile, at its trace), or after
+    compiling (the HLO dump)."""
+    file = tmp_path / "file"
+    file.write_text("a user's file")
+    workdir = [] if flag == "--workdir" else ["--workdir", str(tmp_path / "w")]
+    _check(tmp_path, ["--config", "smoke", "--data-dir", str(dataset), *workdir, flag, str(tmp_path / where)],
+           message.format(file=file), protected=file)
+    assert file.read_text() == "a user's file"
+
+
+def test_a_compilation_cache_that_cannot_be_a_directory_is_one_line(tmp_path, dataset):
+    """Through the real entry point (the in-process runs above turn the cache off): JAX only warned, then compiled
+    every program again."""
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
+                             str(dataset), "--workdir", str(tmp_path / "w"), "--compilation-cache",
+                             str(tmp_path / "file")], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: compilation cache {tmp_path / 'file'} exists and is not a directory"], result.stderr
+    assert not (tmp_path / "w").exists()
 
 
 def test_coordinator_port_in_use(tmp_path, dataset):
