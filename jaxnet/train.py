@@ -93,7 +93,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != n:
         raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, "
                         f"got shape {tuple(jnp.shape(logits))}")
-    num_classes = logits.shape[-1]
+    labels, num_classes = jnp.asarray(labels), jnp.shape(logits)[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
     losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
     return jnp.where((labels >= 0) & (labels < num_classes), losses, jnp.nan)
