@@ -90,10 +90,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
         into a wrong loss without an error.
     """
     n = _check_labels(labels, name="labels")
-    if jnp.ndim(logits) != 2 or jnp.shape(logits)[0] != n:
-        raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, "
-                        f"got shape {tuple(jnp.shape(logits))}")
-    labels, num_classes = jnp.asarray(labels), jnp.shape(logits)[-1]
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != n:
+        raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, got "
+                        + (f"shape {tuple(shape)}" if shape is not None else f"a {type(logits).__name__}"))
+    labels, num_classes = jnp.asarray(labels), shape[-1]
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
     losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
     return jnp.where((labels >= 0) & (labels < num_classes), losses, jnp.nan)

@@ -392,6 +392,8 @@ def test_cross_entropy_refuses_labels_and_logits_that_would_broadcast():
         jaxnet.cross_entropy(logits, labels[:, None])
     with pytest.raises(jaxnet.DataError, match=r"logits for N = 4 labels, got shape \(4, 1, 10\)"):
         jaxnet.cross_entropy(logits[:, None], labels)
+    with pytest.raises(jaxnet.DataError, match=r"logits for N = 4 labels, got a tuple"):  # a model's (logits, aux)
+        jax.jit(jaxnet.cross_entropy)((logits, logits), labels)
 
 
 def test_a_label_outside_the_classes_makes_the_loss_nan_and_adds_no_gradient(data):
