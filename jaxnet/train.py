@@ -102,8 +102,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array,
              axis_name: str | None = None) -> Metrics:
-    """Masked means over the batch — over all devices of `axis_name` when given (inside pmap)."""
-    sums = {"loss": jnp.sum(losses * mask), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
+    """Masked means over the batch — over all devices of `axis_name` when given (inside pmap). A masked row's loss
+    is left out, not multiplied by 0: a padding row's label may be outside the classes (a NaN loss), and NaN × 0
+    is 0 on XLA's CPU but NaN elsewhere."""
+    sums = {"loss": jnp.sum(jnp.where(mask, losses, 0.0)), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
             "count": mask.sum()}
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
