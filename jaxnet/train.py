@@ -103,8 +103,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Array,
              axis_name: str | None = None) -> Metrics:
     """Masked means over the batch — over all devices of `axis_name` when given (inside pmap). A masked row's loss
-    is left out, not multiplied by 0: a padding row's label may be outside the classes (a NaN loss), and NaN × 0
-    is 0 on XLA's CPU but NaN elsewhere."""
+    is left out with a select, not multiplied by 0: a padding row's label may be outside the classes (a NaN loss),
+    and NaN × 0 is NaN; that XLA's simplifier turns a product with a converted mask into a select is an
+    optimisation, not a contract."""
     sums = {"loss": jnp.sum(jnp.where(mask, losses, 0.0)), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask),
             "count": mask.sum()}
     if axis_name is not None:
