@@ -11,9 +11,11 @@ They hand the model `batch["image"]` exactly as given: scaling and normalisation
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,8 +90,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
       DataError: shapes or dtypes other than those (checked from metadata, so at trace time under jit): labels
         of shape (N, 1), one-hot or float labels, a model whose output is not (N, K), would otherwise broadcast
         into a wrong loss without an error.
+      ConfigError: a `label_smoothing` given as a number outside [0, 1) (negative targets).
     """
     n = _check_labels(labels, name="labels")
+    if isinstance(label_smoothing, numbers.Real) and not 0 <= label_smoothing < 1:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
     shape = getattr(logits, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != n:
         raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, got "
@@ -117,6 +122,20 @@ def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.
 def _batch_stats(state: Any) -> Any:
     """The state's BatchNorm statistics, or {} for a state without the field (Flax's TrainState)."""
     return getattr(state, "batch_stats", None) or {}
+
+
+def _apply(state: Any, variables: dict[str, Any], x: Any, **kwargs) -> Any:
+    """`state.apply_fn(variables, x, **kwargs)`. A model with BatchNorm statistics under a state that holds none
+    (Flax's own TrainState has no `batch_stats` field) is a one-line ConfigError saying what to use instead of
+    Flax's error about an empty collection."""
+    try:
+        return state.apply_fn(variables, x, **kwargs)
+    except flax.errors.ScopeCollectionNotFound as e:
+        if "batch_stats" in variables or 'from collection "batch_stats"' not in str(e):
+            raise
+        raise ConfigError("the model keeps BatchNorm statistics but the state holds none: make it with "
+                          "jaxnet.create_train_state, or give your TrainState a batch_stats field set to "
+                          "model.init(...)['batch_stats']") from e
 
 
 def _variables(state: Any) -> dict[str, Any]:
@@ -166,8 +185,8 @@ def train_step(state: Any, batch: Batch, *, label_smoothing: float = 0.0, dropou
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
-        logits, updates = state.apply_fn(variables, images, train=True, rngs=rngs,
-                                         mutable=["batch_stats"] if stats else [])
+        logits, updates = _apply(state, variables, images, train=True, rngs=rngs,
+                                 mutable=["batch_stats"] if stats else [])
         losses = cross_entropy(logits, labels, label_smoothing)
         return losses.mean(), (losses, logits, updates)
 
@@ -263,9 +282,9 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_siz
                                   "state.replace(proxy=create_train_state(small_model, ...))")
         images, labels = _step_batch(batch)
         stats = _batch_stats(scorer)
-        logits = scorer.apply_fn(_variables(scorer), scored(images), train=True,
-                                 rngs=_dropout_rngs(scorer, kwargs.get("dropout_rng")),
-                                 mutable=["batch_stats"] if stats else [])[0]
+        logits = _apply(scorer, _variables(scorer), scored(images), train=True,
+                        rngs=_dropout_rngs(scorer, kwargs.get("dropout_rng")),
+                        mutable=["batch_stats"] if stats else [])[0]
         k = max(1, round(fraction * labels.shape[0]))
         _, chosen = jax.lax.top_k(cross_entropy(logits, labels), k)
         chosen = {key: value[chosen] for key, value in batch.items()}
@@ -297,7 +316,7 @@ def _plain_and_tta_logits(state: Any, images: jax.Array, tta: int, tta_fraction:
     variables = _variables(state)
 
     def logits(x):
-        return state.apply_fn(variables, x, train=False).astype(jnp.float32)
+        return _apply(state, variables, x, train=False).astype(jnp.float32)
 
     def mirrored(x, plain=None):  # plain: x's logits, where already computed
         return 0.5 * ((logits(x) if plain is None else plain) + logits(x[:, :, ::-1]))
@@ -314,6 +333,9 @@ def _plain_and_tta_logits(state: Any, images: jax.Array, tta: int, tta_fraction:
             case _:
                 raise ConfigError(f"tta must be 0, 1 or 2, got {tta!r}")
 
+    if tta and len(getattr(images, "shape", ())) != 4:
+        got = f"shape {tuple(images.shape)}" if hasattr(images, "shape") else f"a {type(images).__name__}"
+        raise DataError(f"tta={tta!r} mirrors and shifts images: it needs (N, H, W, C) input, got {got}")
     plain = logits(images)
     if tta == 0:
         return plain, plain
@@ -361,12 +383,15 @@ def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 # ---- input checks at the API boundary (outside jit: metadata only, plus values of host arrays) ----
 
-def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from metadata: an array is never read (that would be a host sync per step)."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return tuple(x.shape), np.dtype(x.dtype)
-    x = np.asarray(x)  # a list or scalar from the caller: on the host already
-    return x.shape, x.dtype
+def _shape_dtype(x: Any, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from metadata: an array is never read (that would be a host sync per step). A list or
+    scalar (maybe of traced values, under jit) is what jnp.asarray makes of it; DataError if it makes nothing."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        try:
+            x = jax.eval_shape(jnp.asarray, x)
+        except (TypeError, ValueError):
+            raise DataError(f"{name} must be an array, got {reprlib.repr(x)}") from None
+    return tuple(x.shape), np.dtype(x.dtype)
 
 
 def _images_and_labels(batch: Batch) -> tuple[Any, Any]:
@@ -381,7 +406,7 @@ def _images_and_labels(batch: Batch) -> tuple[Any, Any]:
 
 def _check_labels(labels: Any, num_images: int | None = None, name: str = "batch['label']") -> int:
     """The number of labels; DataError (one line) unless they are (N,) integers, N = `num_images` when given."""
-    lshape, ldtype = _shape_dtype(labels)
+    lshape, ldtype = _shape_dtype(labels, name)
     if len(lshape) != 1 or not np.issubdtype(ldtype, np.integer):
         raise DataError(f"{name} must be (N,) integers, got shape {lshape} dtype {ldtype}")
     if num_images is not None and lshape[0] != num_images:
@@ -389,15 +414,22 @@ def _check_labels(labels: Any, num_images: int | None = None, name: str = "batch
     return lshape[0]
 
 
-def _step_batch(batch: Batch) -> tuple[Any, Any]:
+def _check_not_empty(shape: tuple[int, ...]) -> None:
+    if shape[0] == 0:
+        raise DataError(f"batch is empty: batch['image'] has shape {shape}")
+
+
+def _step_batch(batch: Batch) -> tuple[Any, jax.Array]:
     """A step's images and labels: (N, ...) model input (an array; any other pytree is the model's business) and
-    (N,) integer labels, else DataError (one line)."""
+    (N,) integer labels (as an array), N > 0, else DataError (one line)."""
     images, labels = _images_and_labels(batch)
     shape = getattr(images, "shape", None)
-    if shape is not None and not shape:
-        raise DataError("batch['image'] must be (N, ...), one model input per label, got a scalar")
+    if shape is not None:
+        if not shape:
+            raise DataError("batch['image'] must be (N, ...), one model input per label, got a scalar")
+        _check_not_empty(tuple(shape))
     _check_labels(labels, None if shape is None else shape[0])
-    return images, labels
+    return images, jnp.asarray(labels)
 
 
 def validate_batch(batch: Batch, *, num_classes: int | None = None,
@@ -411,13 +443,12 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
     would cost a host sync per step.
     """
     images, labels = _images_and_labels(batch)
-    shape, dtype = _shape_dtype(images)
+    shape, dtype = _shape_dtype(images, "batch['image']")
     if len(shape) != 4:
         raise DataError(f"batch['image'] must be (N, H, W, C), got shape {shape}")
     if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16):
         raise DataError(f"batch['image'] must be float or uint8, got dtype {dtype}")
-    if shape[0] == 0:
-        raise DataError(f"batch is empty: batch['image'] has shape {shape}")
+    _check_not_empty(shape)
     if image_shape is not None and shape[1:] != tuple(image_shape):
         raise DataError(f"batch['image'] must be (N, {', '.join(map(str, image_shape))}), got shape {shape}")
     _check_labels(labels, shape[0])

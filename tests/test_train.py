@@ -369,7 +369,8 @@ class UnpooledNet(nn.Module):
     (lambda b: (b["image"], b["label"]), "batch must be a mapping with keys 'image' and 'label', got tuple"),
     (lambda b: {"image": b["image"]}, r"batch must have keys 'image' and 'label', got \['image'\]"),
     (lambda b: b, r"the model's output must be \(N, classes\) logits for N = 64 labels, got shape \(64, 16, 16, 10\)"),
-], ids=["labels_n1", "one_hot", "float_labels", "count", "tuple", "no_label", "unpooled_model"])
+    (lambda b: {"image": b["image"][:0], "label": b["label"][:0]}, r"batch is empty: batch\['image'\] has shape \(0, "),
+], ids=["labels_n1", "one_hot", "float_labels", "count", "tuple", "no_label", "unpooled_model", "empty"])
 def test_a_users_jitted_step_refuses_a_batch_that_would_broadcast_into_a_wrong_loss(data, step_fn, change, message):
     """jax.jit of the bare steps with Flax's own TrainState: a batch whose shapes do not fit is a one-line DataError
     when traced, not a loss over (N, N) broadcast rows (labels of shape (N, 1) gave a finite, wrong loss)."""
@@ -377,6 +378,37 @@ def test_a_users_jitted_step_refuses_a_batch_that_would_broadcast_into_a_wrong_l
     with pytest.raises(jaxnet.DataError, match=message) as err:
         jax.jit(step_fn)(_flax_state(model), change(data))
     assert "\n" not in str(err.value)
+
+
+def test_a_users_jitted_step_takes_labels_given_as_a_list(data):
+    """Under jit a list of labels arrives as a list of traced scalars: the steps take it as the array it holds."""
+    state = _flax_state(ScalingMlp())
+    listed = {"image": data["image"], "label": data["label"].tolist()}
+    for step in (jax.jit(jaxnet.train_step), jax.jit(jaxnet.eval_step), jaxnet.train_step, jaxnet.eval_step):
+        chex.assert_trees_all_close(step(state, listed), step(state, data), rtol=1e-6)
+
+
+@pytest.mark.parametrize("step_fn", [jaxnet.train_step, jaxnet.eval_step,
+                                     train.select_hardest(fraction=0.5)], ids=["train", "eval", "select_hardest"])
+def test_a_batchnorm_model_under_flaxs_own_train_state_says_what_the_state_lacks(data, step_fn):
+    """Flax's TrainState has no batch_stats field: Flax's own error spoke of an empty collection."""
+    model = BnMlp()
+    variables = model.init(jax.random.key(0), data["image"][:1], train=False)
+    state = flax_train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.adam(3e-3))
+    with pytest.raises(jaxnet.ConfigError, match="the model keeps BatchNorm statistics but the state holds none: "
+                                                 "make it with jaxnet.create_train_state") as err:
+        jax.jit(step_fn)(state, data)
+    assert "\n" not in str(err.value)
+
+
+def test_tta_of_an_input_that_is_not_an_image_is_one_line(data):
+    state = _flax_state(ScalingMlp())
+    flat = {"image": data["image"].reshape(N, -1), "label": data["label"]}
+    assert float(jax.jit(jaxnet.eval_step)(state, flat)["count"]) == N  # without TTA any (N, ...) input is the model's
+    for tta in (1, 2):
+        with pytest.raises(jaxnet.DataError, match=rf"tta={tta} mirrors and shifts images: it needs \(N, H, W, C\) "
+                                                   rf"input, got shape \(64, {SIZE * SIZE * 3}\)"):
+            jax.jit(partial(jaxnet.eval_step, tta=tta))(state, flat)
 
 
 def test_an_eval_mask_of_another_shape_than_the_labels_is_refused(data):
@@ -394,6 +426,11 @@ def test_cross_entropy_refuses_labels_and_logits_that_would_broadcast():
         jaxnet.cross_entropy(logits[:, None], labels)
     with pytest.raises(jaxnet.DataError, match=r"logits for N = 4 labels, got a tuple"):  # a model's (logits, aux)
         jax.jit(jaxnet.cross_entropy)((logits, logits), labels)
+    with pytest.raises(jaxnet.DataError, match=r"labels must be an array, got \[\[0\], \[1, 2\]\]"):  # ragged
+        jaxnet.cross_entropy(logits, [[0], [1, 2]])
+    for smoothing in (-0.1, 1.0, 1.5):  # targets below 0 (or none at all on the label)
+        with pytest.raises(jaxnet.ConfigError, match=rf"label_smoothing must be in \[0, 1\), got {smoothing}"):
+            jaxnet.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def test_a_label_outside_the_classes_makes_the_loss_nan_and_adds_no_gradient(data):
