@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from jaxnet import models, optim, train
+from jaxnet.errors import ConfigError
 
 
 def _params(model, size=8):
@@ -174,3 +175,35 @@ def test_renormalize_kernels_only_on_its_period():
     np.testing.assert_allclose(norms, [2.0, float(jnp.linalg.norm(kernel["k"])), 2.0], rtol=1e-6)
     with pytest.raises(ValueError, match="needs the params"):
         tx.update(kernel, state)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: optim.sgd(-0.1), r"sgd learning_rate must be > 0 or a schedule \(step → rate\), got -0.1"),
+    (lambda: optim.sgd("fast"), "sgd learning_rate must be > 0 or a schedule"),  # was an indexing TypeError at init
+    (lambda: optim.sgd(float("nan")), "sgd learning_rate must be > 0"),
+    (lambda: optim.sgd(0.1, momentum=1.0), r"sgd momentum must be in \[0, 1\), got 1.0"),
+    (lambda: optim.sgd(0.1, weight_decay=-5e-4), "sgd weight_decay must be >= 0, got -0.0005"),
+    (lambda: optim.adamw(jnp.float32(-1.0)), "adamw learning_rate must be > 0 or a schedule"),  # a JAX scalar
+    (lambda: optim.adamw(1e-3, b2=1.5), r"adamw b2 must be in \[0, 1\), got 1.5"),
+    (lambda: optim.airbench_sgd(11.5, optim.constant(1.0), batch_size=0), "airbench_sgd batch_size must be a positive"),
+    (lambda: optim.airbench_sgd(11.5, optim.constant(1.0), batch_size=64, momentum=True), "airbench_sgd momentum"),
+    (lambda: optim.airbench_muon(optim.constant(1.0), batch_size=64, renorm_every=0),
+     "airbench_muon renorm_every must be a positive integer, got 0"),
+    (lambda: optim.airbench_muon(optim.constant(1.0), batch_size=64, head_lr=0.0), "airbench_muon head_lr must be > 0"),
+    (lambda: optim.scale_by_muon(0.6, ns_steps=2.5), "scale_by_muon ns_steps must be a positive integer, got 2.5"),
+    (lambda: optim.renormalize_kernels(0), "renormalize_kernels every must be a positive integer, got 0"),
+], ids=["sgd_lr", "sgd_lr_str", "sgd_lr_nan", "sgd_momentum", "sgd_decay", "adamw_lr_jax", "adamw_b2", "airbench_batch",
+        "airbench_momentum_bool", "muon_renorm", "muon_head_lr", "ns_steps", "renorm_every"])
+def test_an_optimizer_refuses_a_hyperparameter_out_of_range_in_one_line(make, message):
+    """optax takes any of these (a negative rate ascends the loss, momentum 1 never forgets): jaxnet's refuse."""
+    with pytest.raises(ConfigError, match=message) as err:
+        make()
+    assert "\n" not in str(err.value)
+
+
+def test_an_optimizer_takes_numpy_and_jax_scalars_and_schedules():
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+    for tx in (optim.sgd(np.float32(0.1)), optim.sgd(jnp.asarray(0.1)), optim.sgd(optim.constant(0.1)),
+               optim.adamw(lambda step: 1e-3, b1=np.float64(0.8))):
+        updates, _ = tx.update(params, tx.init(params), params)
+        assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates))
