@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import socket
 import sys
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnet import errors, train
-from jaxnet.errors import JaxnetError, ParallelError
+from jaxnet.errors import ConfigError, JaxnetError, ParallelError
 from jaxnet.train import Batch, Metrics
 
 AXIS = "data"
@@ -43,12 +44,18 @@ PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer",
 
 # ---- meshes and shardings ----
 
+def _first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
+    """The first `num_devices` of `devices` (all of them for None); ParallelError for another number."""
+    n = len(devices) if num_devices is None else num_devices
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= len(devices):
+        raise ParallelError(f"{n!r} devices asked for, but {len(devices)} are available")
+    return devices[:n]
+
+
 def make_mesh(num_devices: int | None = None, axis: str = AXIS) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices of all processes (default: all of them)."""
     devices = jax.devices()
-    n = len(devices) if num_devices is None else num_devices
-    if not 1 <= n <= len(devices):
-        raise ParallelError(f"{n} devices asked for, but {len(devices)} are available")
+    n = len(_first_devices(devices, num_devices))
     if jax.process_count() > 1 and n != len(devices):
         raise ParallelError(f"with {jax.process_count()} processes every device takes part: "
                             f"num_devices must be {len(devices)}, got {n}")
@@ -113,16 +120,22 @@ def fetch(tree: Any) -> Any:
 def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None,
              mesh: Mesh | None) -> Callable:
     """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
-    host batches placed on the mesh: every process passes the same global host batch, or global arrays."""
+    host batches placed on the mesh: every process passes the same global host batch, or global arrays. A state
+    donated already is a ConfigError (a few µs a step): XLA's CPU client crashed the process (SIGSEGV) when one
+    reached a program over several devices."""
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+            raise ConfigError("the state's arrays were donated to an earlier train step (their buffers hold the "
+                              "new state): continue from the state that step returned")
         if mesh is not None:
             n = len(batch["label"])
             if n % mesh.size:
                 raise ParallelError(f"global batch of {n} does not divide over {mesh.size} devices")
-            if isinstance(batch["label"], np.ndarray):
-                batch = shard_batch(process_rows(batch), mesh)
+            if not isinstance(batch["label"], jax.Array):  # host arrays, or labels given as a list
+                batch = shard_batch(process_rows({k: np.asarray(v) if isinstance(v, list) else v
+                                                  for k, v in batch.items()}), mesh)
         return compiled(state, batch)
 
     step.compiled = compiled  # the jitted function, for lower()/cost analysis
@@ -194,12 +207,14 @@ def _split_batch(batch: Batch, devices: Sequence, axis_name: str) -> Batch:
     return jax.tree.map(lambda x: jax.device_put(jnp.reshape(x, (n, -1, *x.shape[1:])), sharding), batch)
 
 
-def _pmap_devices(num_devices: int | None) -> list:
-    devices = jax.local_devices()
-    n = len(devices) if num_devices is None else num_devices
-    if not 1 <= n <= len(devices):
-        raise ParallelError(f"{n} devices asked for, but {len(devices)} are available")
-    return devices[:n]
+def _unreplicated(state: Any, step_name: str) -> Any:
+    """`state`, which the pmap steps replicate themselves; ParallelError for one replicated already (the Flax
+    idiom `flax.jax_utils.replicate(state)`: a step counter with a device axis), which failed deep in the step."""
+    step = getattr(state, "step", None)
+    if step is not None and jnp.ndim(step) != 0:
+        raise ParallelError(f"{step_name} takes the state as it is and replicates it itself; got one replicated "
+                            f"already (its step has shape {jnp.shape(step)}): pass the unreplicated state")
+    return state
 
 
 def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | None = None, axis_name: str = AXIS,
@@ -208,13 +223,14 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
     """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
-    devices = _pmap_devices(num_devices)
+    devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
                         donate_argnums=(0,))
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
-        new_state, metrics = compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name))
+        new_state, metrics = compiled(replicate(_unreplicated(state, "pmap_train_step"), devices, axis_name),
+                                      _split_batch(batch, devices, axis_name))
         return unreplicate(new_state), unreplicate(metrics)
 
     return step
@@ -223,12 +239,13 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
 def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | None = None, axis_name: str = AXIS,
                    num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
     """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
-    devices = _pmap_devices(num_devices)
+    devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
-        return unreplicate(compiled(replicate(state, devices, axis_name), _split_batch(batch, devices, axis_name)))
+        return unreplicate(compiled(replicate(_unreplicated(state, "pmap_eval_step"), devices, axis_name),
+                                    _split_batch(batch, devices, axis_name)))
 
     return step
 
