@@ -72,6 +72,9 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
     optimizer) runs as one program compiled by `compiler.run_once`: op by op, JAX compiles every initializer
     and optimizer-state leaf on its own (154 compilations and ~25 s for the smoke experiment's tiny FastNet).
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise ConfigError(f"create_train_state needs an optax GradientTransformation as tx, got {tx!r}")
+
     def init(rng: jax.Array, sample_input: jax.Array) -> TrainState:
         init_rng, dropout_rng = jax.random.split(rng)
         variables = model.init({"params": init_rng, "dropout": init_rng}, sample_input, train=False)
@@ -213,11 +216,14 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
     hold an EMA (`create_train_state(..., ema=True)`); the policy lives here, in the step, not in the state.
 
     Raises:
-      ConfigError: `every` or `final_step` is not a positive integer.
+      ConfigError: `every` or `final_step` is not a positive integer, or `decay_fn` is not a function of the step.
     """
     for name, value in (("every", every), ("final_step", final_step)):
         if (value is not None or name == "every") and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"lookahead {name} must be a positive integer, got {value!r}")
+    if not callable(decay_fn):
+        raise ConfigError(f"lookahead decay_fn must be a function of the step (e.g. lambda step: 0.95), "
+                          f"got {decay_fn!r}")
 
     def step(state: TrainState, batch: Batch, **kwargs) -> tuple[TrainState, Metrics]:
         if getattr(state, "ema", None) is None:
@@ -266,6 +272,8 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_siz
             raise ConfigError(f"select_hardest {name} must be a positive integer, got {value!r}")
 
     def scored(images: jax.Array) -> jax.Array:
+        if score_size is not None:
+            _check_images(images, "select_hardest score_size resizes images")
         if score_size is None or score_size >= min(images.shape[1:3]):
             return images
         small = data.resize(images.astype(jnp.float32), score_size)
@@ -333,9 +341,8 @@ def _plain_and_tta_logits(state: Any, images: jax.Array, tta: int, tta_fraction:
             case _:
                 raise ConfigError(f"tta must be 0, 1 or 2, got {tta!r}")
 
-    if tta and len(getattr(images, "shape", ())) != 4:
-        got = f"shape {tuple(images.shape)}" if hasattr(images, "shape") else f"a {type(images).__name__}"
-        raise DataError(f"tta={tta!r} mirrors and shifts images: it needs (N, H, W, C) input, got {got}")
+    if tta:
+        _check_images(images, f"tta={tta!r} mirrors and shifts images")
     plain = logits(images)
     if tta == 0:
         return plain, plain
@@ -412,6 +419,13 @@ def _check_labels(labels: Any, num_images: int | None = None, name: str = "batch
     if num_images is not None and lshape[0] != num_images:
         raise DataError(f"batch has {num_images} images but {lshape[0]} labels")
     return lshape[0]
+
+
+def _check_images(images: Any, what: str) -> None:
+    """DataError unless `images` is an (N, H, W, C) array: `what` works on images, not on any model input."""
+    if len(getattr(images, "shape", ())) != 4:
+        got = f"shape {tuple(images.shape)}" if hasattr(images, "shape") else f"a {type(images).__name__}"
+        raise DataError(f"{what}: it needs (N, H, W, C) input, got {got}")
 
 
 def _check_not_empty(shape: tuple[int, ...]) -> None:

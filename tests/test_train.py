@@ -127,6 +127,25 @@ def test_lookahead_rejects_bad_periods(kwargs):
         train.lookahead_ema(decay_fn=lambda step: 0.5, **kwargs)
 
 
+def test_lookahead_refuses_a_decay_that_is_not_a_function_of_the_step():
+    with pytest.raises(jaxnet.ConfigError, match=r"lookahead decay_fn must be a function of the step .*got 0.9$"):
+        train.lookahead_ema(every=2, decay_fn=0.9)  # was "'float' object is not callable" at the first step
+
+
+@pytest.mark.parametrize("tx", [None, optax.sgd], ids=["none", "a_factory_not_called"])
+def test_create_train_state_refuses_a_tx_that_is_not_an_optax_transformation(tx):
+    with pytest.raises(jaxnet.ConfigError, match="create_train_state needs an optax GradientTransformation as tx"):
+        train.create_train_state(ScalingMlp(), jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), tx)
+
+
+def test_select_hardest_score_size_of_an_input_that_is_not_an_image_is_one_line(data):
+    flat = {"image": data["image"].reshape(N, -1), "label": data["label"]}
+    step = jax.jit(train.select_hardest(fraction=0.5, score_size=8))
+    with pytest.raises(jaxnet.DataError, match=r"select_hardest score_size resizes images: it needs \(N, H, W, C\) "
+                                               r"input, got shape \(64, 768\)"):
+        step(_flax_state(ScalingMlp()), flat)
+
+
 def test_lookahead_needs_a_state_with_an_ema(data):
     with pytest.raises(jaxnet.ConfigError, match=r"create_train_state\(..., ema=True\)"):
         train.lookahead_ema(every=2, decay_fn=lambda step: 0.5)(_state(), data)
