@@ -121,8 +121,8 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
              mesh: Mesh | None) -> Callable:
     """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
     host batches placed on the mesh: every process passes the same global host batch, or global arrays. A state
-    donated already is a ConfigError (a few µs a step): XLA's CPU client crashed the process (SIGSEGV) when one
-    reached a program over several devices."""
+    donated already is a ConfigError (a few µs a step): under jax 0.10 XLA's CPU client crashed the process
+    (SIGSEGV) when one reached a program over several devices; jax 0.12 raises "Array has been deleted"."""
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
