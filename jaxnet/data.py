@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import numbers
 import os
 import pickle
 import re
@@ -305,10 +306,16 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
 # ---- device side: pure functions for jit ----
 
 def normalize(images: jax.Array, mean=MEAN, std=STD, dtype=jnp.float32) -> jax.Array:
-    """uint8 (..., C) → (x/255 − mean)/std in `dtype`."""
-    x = images.astype(jnp.float32) / 255.0
+    """uint8 (..., C) → (x/255 − mean)/std in `dtype`; `mean` and `std` hold one value, or one per channel
+    (DataError otherwise: CIFAR-10's three would broadcast a 1-channel batch into 3 channels)."""
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
     per_channel = (1,) * (x.ndim - 1) + (-1,)
-    return ((x - jnp.reshape(jnp.asarray(mean), per_channel)) / jnp.reshape(jnp.asarray(std), per_channel)).astype(dtype)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}
+    for name, value in stats.items():
+        if value.size not in (1, x.shape[-1]) or value.ndim > 1:
+            raise DataError(f"normalize: images of shape {x.shape} have {x.shape[-1]} channels, but {name} holds "
+                            f"{value.size} values")
+    return ((x - jnp.reshape(stats["mean"], per_channel)) / jnp.reshape(stats["std"], per_channel)).astype(dtype)
 
 
 def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool | jax.Array = True,
@@ -318,8 +325,14 @@ def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool
     with its own draws from `key`.
 
     `flip`: True mirrors each image with p = 1/2; False never; an (N,) bool array mirrors exactly the
-    images it marks (e.g. `alternating_flip`).
+    images it marks (e.g. `alternating_flip`). DataError for images of another rank, ConfigError for a negative
+    `translate` or `cutout`.
     """
+    if jnp.ndim(images) != 4:
+        raise DataError(f"augment needs (N, H, W, C) images, got shape {jnp.shape(images)}")
+    for name, value in (("translate", translate), ("cutout", cutout)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ConfigError(f"augment {name} must be a pixel count >= 0, got {value!r}")
     n, h, w, _ = images.shape
     k_crop, k_flip, k_cut = jax.random.split(key, 3)
     if translate:

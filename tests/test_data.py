@@ -9,7 +9,7 @@ import pytest
 from fixtures import (SHARED_CIFAR10, png_bytes, sorted_by_class, synthetic, tar_gz, write_binary, write_folders,
                       write_pickles)
 
-from jaxnet import data
+from jaxnet import data, errors
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,29 @@ def test_augment_shapes_dtypes_and_determinism(images):
     chex.assert_type(a, jnp.uint8)
     chex.assert_trees_all_equal(a, b)
     assert not np.array_equal(a, f(jax.random.key(2), images))
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda x: data.augment(jax.random.key(0), x[0]), "DataError", r"augment needs \(N, H, W, C\) images, got shape "
+                                                                   r"\(8, 8, 3\)"),
+    (lambda x: data.augment(jax.random.key(0), x, translate=-1), "ConfigError",
+     "augment translate must be a pixel count >= 0, got -1"),
+    (lambda x: data.augment(jax.random.key(0), x, cutout=2.5), "ConfigError", "augment cutout must be a pixel count"),
+    (lambda x: data.normalize(x[..., :1]), "DataError",  # silently 3 channels out of 1 before
+     r"normalize: images of shape \(16, 8, 8, 1\) have 1 channels, but mean holds 3 values"),
+    (lambda x: data.normalize(x, std=(0.5, 0.5)), "DataError", "have 3 channels, but std holds 2 values"),
+], ids=["augment_rank", "augment_translate", "augment_cutout", "normalize_grey", "normalize_std"])
+def test_augment_and_normalize_refuse_what_they_cannot_take_in_one_line(images, call, error, message):
+    with pytest.raises(getattr(errors, error), match=message) as err:
+        jax.jit(call)(images)
+    assert "\n" not in str(err.value)
+
+
+def test_normalize_takes_one_value_or_one_per_channel(images):
+    grey = images[..., :1]
+    np.testing.assert_allclose(data.normalize(grey, mean=0.5, std=0.25), (grey / 255.0 - 0.5) / 0.25, rtol=1e-6)
+    np.testing.assert_allclose(data.normalize(grey, mean=(0.5,), std=(0.25,)), (grey / 255.0 - 0.5) / 0.25, rtol=1e-6)
+    chex.assert_shape(data.normalize(images), images.shape)
 
 
 def test_crop_is_a_translation_of_the_padded_image(images):
