@@ -5,7 +5,8 @@ One uninterrupted run of `python -m experiments.cifar10` first (its wall time se
 command is started in a second workdir and killed with SIGKILL after a random delay, `--resume`d (or started
 again, if it died before its checkpoint folders existed), killed again, … `--kills` times, and then left to
 finish. After every kill each complete checkpoint must restore; at the end the final checkpoint's arrays
-(params, BN statistics, optimizer state, EMA, step, rng) must equal the uninterrupted run's bit for bit (CPU).
+(params, BN statistics, optimizer state, EMA, step, rng) must equal the uninterrupted run's bit for bit (CPU),
+and its metrics.jsonl the uninterrupted run's row for row (each step logged once, with the same values).
 What each kill interrupted is read from the killed process's output: before training, a training step, the
 epoch-end evaluation and checkpoint, or the final test/exports.
 
@@ -81,6 +82,8 @@ def kill_and_resume(args: argparse.Namespace, root: Path, env: dict) -> dict:
     import jax
     import numpy as np
 
+    from jaxnet.metrics import read_jsonl
+
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     reference = subprocess.run(_command(args, root / "reference", False), cwd=ROOT, env=env, capture_output=True,
@@ -113,8 +116,10 @@ def kill_and_resume(args: argparse.Namespace, root: Path, env: dict) -> dict:
                          "steps (e.g. epochs=40.0) or lower --max-delay")
     (step_a, a), (step_b, b) = final_arrays(root / "reference"), final_arrays(workdir)
     same = step_a == step_b and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    rows_a, rows_b = (read_jsonl(run / "metrics.jsonl") for run in (root / "reference", workdir))
     return {"kills": sum(phases.values()), "phases": dict(phases), "starts": starts, "final_step": step_b,
-            "bit_identical": same, "window_s": window, "checkpoints_read": checkpoints_readable(workdir)}
+            "bit_identical": same, "same_metrics": rows_a == rows_b, "metric_rows": (len(rows_a), len(rows_b)),
+            "window_s": window, "checkpoints_read": checkpoints_readable(workdir)}
 
 
 def table(tally: dict) -> str:
@@ -124,7 +129,9 @@ def table(tally: dict) -> str:
              f"| runs started after the uninterrupted one | {tally['starts']} |",
              f"| final step | {tally['final_step']} |",
              f"| every checkpoint readable after every kill | yes ({tally['checkpoints_read']} at the end) |",
-             f"| final state bit-identical to the uninterrupted run | {'yes' if tally['bit_identical'] else 'NO'} |"]
+             f"| final state bit-identical to the uninterrupted run | {'yes' if tally['bit_identical'] else 'NO'} |",
+             f"| metrics.jsonl the uninterrupted run's, row for row | {'yes' if tally['same_metrics'] else 'NO'} "
+             f"({tally['metric_rows'][1]} rows; {tally['metric_rows'][0]} uninterrupted) |"]
     return "\n".join(rows)
 
 
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.max_delay * tally['window_s']:.1f} s] ({args.max_delay} × the uninterrupted run's "
                  f"{tally['window_s']:.1f} s), seed {args.seed}; every run a new process (`--compilation-cache ''`).")
         append_results(f"kill -9 and --resume, {tally['kills']} kills", result, notes)
-    return 0 if tally["bit_identical"] else 1
+    return 0 if tally["bit_identical"] and tally["same_metrics"] else 1
 
 
 if __name__ == "__main__":

@@ -179,6 +179,8 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
         return {**meta, "epoch": epoch, "step_in_epoch": offset, "best": best, "bad_epochs": bad}
 
     step = int(parallel.fetch(state.step))
+    if writer:
+        writer.start_at(step)
     trace_window = (step + 2, step + 2 + options.profile_steps) if profile_dir else (-1, -1)
     first_step = first_size = None
     stopped_early = interrupted = recompiling = False

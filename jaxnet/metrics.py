@@ -17,11 +17,20 @@ class MetricWriter:
 
     The files are opened at the first write, so a run refused before training (a resume that does not fit)
     leaves nothing behind. With `enabled=False` (a non-zero process, in multi-host runs) it writes nothing.
+    A run that continues after step s (`start_at(s)`: resumed from its checkpoint at s, or started again from 0
+    after a kill before its first save) logs again the steps after s that a killed run had logged: those rows are
+    dropped from metrics.jsonl when it is opened, and TensorBoard hides their events (`purge_step`), so each
+    (kind, step) is there once, as in a run that never stopped.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.workdir, self.enabled = Path(workdir), enabled
         self._jsonl = self._tb = None
+        self._start = 0
+
+    def start_at(self, step: int) -> None:
+        """The run goes on after `step`: what an earlier run in this workdir logged after it is dropped (see above)."""
+        self._start = step
 
     def write(self, kind: str, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -29,8 +38,11 @@ class MetricWriter:
         if self._jsonl is None:
             SummaryWriter = _summary_writer_class()
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            path, tensorboard = self.workdir / "metrics.jsonl", self.workdir / "tensorboard"
+            if path.exists():
+                _drop_rows_after(path, self._start)
+            self._jsonl = open(path, "a")
+            self._tb = SummaryWriter(str(tensorboard), purge_step=self._start + 1 if tensorboard.exists() else None)
         self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
@@ -55,6 +67,24 @@ def _summary_writer_class():
     finally:
         del sys.modules["torch"]
     return SummaryWriter
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite the metrics.jsonl at `path` without its rows after `step` (and a last line cut short by a kill), by
+    a complete temporary file renamed over it: a kill during the rewrite leaves the old file or the new one."""
+    lines = path.read_text().splitlines(keepends=True)
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines if kept(line)]
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -370,6 +370,7 @@ def test_kill_resume_kills_three_times_and_ends_bit_identical(data):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "| SIGKILLs in all | 3 |" in result.stdout
     assert "| final state bit-identical to the uninterrupted run | yes |" in result.stdout
+    assert "| metrics.jsonl the uninterrupted run's, row for row | yes (" in result.stdout
 
 
 def test_memory_samples_every_epoch_and_reports_the_drift(data):

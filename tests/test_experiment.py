@@ -3,6 +3,7 @@ predict, and every bad-input path (one line, exit code 2, nothing lost)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -19,6 +20,7 @@ from PIL import Image
 
 from jaxnet import configs
 from jaxnet import data, experiment, export, loop
+from jaxnet.metrics import read_jsonl
 from jaxnet.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -634,6 +636,27 @@ def test_a_run_killed_before_its_first_save_can_be_started_again(tmp_path, datas
         summary = experiment.train_and_evaluate(smoke(epochs=1.0), workdir, data_dir=dataset, resume=resume,
                                                 show_progress=False)
         assert summary["steps"] == 6
+
+
+def test_a_run_resumed_after_a_kill_logs_each_step_once_as_an_uninterrupted_run_does(tmp_path, dataset):
+    """A kill after a run logged steps past its last checkpoint (here the later checkpoints removed, as a kill just
+    before their saves leaves the workdir, and a line cut short): the resumed run logs those steps again, and its
+    metrics.jsonl is then the uninterrupted run's row for row (the rows after the checkpoint and the torn line
+    dropped, nothing appended twice). Before, they were there twice and the curves went back and forth."""
+    config = smoke(epochs=3.0, keep_checkpoints=5)
+    experiment.train_and_evaluate(config, tmp_path / "straight", data_dir=dataset, show_progress=False)
+    killed = tmp_path / "killed"
+    experiment.train_and_evaluate(config, killed, data_dir=dataset, show_progress=False)
+    for which in ("last", "best"):
+        saved = sorted(int(p.name) for p in (killed / "checkpoints" / which).iterdir() if p.name.isdigit())
+        for step in saved[1:] if which == "last" else saved:
+            shutil.rmtree(killed / "checkpoints" / which / str(step))
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    experiment.train_and_evaluate(config, killed, data_dir=dataset, resume=True, show_progress=False)
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    assert read_jsonl(killed / "metrics.jsonl") == straight
+    assert {r["kind"] for r in straight} == {"train", "val"} and straight[-1]["step"] == 18
 
 
 def test_divergence_stops_within_one_log_interval_and_keeps_the_last_good_checkpoint(tmp_path, dataset):
