@@ -113,6 +113,7 @@ def train(args, stop: dict) -> dict:
         parallel.assert_same_across_processes(
             {"config": config.to_dict(), "seed": args.seed, "processes": args.num_processes, "parallel": args.parallel,
              "devices": args.num_devices}, what="config, --seed, --num-processes, --parallel or --num-devices")
+    parallel.start_backend()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after JAX's runtime, whose preemption notifier takes SIGTERM
         signal.signal(signum, lambda signum, _frame: stop.update(signal=signum))
     if args.compilation_cache:

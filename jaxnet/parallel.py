@@ -282,6 +282,20 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
                             f"{timeout_s} s: {str(e).splitlines()[0][:200]}") from None
 
 
+def start_backend() -> None:
+    """Start JAX's backend now (after `init_distributed`, if any), so that one it cannot start is a one-line
+    ConfigError before any work: JAX_PLATFORMS=cuda on a machine without a visible NVIDIA GPU (JAX's bare
+    AssertionError), a platform whose plugin is missing (its RuntimeError)."""
+    try:
+        jax.devices()
+    except RuntimeError as e:
+        raise ConfigError(f"JAX cannot start its backend: {str(e).splitlines()[0]}") from None
+    except AssertionError:  # every platform JAX_PLATFORMS names was skipped: none is on this machine
+        raise ConfigError(f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} names no platform this machine "
+                          "has ('cuda' needs a visible NVIDIA GPU and jax[cuda12] or jax[cuda13]): set it to cpu, "
+                          "or leave it unset") from None
+
+
 @contextlib.contextmanager
 def peer_failures() -> Iterator[None]:
     """Turn the error a collective raises when a peer process died (its connection closed, gloo on CPU, or its
