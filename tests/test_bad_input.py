@@ -3,6 +3,8 @@ stderr naming the field and what is allowed, exit code 2, nothing created or ove
 
 import contextlib
 import io
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -242,6 +244,37 @@ def test_a_compilation_cache_that_cannot_be_a_directory_is_one_line(tmp_path, da
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: compilation cache {tmp_path / 'file'} exists and is not a directory"], result.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("platforms,message", [
+    ("cuda", "error: JAX_PLATFORMS='cuda' names no platform this machine has ('cuda' needs a visible NVIDIA GPU"),
+    ("tpu", "error: JAX cannot start its backend: Unable to initialize backend 'tpu'"),
+])
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path, dataset, platforms, message):
+    """JAX_PLATFORMS=cuda on a machine without a GPU was JAX's bare AssertionError, tpu its RuntimeError."""
+    if shutil.which("nvidia-smi") and platforms == "cuda":
+        pytest.skip("this machine may have a GPU: JAX_PLATFORMS=cuda may start")
+    env = {**os.environ, "JAX_PLATFORMS": platforms}
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
+                             str(dataset), "--workdir", str(tmp_path / "w"), "--compilation-cache", ""],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_cache_home_under_a_file_is_one_line(tmp_path, dataset):
+    """$XDG_CACHE_HOME that cannot hold jaxnet's cache folder: the record of XLA flags this jaxlib knows is not
+    kept (it was a traceback from mkdir), and the default compilation cache there is refused in one line."""
+    (tmp_path / "file").write_text("mine")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "file")}
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
+                             str(dataset), "--workdir", str(tmp_path / "w")], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: compilation cache {tmp_path / 'file'}/jaxnet/xla cannot be made: {tmp_path / 'file'} is not a "
+        "directory"], result.stderr[-2000:]
+    assert not (tmp_path / "w").exists() and (tmp_path / "file").read_text() == "mine"
 
 
 def test_coordinator_port_in_use(tmp_path, dataset):
