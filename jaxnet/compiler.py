@@ -104,7 +104,7 @@ def jaxlib_version() -> str:
 def xla_knows_flags(flags: str) -> bool:
     """Whether XLA (this jaxlib) starts with `flags` in XLA_FLAGS: tried once per jaxlib version in a child
     process that starts the CPU backend (XLA aborts on a flag it does not know), the verdict kept in the
-    jaxnet cache directory."""
+    jaxnet cache directory where it can be written."""
     record = default_cache_dir() / f"xla-flags-jaxlib-{jaxlib_version()}.json"
     try:
         known = json.loads(record.read_text())
@@ -115,10 +115,13 @@ def xla_knows_flags(flags: str) -> bool:
         child = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env,
                                capture_output=True, timeout=120)
         known[flags] = child.returncode == 0
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, record)
+        try:  # the verdict's record only saves the next run this child process
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, record)
+        except OSError:
+            pass
     return known[flags]
 
 

@@ -61,8 +61,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
 
     Raises:
       DataError: a missing path, unknown layout, corrupt archive or image, wrong image size, missing or
-        extra class folders, mismatched counts; a download that fails (no network, cut short, wrong checksum).
-        Nothing is written in that case.
+        extra class folders, mismatched counts; a download that fails (no network, cut short, wrong checksum);
+        a cache folder that cannot be written. Nothing is written in that case.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
@@ -83,10 +83,16 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
         with np.load(cached) as f:
             return {s: {"image": f[f"{s}_image"], "label": f[f"{s}_label"]} for s in SPLITS}
     data = _read_local(path)
-    cache.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **{f"{s}_{k}": v for s in SPLITS for k, v in data[s].items()})
-    os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a cache file
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, **{f"{s}_{k}": v for s in SPLITS for k, v in data[s].items()})
+        os.replace(tmp, cached)  # atomic: a concurrent or killed run never sees half a cache file
+    except OSError as e:
+        if tmp.exists():  # disk full: a part written
+            tmp.unlink()
+        raise DataError(f"the cache of decoded CIFAR-10 in {cache} cannot be written ({e.strerror}): set "
+                        f"XDG_CACHE_HOME to a folder this user can write") from None
     return data
 
 

@@ -2,6 +2,7 @@
 
 import functools
 from functools import partial
+from pathlib import Path
 
 import chex
 import jax
@@ -203,6 +204,16 @@ def test_auto_traced_portable_holds_no_ffi_call_and_lowers_for_cpu_and_cuda_at_o
     assert "JaxnetOnednn" not in text and "stablehlo.convolution" in text
     text = lowered(x, w)
     assert ("JaxnetOnednnConvForward" in text) == onednn.available(jnp.float32) and "stablehlo.convolution" in text
+
+
+def test_onednn_handlers_with_nowhere_to_be_built_are_one_line(tmp_path):
+    """The cache folder under a file (or read-only): was a traceback from mkdir."""
+    from jaxnet.ops import onednn
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(onednn.OnednnError, match=r"builds its handlers in .*file/onednn, which cannot be written "
+                                                 r"\(Not a directory; the folder follows \$XDG_CACHE_HOME\)"):
+        onednn._build(tmp_path / "file" / "onednn" / "lib.so", Path("dnnl.hpp"), Path("libdnnl.so.3"), "true")
 
 
 @onednn_platform

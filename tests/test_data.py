@@ -113,6 +113,16 @@ def test_bad_sources_raise(tmp_path, arrays):
     assert not cache.exists()
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path, arrays):
+    """A read-only home, or $XDG_CACHE_HOME under a file: the decoded data cannot be cached (was a traceback)."""
+    (tmp_path / "file").write_text("mine")
+    source = write_binary(tmp_path / "bin", arrays)
+    with pytest.raises(data.DataError, match=r"the cache of decoded CIFAR-10 in .*file/cache cannot be written "
+                                             r"\(Not a directory\): set XDG_CACHE_HOME") as err:
+        data.load_cifar10(source, cache_dir=tmp_path / "file" / "cache")
+    assert "\n" not in str(err.value) and (tmp_path / "file").read_text() == "mine"
+
+
 def test_validation_split_and_subset_are_deterministic_and_disjoint(arrays):
     train, val = data.split_validation(arrays["train"], 10, seed=3)
     train2, val2 = data.split_validation(arrays["train"], 10, seed=3)

@@ -59,8 +59,13 @@ def _build(out: Path, header: Path, library: Path, compiler: str) -> None:
     if found is None:
         raise OnednnError(f"conv impl 'onednn' compiles its handlers with a C++ compiler: {compiler!r} not found "
                           "(set $CXX)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # then renamed: concurrent builds never see half a file
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(dir=out.parent)
+    except OSError as e:
+        raise OnednnError(f"conv impl 'onednn' builds its handlers in {out.parent}, which cannot be written "
+                          f"({e.strerror}; the folder follows $XDG_CACHE_HOME)") from None
+    with scratch as tmp:  # then renamed: concurrent builds never see half a file
         built = Path(tmp) / out.name
         command = [found, "-O2", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
                    "-isystem", str(header.parents[2]), str(SOURCE), str(library), f"-Wl,-rpath,{library.parent}",
