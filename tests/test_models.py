@@ -237,3 +237,14 @@ def test_fastnet_blocks_of_two_and_three_convs_match_airbenchs_definition(depth)
 def test_fastnet_refuses_another_depth():
     with pytest.raises(ValueError, match="ConvGroup depth must be 2 or 3, got 4"):
         models.FastNet(widths=(8, 16, 16), depth=4).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+def test_fastnet_initialises_in_its_dtype_with_64_bit_mode_on():
+    """A user's program with jax_enable_x64: the identity set into FastNet's kernels was a float64 eye, which JAX
+    warns it will refuse to scatter into float32 (a FutureWarning at every run's start)."""
+    import warnings
+
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        variables = models.FastNetTiny().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}

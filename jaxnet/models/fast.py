@@ -29,7 +29,7 @@ def dirac_init(base: Callable = torch_conv_init) -> Callable:
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
         kh, kw, cin, cout = shape
         w = base(key, shape, dtype)
-        eye = jnp.zeros((kh, kw, cin, min(cin, cout)), dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, min(cin, cout)))
+        eye = jnp.zeros((kh, kw, cin, min(cin, cout)), dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, min(cin, cout), dtype=dtype))
         return w.at[..., : min(cin, cout)].set(eye)
 
     return init
