@@ -73,9 +73,15 @@ def export_jax(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int]
 
 
 def load_jax(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
-    """The function saved by `export_jax`, callable on uint8 (B, H, W, C) arrays of any B. ConfigError if it
-    was not exported for this process's platform."""
-    exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+    """The function saved by `export_jax`, callable on uint8 (B, H, W, C) arrays of any B. ConfigError if the
+    file cannot be read or is not a whole jax export (e.g. cut short by a kill or a full disk), or it was not
+    exported for this process's platform."""
+    try:
+        exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+    except Exception as e:  # OSError, or whatever the flatbuffer parser raises on bytes it cannot take
+        kind = f"{type(e).__module__}.{type(e).__name__}"
+        why = e.strerror if isinstance(e, OSError) else f"not a whole jax export: {kind}"
+        raise ConfigError(f"{path} cannot be loaded ({why}): export the model again (--export jax)") from None
     if (here := current_platform()) not in exported.platforms:
         raise ConfigError(f"{path} was exported for {', '.join(exported.platforms)}, not for {here}: export it "
                           f"again with --export-platforms {','.join(dict.fromkeys((*exported.platforms, here)))}")

@@ -339,6 +339,36 @@ def test_bad_predict_input(trained, tmp_path, argv, message):
     _check(tmp_path, argv, message, protected=trained)
 
 
+@pytest.mark.parametrize("damage", ["cut", "junk", "folder"])
+def test_predict_with_an_export_that_is_not_whole_is_one_line(tmp_path, damage):
+    """An export cut short (a copy stopped half way, a full disk), junk, or a folder in its place: was a traceback
+    from the flatbuffer parser (struct.error) or from open()."""
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from jaxnet import export
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    whole = export.export_jax(lambda x: x.astype(np.float32).mean(axis=(1, 2)), tmp_path / "whole.jaxexport",
+                              platforms=("cpu",))
+    target = workdir / "model.jaxexport"
+    match damage:
+        case "cut":
+            target.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        case "junk":
+            target.write_text("not an export")
+        case "folder":
+            target.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "x.png")
+    code, err = _main(["predict", "--workdir", str(workdir), str(tmp_path / "x.png")])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {target} cannot be loaded (") and "export the model again" in lines[0], err
+    assert jax.numpy.asarray(export.load_jax(whole)(np.zeros((2, 32, 32, 3), np.uint8))).shape == (2, 3)
+
+
 
 @pytest.mark.parametrize("command", [["jaxnet-cifar10"], ["-m", "jaxnet.cifar10"], ["-m", "experiments.cifar10"]],
                          ids=["console script", "python -m jaxnet.cifar10", "python -m experiments.cifar10"])
