@@ -153,6 +153,11 @@ def test_a_state_donated_to_an_earlier_step_is_one_line_not_a_crash(devices):
         with pytest.raises(errors.ConfigError, match="the state's arrays were donated to an earlier train step"):
             step(state, global_batch())
     assert int(eval_step(new_state, global_batch())["count"]) == len(global_batch()["label"])
+    plain = {"w": jnp.ones(3)}  # a state without a step counter: searched leaf by leaf
+    scale = parallel.jit_train_step(lambda state, batch: ({"w": state["w"] * 2}, {}), mesh=mesh)
+    scale(plain, global_batch())
+    with pytest.raises(errors.ConfigError, match="the state's arrays were donated to an earlier train step"):
+        scale(plain, global_batch())
 
 
 @pytest.mark.parametrize("src,dst", [(8, 1), (1, 8)])
