@@ -1,9 +1,13 @@
-"""Where jaxnet keeps what it builds once (decoded datasets, compiled oneDNN handlers, XLA executables), and the
-check that a directory it is to write into can be one."""
+"""Where jaxnet keeps what it builds once (decoded datasets, compiled oneDNN handlers, XLA executables), the
+check that a directory it is to write into can be one, and the lock a run holds on its workdir."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from jaxnet.errors import ConfigError
@@ -24,3 +28,24 @@ def check_directory(path: str | os.PathLike, what: str) -> None:
                           f"{what} {path} cannot be made: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: {existing} is not writable")
+
+
+@contextlib.contextmanager
+def hold_directory(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Make `path` (a directory) and hold an exclusive lock on it until the block ends: a second holder, in this
+    process or another on this host, gets a one-line ConfigError instead of writing into the same files. The
+    lock (flock on the directory itself: no file to leave behind) goes with the process, however it ends. On a
+    file system without flock (some network mounts) nothing is held."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"{what} {path} is in use by another run: wait for it to end, or choose another "
+                                  f"{what}") from None
+        yield path
+    finally:
+        os.close(fd)

@@ -8,6 +8,7 @@ own types (`jaxnet.errors`): bad config values are ConfigError, raised before an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -32,7 +33,7 @@ import optax
 
 from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, loop, models, optim, parallel, profiling
 from jaxnet import train
-from jaxnet.cache import check_directory
+from jaxnet.cache import check_directory, hold_directory
 from jaxnet.configs.default import LOW_RES_FRACTION, PROXY_EVERY
 from jaxnet.errors import CheckpointError, ConfigError
 from jaxnet.metrics import MetricWriter, plot_curves
@@ -620,15 +621,17 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                          {"config": new.to_dict(), **identity})
 
     t_setup = time.perf_counter()
-    outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,
-                            eval_batches, identity=identity, resume=resume, should_stop=should_stop,
-                            replan=replan if times else None, show_progress=show_progress, profile=profile)
-    if "interrupted" in outcome:
-        return outcome
-    config = replanned[0] if replanned else config
-    outcome["phase_seconds"] = {"data": t_data - t0, "setup": t_setup - t_data, **outcome["phase_seconds"]}
-    return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0, flops=flops,
-                   peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
+    # From its first write in the workdir to its last, the run holds it: a second run there is refused.
+    with hold_directory(workdir, "workdir") if parallel.is_main_process() else contextlib.nullcontext():
+        outcome = _fit_and_test(config, workdir, state, train_step, eval_step_for, data, total_steps, val_norm,
+                                test_norm, eval_batches, identity=identity, resume=resume, should_stop=should_stop,
+                                replan=replan if times else None, show_progress=show_progress, profile=profile)
+        if "interrupted" in outcome:
+            return outcome
+        config = replanned[0] if replanned else config
+        outcome["phase_seconds"] = {"data": t_data - t0, "setup": t_setup - t_data, **outcome["phase_seconds"]}
+        return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0,
+                       flops=flops, peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)
 
 
 def _fit_and_test(config, workdir: Path, state, train_step, eval_step_for, data, total_steps, val_norm, test_norm,

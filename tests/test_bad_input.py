@@ -320,6 +320,28 @@ def test_a_rerun_without_resume_is_refused_and_overwrites_nothing(trained, datas
            "already holds checkpoints: pass --resume", protected=trained)
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resume"])
+def test_a_workdir_another_run_is_writing_is_refused_and_left_alone(trained, dataset, tmp_path, resume):
+    """Two runs started in one workdir (a second terminal, a scheduler's retry) wrote into the same checkpoints
+    and metrics: one died with a checkpoint error, the other's metrics.jsonl lost half its rows. The run holds its
+    workdir from its first write to its last; here the test holds it, as a running run would."""
+    import shutil
+
+    from jaxnet import cache
+
+    workdir = tmp_path / "busy"
+    if resume:
+        shutil.copytree(trained, workdir)
+    with cache.hold_directory(workdir, "workdir"):
+        _check(tmp_path, ["--config", "smoke", "epochs=1.0", "--workdir", str(workdir), "--data-dir", str(dataset),
+                          *(["--resume"] if resume else [])],
+               f"workdir {workdir} is in use by another run: wait for it to end", protected=workdir)
+    assert resume or not any(workdir.iterdir())
+    code, err = _main(["--config", "smoke", "epochs=1.0", "--workdir", str(workdir), "--data-dir", str(dataset),
+                       *(["--resume"] if resume else [])])
+    assert code == 0, err  # once the other run is gone
+
+
 def test_a_workdir_that_is_a_file(tmp_path, dataset):
     target = tmp_path / "notes"
     target.write_text("mine")
