@@ -20,13 +20,13 @@ class MetricWriter:
     A run that continues after step s (`start_at(s)`: resumed from its checkpoint at s, or started again from 0
     after a kill before its first save) logs again the steps after s that a killed run had logged: those rows are
     dropped from metrics.jsonl when it is opened, and TensorBoard hides their events (`purge_step`), so each
-    (kind, step) is there once, as in a run that never stopped.
+    (kind, step) is there once, as in a run that never stopped. Without `start_at` it appends to what is there.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
         self.workdir, self.enabled = Path(workdir), enabled
         self._jsonl = self._tb = None
-        self._start = 0
+        self._start: int | None = None  # None: append to what is there
 
     def start_at(self, step: int) -> None:
         """The run goes on after `step`: what an earlier run in this workdir logged after it is dropped (see above)."""
@@ -39,10 +39,12 @@ class MetricWriter:
             SummaryWriter = _summary_writer_class()
             self.workdir.mkdir(parents=True, exist_ok=True)
             path, tensorboard = self.workdir / "metrics.jsonl", self.workdir / "tensorboard"
-            if path.exists():
+            resumed = self._start is not None
+            if resumed and path.exists():
                 _drop_rows_after(path, self._start)
             self._jsonl = open(path, "a")
-            self._tb = SummaryWriter(str(tensorboard), purge_step=self._start + 1 if tensorboard.exists() else None)
+            self._tb = SummaryWriter(str(tensorboard),
+                                     purge_step=self._start + 1 if resumed and tensorboard.exists() else None)
         self._jsonl.write(json.dumps({"kind": kind, "step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
