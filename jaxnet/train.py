@@ -295,7 +295,7 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_siz
                         mutable=["batch_stats"] if stats else [])[0]
         k = max(1, round(fraction * labels.shape[0]))
         _, chosen = jax.lax.top_k(cross_entropy(logits, labels), k)
-        chosen = {key: value[chosen] for key, value in batch.items()}
+        chosen = {key: value[chosen] for key, value in {**batch, "label": labels}.items()}  # labels: an array
         new_state, metrics = step_fn(state, chosen, **kwargs)
         if proxy_step is None:
             return new_state, metrics

@@ -403,7 +403,8 @@ def test_a_users_jitted_step_takes_labels_given_as_a_list(data):
     """Under jit a list of labels arrives as a list of traced scalars: the steps take it as the array it holds."""
     state = _flax_state(ScalingMlp())
     listed = {"image": data["image"], "label": data["label"].tolist()}
-    for step in (jax.jit(jaxnet.train_step), jax.jit(jaxnet.eval_step), jaxnet.train_step, jaxnet.eval_step):
+    for step in (jax.jit(jaxnet.train_step), jax.jit(jaxnet.eval_step), jaxnet.train_step, jaxnet.eval_step,
+                 jax.jit(train.select_hardest(fraction=0.5))):  # which gathers the labels it trains on
         chex.assert_trees_all_close(step(state, listed), step(state, data), rtol=1e-6)
 
 
