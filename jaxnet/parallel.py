@@ -117,12 +117,26 @@ def fetch(tree: Any) -> Any:
 
 # ---- compiled steps ----
 
+def _check_batch_spec(num_classes: Any, image_shape: Any) -> None:
+    """ConfigError unless `num_classes` is None or a positive integer and `image_shape` None or (H, W, C)."""
+    def positive(n: Any) -> bool:
+        return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
+
+    if num_classes is not None and not positive(num_classes):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if image_shape is not None and not (isinstance(image_shape, Sequence) and len(image_shape) == 3
+                                        and all(positive(d) for d in image_shape)):
+        raise ConfigError(f"image_shape must be (H, W, C), 3 positive integers, got {image_shape!r}")
+
+
 def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None,
              mesh: Mesh | None) -> Callable:
     """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
     host batches placed on the mesh: every process passes the same global host batch, or global arrays. A state
     donated already is a ConfigError (`_donated`): under jax 0.10 XLA's CPU client crashed the process
     (SIGSEGV) when one reached a program over several devices; jax 0.12 raises "Array has been deleted"."""
+
+    _check_batch_spec(num_classes, image_shape)
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
@@ -231,6 +245,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
     """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
+    _check_batch_spec(num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
                         donate_argnums=(0,))
@@ -247,6 +262,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
 def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | None = None, axis_name: str = AXIS,
                    num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
     """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
+    _check_batch_spec(num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 
