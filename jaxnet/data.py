@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
-import numbers
 import os
 import pickle
 import re
@@ -29,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxnet.cache import default_cache_dir
-from jaxnet.errors import ConfigError, DataError
+from jaxnet.errors import ConfigError, DataError, check_values
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
@@ -336,9 +335,7 @@ def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool
     """
     if jnp.ndim(images) != 4:
         raise DataError(f"augment needs (N, H, W, C) images, got shape {jnp.shape(images)}")
-    for name, value in (("translate", translate), ("cutout", cutout)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ConfigError(f"augment {name} must be a pixel count >= 0, got {value!r}")
+    check_values("augment", translate=("non-negative integer", translate), cutout=("non-negative integer", cutout))
     n, h, w, _ = images.shape
     k_crop, k_flip, k_cut = jax.random.split(key, 3)
     if translate:

@@ -35,7 +35,7 @@ from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, l
 from jaxnet import train
 from jaxnet.cache import check_directory, hold_directory
 from jaxnet.configs.default import LOW_RES_FRACTION, PROXY_EVERY
-from jaxnet.errors import CheckpointError, ConfigError
+from jaxnet.errors import KINDS, CheckpointError, ConfigError, is_kind
 from jaxnet.metrics import MetricWriter, plot_curves
 from jaxnet.ops import IMPLS, onednn
 
@@ -61,12 +61,13 @@ log = logging.getLogger(__name__)
 
 def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
     """Config field → (check, what it must be), for the fields whose type alone does not say enough."""
-    positive, non_negative = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+    positive, non_negative, below_one, up_to_one = (KINDS[k] for k in ("positive", "non-negative", "in [0, 1)",
+                                                                       "in (0, 1]"))
+    channels = (lambda v: v == () or (len(v) == 3 and all(is_kind("positive integer", x) for x in v)))
     triple = (lambda v: len(v) == 3 and all(isinstance(x, (int, float)) for x in v), "3 numbers (R, G, B)")
     return {
         "model": (lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
-        "widths": (lambda v: v == () or (len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)),
-                   "() or 3 positive integers (channels of FastNet's three blocks)"),
+        "widths": (channels, "() or 3 positive integers (channels of FastNet's three blocks)"),
         "depth": (lambda v: v in (2, 3), "2 or 3 (convs in each of FastNet's blocks)"),
         "dtype": (lambda v: v == "auto" or v in DTYPES, f"one of auto, {', '.join(DTYPES)}"),
         "conv_impl": (lambda v: v in IMPLS, f"one of {', '.join(IMPLS)}"),
@@ -74,22 +75,18 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
         "flip": (lambda v: v in FLIPS, f"one of {', '.join(FLIPS)}"),
         "batch_size": positive, "eval_batch_size": positive, "epochs": positive, "lr": positive,
-        "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": non_negative,
-        "bias_lr_mult": positive, "bias_lr": positive, "head_lr": positive,
-        "filter_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"), "renorm_every": positive, "ns_steps": positive,
-        "whiten_bias_epochs": non_negative, "lookahead_every": non_negative,
-        "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"), "mean": triple,
+        "momentum": below_one, "weight_decay": non_negative, "bias_lr_mult": positive, "bias_lr": positive,
+        "head_lr": positive, "filter_momentum": below_one, "renorm_every": positive, "ns_steps": positive,
+        "whiten_bias_epochs": non_negative, "lookahead_every": non_negative, "warmup_fraction": below_one,
+        "label_smoothing": below_one, "mean": triple,
         "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
         "translate": non_negative, "cutout": non_negative, "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
-        "jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "jitter": below_one,
         "low_res": (lambda v: v == 0 or 16 <= v < 32, "0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32)"),
-        "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "hard_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": up_to_one, "hard_fraction": up_to_one,
         "hard_score_size": (lambda v: v == 0 or 8 <= v <= 32, "0 (the images as trained) or 8 to 32 (pixels)"),
-        "proxy_widths": (lambda v: v == () or (len(v) == 3 and all(isinstance(x, int) and x > 0 for x in v)),
-                         "() (off) or 3 positive integers (channels of the proxy FastNet's three blocks)"),
-        "proxy_every": (lambda v: isinstance(v, int) and v > 0, "a positive integer (steps)"),
+        "proxy_widths": (channels, "() (off) or 3 positive integers (channels of the proxy FastNet's three blocks)"),
+        "proxy_every": KINDS["positive integer"],
         "activation": (lambda v: v in models.ACTIVATIONS, f"one of {', '.join(models.ACTIVATIONS)}"),
         "val_size": non_negative, "train_subset": non_negative, "test_subset": non_negative,
         "patience": non_negative, "min_delta": non_negative, "keep_checkpoints": positive, "log_every": positive,

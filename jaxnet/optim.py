@@ -15,7 +15,6 @@ momentum buffer (buf = m·buf + g, Nesterov g + m·buf), bf16 iterations and wei
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -24,30 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet.errors import ConfigError
+from jaxnet.errors import ConfigError, check_values
 
 Schedule = Callable[[jax.Array], jax.Array]
-
-_KINDS = {  # what a hyperparameter must be: (its test, as the error says it)
-    "rate": (lambda v: v > 0, "> 0"),
-    "rate or schedule": (lambda v: v > 0, "> 0 or a schedule (step → rate)"),
-    "non-negative": (lambda v: v >= 0, ">= 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "count": (lambda v: isinstance(v, numbers.Integral) and v > 0, "a positive integer"),
-}
-
-
-def _check(where: str, **hyperparams: tuple[str, Any]) -> None:
-    """ConfigError (one line) for the first hyperparameter, given as name=(kind, value), that is not a real number
-    of its kind (`_KINDS`); a callable passes for "rate or schedule", a traced value is not read."""
-    for name, (kind, value) in hyperparams.items():
-        if isinstance(value, jax.core.Tracer) or (kind == "rate or schedule" and callable(value)):
-            continue
-        value = value.item() if getattr(value, "ndim", None) == 0 else value  # a NumPy or JAX scalar
-        test, want = _KINDS[kind]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not test(value):
-            raise ConfigError(f"{where} {name} must be {want}, got {value!r}")
-
 
 def param_roles(params: Any) -> Any:
     """A tree like `params` (nested dicts of arrays, as Flax makes them) of role strings: "kernel", "bias",
@@ -80,8 +58,8 @@ def sgd(learning_rate: float | Schedule, *, momentum: float = 0.9, nesterov: boo
     momentum buffer (Loshchilov & Hutter), and norm parameters and biases are never decayed. Raises ConfigError
     for a rate ≤ 0, a momentum outside [0, 1) or a negative decay.
     """
-    _check("sgd", learning_rate=("rate or schedule", learning_rate), momentum=("momentum", momentum),
-           weight_decay=("non-negative", weight_decay))
+    check_values("sgd", learning_rate=("positive or schedule", learning_rate), momentum=("in [0, 1)", momentum),
+                 weight_decay=("non-negative", weight_decay))
     return _injected(lambda lr: optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
                                             optax.add_decayed_weights(weight_decay, mask=decay_mask),
                                             optax.scale_by_learning_rate(lr)), learning_rate)
@@ -91,8 +69,8 @@ def adamw(learning_rate: float | Schedule, *, b1: float = 0.9, b2: float = 0.999
           weight_decay: float = 0.0) -> optax.GradientTransformation:
     """AdamW with decay on kernels only (weight_decay=0 gives Adam, as in the reference script). Raises ConfigError
     for a rate ≤ 0, b1 or b2 outside [0, 1) or a negative decay."""
-    _check("adamw", learning_rate=("rate or schedule", learning_rate), b1=("momentum", b1), b2=("momentum", b2),
-           weight_decay=("non-negative", weight_decay))
+    check_values("adamw", learning_rate=("positive or schedule", learning_rate), b1=("in [0, 1)", b1),
+                 b2=("in [0, 1)", b2), weight_decay=("non-negative", weight_decay))
     return _injected(lambda lr: optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
                      learning_rate)
 
@@ -124,9 +102,10 @@ def airbench_sgd(learning_rate: float, schedule: Schedule, *, batch_size: int, m
     steps. The reported learning rate is per step of the mean loss. Raises ConfigError for a hyperparameter out
     of its range.
     """
-    _check("airbench_sgd", learning_rate=("rate", learning_rate), batch_size=("count", batch_size),
-           momentum=("momentum", momentum), weight_decay=("non-negative", weight_decay),
-           norm_lr_mult=("rate", norm_lr_mult), whiten_bias_steps=("non-negative", whiten_bias_steps))
+    check_values("airbench_sgd", learning_rate=("positive", learning_rate),
+                 batch_size=("positive integer", batch_size), momentum=("in [0, 1)", momentum),
+                 weight_decay=("non-negative", weight_decay), norm_lr_mult=("positive", norm_lr_mult),
+                 whiten_bias_steps=("non-negative", whiten_bias_steps))
     kilostep = 1024 * (1 + 1 / (1 - momentum))
     lr = learning_rate / kilostep                       # per example of the summed loss
     wd = weight_decay * batch_size / kilostep
@@ -176,7 +155,7 @@ def scale_by_muon(momentum: float, *, nesterov: bool = True, ns_steps: int = 3,
                   ns_dtype: Any = jnp.bfloat16) -> optax.GradientTransformation:
     """PyTorch's momentum buffer (buf = m·buf + g; Nesterov: g + m·buf), then each leaf `orthogonalize`d.
     For kernels (ndim ≥ 2): give it only those (e.g. through `optax.multi_transform`)."""
-    _check("scale_by_muon", momentum=("momentum", momentum), ns_steps=("count", ns_steps))
+    check_values("scale_by_muon", momentum=("in [0, 1)", momentum), ns_steps=("positive integer", ns_steps))
     return optax.chain(optax.trace(decay=momentum, nesterov=nesterov),
                        optax.GradientTransformation(
                            lambda params: optax.EmptyState(),
@@ -191,7 +170,7 @@ class RenormalizeState(NamedTuple):
 def renormalize_kernels(every: int) -> optax.GradientTransformation:
     """Adds to the update, on steps 0, every, 2·every, …, what scales each kernel to a Frobenius norm of
     √(output features) (the record's `p *= √len(p)/‖p‖` before its step): p + u = s·p + u'. Needs params."""
-    _check("renormalize_kernels", every=("count", every))
+    check_values("renormalize_kernels", every=("positive integer", every))
 
     def update(updates, state, params=None):
         if params is None:
@@ -218,11 +197,11 @@ def airbench_muon(schedule: Schedule, *, batch_size: int, filter_lr: float = 0.2
     and its bias trains at `bias_lr`·(1 − step/`whiten_bias_steps`) until then. Reported lr: the filters'.
     Raises ConfigError for a hyperparameter out of its range.
     """
-    _check("airbench_muon", batch_size=("count", batch_size), filter_lr=("rate", filter_lr),
-           filter_momentum=("momentum", filter_momentum), renorm_every=("count", renorm_every),
-           ns_steps=("count", ns_steps), bias_lr=("rate", bias_lr), head_lr=("rate", head_lr),
-           momentum=("momentum", momentum), weight_decay=("non-negative", weight_decay),
-           whiten_bias_steps=("non-negative", whiten_bias_steps))
+    check_values("airbench_muon", batch_size=("positive integer", batch_size), filter_lr=("positive", filter_lr),
+                 filter_momentum=("in [0, 1)", filter_momentum), renorm_every=("positive integer", renorm_every),
+                 ns_steps=("positive integer", ns_steps), bias_lr=("positive", bias_lr),
+                 head_lr=("positive", head_lr), momentum=("in [0, 1)", momentum),
+                 weight_decay=("non-negative", weight_decay), whiten_bias_steps=("non-negative", whiten_bias_steps))
     decay = weight_decay * batch_size
 
     def groups(learning_rate: jax.Array, whiten_bias_rate: jax.Array) -> optax.GradientTransformation:

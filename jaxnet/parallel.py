@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import numbers
 import os
 import socket
 import sys
@@ -47,7 +46,7 @@ PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer",
 def _first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
     """The first `num_devices` of `devices` (all of them for None); ParallelError for another number."""
     n = len(devices) if num_devices is None else num_devices
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= len(devices):
+    if not (errors.is_kind("positive integer", n) and n <= len(devices)):
         raise ParallelError(f"{n!r} devices asked for, but {len(devices)} are available")
     return devices[:n]
 
@@ -117,16 +116,12 @@ def fetch(tree: Any) -> Any:
 
 # ---- compiled steps ----
 
-def _check_batch_spec(num_classes: Any, image_shape: Any) -> None:
+def _check_batch_spec(where: str, num_classes: Any, image_shape: Any) -> None:
     """ConfigError unless `num_classes` is None or a positive integer and `image_shape` None or (H, W, C)."""
-    def positive(n: Any) -> bool:
-        return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
-
-    if num_classes is not None and not positive(num_classes):
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    errors.check_values(where, num_classes=("positive integer or None", num_classes))
     if image_shape is not None and not (isinstance(image_shape, Sequence) and len(image_shape) == 3
-                                        and all(positive(d) for d in image_shape)):
-        raise ConfigError(f"image_shape must be (H, W, C), 3 positive integers, got {image_shape!r}")
+                                        and all(errors.is_kind("positive integer", d) for d in image_shape)):
+        raise ConfigError(f"{where} image_shape must be (H, W, C), 3 positive integers, got {image_shape!r}")
 
 
 def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None,
@@ -135,8 +130,6 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
     host batches placed on the mesh: every process passes the same global host batch, or global arrays. A state
     donated already is a ConfigError (`_donated`): under jax 0.10 XLA's CPU client crashed the process
     (SIGSEGV) when one reached a program over several devices; jax 0.12 raises "Array has been deleted"."""
-
-    _check_batch_spec(num_classes, image_shape)
 
     def step(state: Any, batch: Batch):
         train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
@@ -174,6 +167,7 @@ def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = 
     `image_shape`: see `train.validate_batch`). The state passed in is donated: its buffers are reused for
     the new state and must not be used again.
     """
+    _check_batch_spec("jit_train_step", num_classes, image_shape)
     if mesh is None:
         compiled = jax.jit(step_fn, donate_argnums=(0,))
     else:
@@ -185,6 +179,7 @@ def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = 
 def jit_eval_step(step_fn: Callable = train.eval_step, *, mesh: Mesh | None = None, num_classes: int | None = None,
                   image_shape: Sequence[int] | None = None) -> Callable[[Any, Batch], Metrics]:
     """Compile `step_fn(state, batch)` once (no donation: the state lives on); the batch is validated first."""
+    _check_batch_spec("jit_eval_step", num_classes, image_shape)
     if mesh is None:
         compiled = jax.jit(step_fn)
     else:
@@ -245,7 +240,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
     """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
-    _check_batch_spec(num_classes, image_shape)
+    _check_batch_spec("pmap_train_step", num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
                         donate_argnums=(0,))
@@ -262,7 +257,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
 def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | None = None, axis_name: str = AXIS,
                    num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
     """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
-    _check_batch_spec(num_classes, image_shape)
+    _check_batch_spec("pmap_eval_step", num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 

@@ -10,7 +10,6 @@ They hand the model `batch["image"]` exactly as given: scaling and normalisation
 
 from __future__ import annotations
 
-import numbers
 import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxnet import compiler, data
-from jaxnet.errors import ConfigError, DataError
+from jaxnet.errors import ConfigError, DataError, check_values
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -96,8 +95,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
       ConfigError: a `label_smoothing` given as a number outside [0, 1) (negative targets).
     """
     n = _check_labels(labels, name="labels")
-    if isinstance(label_smoothing, numbers.Real) and not 0 <= label_smoothing < 1:
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    check_values("cross_entropy", label_smoothing=("in [0, 1)", label_smoothing))
     shape = getattr(logits, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != n:
         raise DataError(f"the model's output must be (N, classes) logits for N = {n} labels, got "
@@ -218,9 +216,8 @@ def lookahead_ema(step_fn: Callable = train_step, *, every: int, decay_fn: Sched
     Raises:
       ConfigError: `every` or `final_step` is not a positive integer, or `decay_fn` is not a function of the step.
     """
-    for name, value in (("every", every), ("final_step", final_step)):
-        if (value is not None or name == "every") and not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"lookahead {name} must be a positive integer, got {value!r}")
+    check_values("lookahead_ema", every=("positive integer", every),
+                 final_step=("positive integer or None", final_step))
     if not callable(decay_fn):
         raise ConfigError(f"lookahead decay_fn must be a function of the step (e.g. lambda step: 0.95), "
                           f"got {decay_fn!r}")
@@ -264,12 +261,8 @@ def select_hardest(step_fn: Callable = train_step, *, fraction: float, score_siz
       ConfigError: `fraction` is not in (0, 1], `score_size` or `proxy_every` is not a positive integer, or
         (when called) `proxy_step` is given and the state holds no proxy.
     """
-    if isinstance(fraction, bool) or not (isinstance(fraction, numbers.Real) and 0 < fraction <= 1):
-        raise ConfigError(f"select_hardest fraction must be in (0, 1], got {fraction!r}")
-    for name, value in (("score_size", score_size), ("proxy_every", proxy_every)):
-        if (value is not None or name == "proxy_every") and (
-                isinstance(value, bool) or not (isinstance(value, numbers.Integral) and value > 0)):
-            raise ConfigError(f"select_hardest {name} must be a positive integer, got {value!r}")
+    check_values("select_hardest", fraction=("in (0, 1]", fraction),
+                 score_size=("positive integer or None", score_size), proxy_every=("positive integer", proxy_every))
 
     def scored(images: jax.Array) -> jax.Array:
         if score_size is not None:

@@ -169,8 +169,9 @@ def test_augment_shapes_dtypes_and_determinism(images):
     (lambda x: data.augment(jax.random.key(0), x[0]), "DataError", r"augment needs \(N, H, W, C\) images, got shape "
                                                                    r"\(8, 8, 3\)"),
     (lambda x: data.augment(jax.random.key(0), x, translate=-1), "ConfigError",
-     "augment translate must be a pixel count >= 0, got -1"),
-    (lambda x: data.augment(jax.random.key(0), x, cutout=2.5), "ConfigError", "augment cutout must be a pixel count"),
+     "augment translate must be an integer >= 0, got -1"),
+    (lambda x: data.augment(jax.random.key(0), x, cutout=2.5), "ConfigError",
+     "augment cutout must be an integer >= 0, got 2.5"),
     (lambda x: data.normalize(x[..., :1]), "DataError",  # silently 3 channels out of 1 before
      r"normalize: images of shape \(16, 8, 8, 1\) have 1 channels, but mean holds 3 values"),
     (lambda x: data.normalize(x, std=(0.5, 0.5)), "DataError", "have 3 channels, but std holds 2 values"),

@@ -125,8 +125,9 @@ def test_batch_not_divisible_and_too_many_devices_are_errors():
                                   parallel.pmap_eval_step])
 def test_the_compiled_steps_refuse_a_batch_spec_that_no_batch_can_meet(make):
     """num_classes=0 refused every label, image_shape=(32, 32) every batch, each only at the first step."""
-    for kwargs, message in (({"num_classes": 0}, "num_classes must be a positive integer, got 0"),
-                            ({"num_classes": 10.0}, "num_classes must be a positive integer, got 10.0"),
+    for kwargs, message in (({"num_classes": 0}, f"^{make.__name__} num_classes must be a positive integer or None, "
+                                                 "got 0$"),
+                            ({"num_classes": 10.0}, "num_classes must be a positive integer or None, got 10.0"),
                             ({"image_shape": (32, 32)}, r"image_shape must be \(H, W, C\), 3 positive integers, got "
                                                         r"\(32, 32\)"),
                             ({"image_shape": 32}, "image_shape must be")):

@@ -121,10 +121,21 @@ def test_with_params_restarts_the_optimizer_and_the_ema():
     chex.assert_trees_all_equal(state.opt_state, tx.init(params))
 
 
-@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": 2.5}, {"every": 5, "final_step": 0}])
+@pytest.mark.parametrize("kwargs", [{"every": 0}, {"every": 2.5}, {"every": True}, {"every": "4"},
+                                    {"every": 5, "final_step": 0}, {"every": 5, "final_step": np.int64(-1)}])
 def test_lookahead_rejects_bad_periods(kwargs):
-    with pytest.raises(jaxnet.ConfigError, match="must be a positive integer"):
+    name = "final_step" if "final_step" in kwargs else "every"
+    with pytest.raises(jaxnet.ConfigError, match=f"lookahead_ema {name} must be a positive integer"):
         train.lookahead_ema(decay_fn=lambda step: 0.5, **kwargs)
+
+
+def test_lookahead_takes_numpy_integers(data):
+    """A period computed with NumPy (np.int64) was refused as "not a positive integer" (an isinstance-int test)."""
+    step = jax.jit(train.lookahead_ema(every=np.int64(1), decay_fn=lambda step: 0.0, final_step=np.int32(3)))
+    state = train.create_train_state(models.ResNetTiny(num_classes=CLASSES), jax.random.key(0),
+                                     jnp.zeros((1, SIZE, SIZE, 3)), optax.sgd(0.1), ema=True)
+    state, _ = step(state, data)
+    chex.assert_trees_all_equal(state.ema["params"], state.params)
 
 
 def test_lookahead_refuses_a_decay_that_is_not_a_function_of_the_step():
