@@ -2,14 +2,17 @@
 
 Everything here is a pure function of its arguments, with no jit inside (`jaxnet.parallel` applies jit and
 shardings to the steps), except `create_train_state`, which compiles its one-off initialisation. The steps
-work with any linen module called as `model.apply(variables, x, train=...)`, with or without BatchNorm
-(`batch_stats`) or dropout, and with Flax's own `flax.training.train_state.TrainState` as well as jaxnet's.
+work with any linen module called as `model.apply(variables, x, train=...)` (or `deterministic=`, or neither:
+see `_mode`), with or without BatchNorm (`batch_stats`) or dropout, and with Flax's own
+`flax.training.train_state.TrainState` as well as jaxnet's.
 They hand the model `batch["image"]` exactly as given: scaling and normalisation belong to the data pipeline
 (e.g. `jaxnet.data.normalize`) or to the model.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -76,7 +79,7 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
 
     def init(rng: jax.Array, sample_input: jax.Array) -> TrainState:
         init_rng, dropout_rng = jax.random.split(rng)
-        variables = model.init({"params": init_rng, "dropout": init_rng}, sample_input, train=False)
+        variables = model.init({"params": init_rng, "dropout": init_rng}, sample_input, **_mode(model, False))
         state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                   batch_stats=variables.get("batch_stats", {}), rng=dropout_rng)
         return _restart_ema(state) if ema else state
@@ -125,12 +128,40 @@ def _batch_stats(state: Any) -> Any:
     return getattr(state, "batch_stats", None) or {}
 
 
-def _apply(state: Any, variables: dict[str, Any], x: Any, **kwargs) -> Any:
-    """`state.apply_fn(variables, x, **kwargs)`. A model with BatchNorm statistics under a state that holds none
-    (Flax's own TrainState has no `batch_stats` field) is a one-line ConfigError saying what to use instead of
-    Flax's error about an empty collection."""
+def _mode(model: Any, train: bool, *, layer: bool = False) -> dict[str, bool]:
+    """The keyword that sets the mode of `model` (a linen module, or an `apply_fn` bound to one): `train=train`
+    (jaxnet's convention and Flax's ImageNet example's), else `deterministic=not train` (nn.Dropout's), else
+    none for a module whose call takes neither (Flax's MNIST CNN, `__call__(self, x)`: it has no mode). An
+    nn.Sequential passes it to its first layer (`layer`: a function there is read the same way); an apply
+    function not bound to a module gets `train`. ConfigError for a call that needs another argument."""
+    while isinstance(model, functools.partial):
+        model = model.func
+    model = model.__self__ if isinstance(getattr(model, "__self__", None), nn.Module) else model
+    if isinstance(model, nn.Sequential) and model.layers:
+        return _mode(model.layers[0], train, layer=True)
+    if not (isinstance(model, nn.Module) or (layer and callable(model))):
+        return {"train": train}
+    params = inspect.signature(model).parameters
+    if "train" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        mode = {"train": train}
+    else:
+        mode = {"deterministic": not train} if "deterministic" in params else {}
+    needed = [name for name, p in list(params.items())[1:] if p.default is inspect.Parameter.empty
+              and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and name not in mode]
+    if needed:
+        raise ConfigError(f"jaxnet calls a model as model(x, train=...), model(x, deterministic=...) or model(x); "
+                          f"{f'{type(model).__name__}.__call__' if isinstance(model, nn.Module) else model.__name__} "
+                          f"also needs {', '.join(needed)}: give "
+                          f"{'it a default' if len(needed) == 1 else 'them defaults'}")
+    return mode
+
+
+def _apply(state: Any, variables: dict[str, Any], x: Any, *, train: bool, **kwargs) -> Any:
+    """`state.apply_fn(variables, x, **kwargs)` in training or inference mode (`_mode`). A model with BatchNorm
+    statistics under a state that holds none (Flax's own TrainState has no `batch_stats` field) is a one-line
+    ConfigError saying what to use instead of Flax's error about an empty collection."""
     try:
-        return state.apply_fn(variables, x, **kwargs)
+        return state.apply_fn(variables, x, **_mode(state.apply_fn, train), **kwargs)
     except flax.errors.ScopeCollectionNotFound as e:
         if "batch_stats" in variables or 'from collection "batch_stats"' not in str(e):
             raise

@@ -330,6 +330,62 @@ def test_user_model_without_batchnorm_and_with_dropout(data):
     assert float(jaxnet.jit_eval_step()(state, data)["accuracy"]) > 0.9
 
 
+class _MnistCnn(nn.Module):
+    """Flax's examples/mnist CNN: its call takes no mode argument."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(8, (3, 3))(x / 255.0)), (2, 2), strides=(2, 2))
+        return nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)))
+
+
+class _Deterministic(nn.Module):
+    """Mode set as nn.Dropout's is (`deterministic`), with no default; in training mode every image reads class 0."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        logits = nn.Dense(CLASSES)(x.reshape((x.shape[0], -1)) / 255.0)
+        return logits + jnp.where(deterministic, 0.0, 1e3) * jax.nn.one_hot(0, CLASSES)[None]
+
+
+@pytest.mark.parametrize("make", [_MnistCnn, lambda: nn.Sequential([lambda x: x.astype(jnp.float32), _MnistCnn()])],
+                         ids=["mnist_cnn", "sequential"])
+def test_a_model_whose_call_takes_no_mode_trains_under_flax_train_state(data, make):
+    """Flax's MNIST CNN (`__call__(self, x)`) was a TypeError ("unexpected keyword argument 'train'") in every
+    step: the steps pass no mode to a model that takes none."""
+    model = make()
+    state = flax_train_state.TrainState.create(apply_fn=model.apply, tx=optax.adam(1e-2), params=model.init(
+        jax.random.key(0), data["image"][:1])["params"])
+    step, first = jax.jit(jaxnet.train_step), None
+    for _ in range(40):
+        state, m = step(state, data)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < 0.5 * first
+    assert float(jax.jit(jaxnet.eval_step)(state, data)["accuracy"]) > 0.9
+    assert train.predict_logits(state, data["image"], tta=2).shape == (N, CLASSES)
+    assert jaxnet.create_train_state(model, jax.random.key(0), data["image"][:1], optax.sgd(0.1)).step == 0
+
+
+def test_a_model_with_a_deterministic_argument_gets_the_mode_of_each_step(data):
+    model = _Deterministic()
+    state = jaxnet.create_train_state(model, jax.random.key(0), data["image"][:1], optax.sgd(0.0))
+    zeros = {"image": data["image"], "label": np.zeros(N, np.int32)}
+    assert float(jax.jit(jaxnet.train_step)(state, zeros)[1]["loss"]) < 1e-3  # training: deterministic=False
+    assert float(jax.jit(jaxnet.eval_step)(state, zeros)["loss"]) > 0.5
+
+
+def test_a_model_that_needs_another_argument_is_one_line():
+    class Needs(nn.Module):
+        @nn.compact
+        def __call__(self, x, training):
+            return nn.Dense(CLASSES)(x)
+
+    with pytest.raises(jaxnet.ConfigError, match=r"^jaxnet calls a model as model\(x, train=...\), .*; "
+                                                 r"Needs.__call__ also needs training: give it a default") as err:
+        jaxnet.create_train_state(Needs(), jax.random.key(0), jnp.zeros((1, 4)), optax.sgd(0.1))
+    assert "\n" not in str(err.value)
+
+
 def test_eval_mask_counts_only_real_rows(data):
     state = _state()
     full = train.eval_step(state, data)
