@@ -138,8 +138,10 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
                               "new state): continue from the state that step returned")
         if mesh is not None:
             n = len(batch["label"])
-            if n % mesh.size:
-                raise ParallelError(f"global batch of {n} does not divide over {mesh.size} devices")
+            shards = mesh.shape[mesh.axis_names[0]]  # the batch axis's (`batch_sharding`)
+            if n % shards:
+                raise ParallelError(f"global batch of {n} does not divide over the {shards} shards of mesh axis "
+                                    f"{mesh.axis_names[0]!r}")
             if not isinstance(batch["label"], jax.Array):  # host arrays, or labels given as a list
                 batch = shard_batch(process_rows({k: np.asarray(v) if isinstance(v, list) else v
                                                   for k, v in batch.items()}), mesh)

@@ -103,9 +103,25 @@ def test_batchnorm_statistics_are_global_not_per_device(kind):
     assert np.all(np.abs(var - per_device_var) > 10)
 
 
+def test_a_users_two_axis_mesh_splits_the_batch_over_its_first_axis():
+    """On a user's (4, 2) mesh the batch is split 4 ways (replicated over the second axis): a batch of 4 was
+    refused as "does not divide over 8 devices"."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    batch = {k: v[:4] for k, v in global_batch().items()}
+    step = parallel.jit_train_step(mesh=mesh)
+    state, metrics = step(parallel.put_replicated(initial_state(), mesh), batch)
+    reference_state, reference = jax.jit(train.train_step)(initial_state(), batch)
+    chex.assert_trees_all_close(parallel.fetch(metrics), reference, rtol=1e-5)
+    chex.assert_trees_all_close(parallel.fetch(state.params), reference_state.params, rtol=1e-4, atol=1e-6)
+    with pytest.raises(parallel.ParallelError, match="global batch of 6 does not divide over the 4 shards of mesh "
+                                                     "axis 'data'"):
+        step(state, {k: v[:6] for k, v in global_batch().items()})
+
+
 def test_batch_not_divisible_and_too_many_devices_are_errors():
     batch = {k: v[:12] for k, v in global_batch().items()}
-    with pytest.raises(parallel.ParallelError, match="global batch of 12 does not divide over 8 devices"):
+    with pytest.raises(parallel.ParallelError, match="global batch of 12 does not divide over the 8 shards of mesh "
+                                                     "axis 'data'"):
         parallel.jit_train_step(mesh=parallel.make_mesh(8))(parallel.put_replicated(initial_state(),
                                                                                      parallel.make_mesh(8)), batch)
     with pytest.raises(parallel.ParallelError, match="global batch of 12 does not divide over 8 devices"):
