@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from fixtures import cpu_backend, onednn_platform, require_onednn_bfloat16
 
+from jaxnet.errors import ConfigError
 from jaxnet.ops import IMPLS, conv2d, conv2d_reference
 from jaxnet.ops import conv as conv_ops
 
@@ -89,6 +90,40 @@ def test_mismatched_shapes_raise(bad):
     x = jnp.zeros((1, 8, 8, 3))
     with pytest.raises(ValueError, match="channels"):
         conv2d(x, jnp.zeros(bad["w_shape"]), groups=bad.get("groups", 1))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"strides": 1.5}, r"strides must be a positive int or a pair of them, got 1.5"),  # was "not iterable"
+    ({"strides": True}, "strides must be a positive int"),
+    ({"dilation": (1, 0)}, "dilation must be a positive int"),
+    ({"padding": -1}, r"padding must be 'SAME', 'VALID', an int >= 0 or pairs of them, got -1"),  # cropped before
+    ({"padding": ((1, 1, 1), (1, 1))}, "padding must be"),  # was NumPy's "inhomogeneous shape"
+    ({"groups": 0}, "conv2d groups must be a positive integer, got 0"),
+    ({"groups": 2.0}, "conv2d groups must be a positive integer, got 2.0"),
+    # the forward gave an empty (1, 0, 0, 4) and its gradient an XLA shape error
+    ({"padding": "VALID", "dilation": 4}, "conv2d: the kernel spans 9×9 pixels, more than the 8×8 of the padded "
+                                          "input"),
+], ids=["strides_float", "strides_bool", "dilation_0", "padding_negative", "padding_ragged", "groups_0",
+        "groups_float", "kernel_larger"])
+def test_a_bad_conv_argument_is_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        conv2d(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 4)), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=onednn_platform) if i == "onednn" else i for i in IMPLS])
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", [
+    ((0, 8, 8, 4), (3, 3, 4, 6), {}),  # an empty batch: Pallas's blocks were larger than the array
+    ((2, 8, 8, 4), (3, 3, 4, 6), {"strides": np.int64(2), "padding": (1, (0, 2))}),  # NumPy ints, mixed pads
+], ids=["empty_batch", "numpy_stride"])
+def test_impl_matches_reference_at_the_edges(impl, x_shape, w_shape, kwargs):
+    x, w = jax.random.normal(jax.random.key(0), x_shape), jax.random.normal(jax.random.key(1), w_shape)
+
+    def f(conv):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sin(conv(x, w, **kwargs)).sum(), argnums=(0, 1)))(x, w)
+
+    chex.assert_equal_shape([conv2d(x, w, impl=impl, **kwargs), conv2d_reference(x, w, **kwargs)])
+    chex.assert_trees_all_close(f(partial(conv2d, impl=impl)), f(conv2d_reference), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl,has_conv,has_dot", [("xla", True, False), ("im2col", False, True)])

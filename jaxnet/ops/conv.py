@@ -21,7 +21,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.interpreters import ad, mlir
 
-from jaxnet.errors import ConfigError
+from jaxnet.errors import ConfigError, check_values, is_kind
 from jaxnet.ops import onednn
 
 Impl: TypeAlias = Literal["xla", "im2col", "pallas", "onednn", "auto"]
@@ -94,12 +94,10 @@ Padding: TypeAlias = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2 or min(value) < 1:
+    pair = tuple(value) if isinstance(value, Sequence) else (value, value)
+    if len(pair) != 2 or not all(is_kind("positive integer", v) for v in pair):
         raise ConfigError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return value
+    return int(pair[0]), int(pair[1])
 
 
 def resolve_padding(
@@ -123,23 +121,21 @@ def resolve_padding(
                     pads.append((total // 2, total - total // 2))
                 return tuple(pads)
             case _:
-                raise ConfigError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    pads = tuple(padding)
-    if len(pads) == 2 and all(isinstance(p, int) for p in pads):
-        return ((pads[0], pads[0]), (pads[1], pads[1]))
-    if len(pads) == 2 and all(len(p) == 2 for p in pads):
-        return tuple((int(lo), int(hi)) for lo, hi in pads)
-    raise ConfigError(f"padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}")
+                raise ConfigError(f"padding must be 'SAME', 'VALID', an int >= 0 or pairs of them, got {padding!r}")
+    pads = tuple((p, p) if not isinstance(p, Sequence) else tuple(p) for p in padding) if isinstance(
+        padding, Sequence) else ((padding, padding),) * 2
+    if len(pads) != 2 or not all(len(p) == 2 and all(is_kind("non-negative integer", q) for q in p) for p in pads):
+        raise ConfigError(f"padding must be 'SAME', 'VALID', an int >= 0 or pairs of them, got {padding!r}")
+    return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
 def _check(x: jax.Array, w: jax.Array, groups: int) -> None:
-    if x.ndim != 4 or w.ndim != 4:
+    if jnp.ndim(x) != 4 or jnp.ndim(w) != 4:
         raise ConfigError(
             f"conv2d expects x of rank 4 (N, H, W, C) and w of rank 4 (KH, KW, C/groups, O), "
-            f"got x{tuple(x.shape)} and w{tuple(w.shape)}")
-    if groups < 1 or x.shape[-1] != w.shape[2] * groups or w.shape[-1] % groups:
+            f"got x{jnp.shape(x)} and w{jnp.shape(w)}")
+    check_values("conv2d", groups=("positive integer", groups))
+    if x.shape[-1] != w.shape[2] * groups or w.shape[-1] % groups:
         raise ConfigError(
             f"conv2d: x has {x.shape[-1]} channels, w expects {w.shape[2]} per group × {groups} groups "
             f"and has {w.shape[-1]} outputs (must divide by groups)")
@@ -155,7 +151,7 @@ def conv2d(
       x: (N, H, W, C) input.
       w: (KH, KW, C // groups, O) kernel.
       strides, dilation: an int or (h, w) pair (dilation is of the kernel).
-      padding: "SAME", "VALID", an int, (ph, pw), or ((top, bottom), (left, right)).
+      padding: "SAME", "VALID", an int, (ph, pw), or ((top, bottom), (left, right)); none negative.
       groups: feature groups; C and O must divide by it.
       impl: a name from `IMPLS`, or None for `DEFAULT_IMPL`. "auto" runs `auto_impl` of the platform the
         program is lowered for (chosen at lowering by `lax.platform_dependent`, not in Python).
@@ -164,11 +160,17 @@ def conv2d(
       (N, H', W', O) in the promoted dtype of x and w.
 
     Raises:
-      ConfigError (a ValueError): for an unknown impl name, or shapes that do not fit together.
+      ConfigError (a ValueError): for an unknown impl name, an argument out of its range, shapes that do not
+        fit together, or a kernel that spans more than the padded input (no output pixel).
     """
     _check(x, w, groups)
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], strides, dilation, x.shape[1:3])
+    reach = [(k - 1) * d + 1 for k, d in zip(w.shape[:2], dilation)]  # the kernel's extent, dilation included
+    padded = [size + lo + hi for size, (lo, hi) in zip(x.shape[1:3], pads)]
+    if any(r > p for r, p in zip(reach, padded)):
+        raise ConfigError(f"conv2d: the kernel spans {reach[0]}×{reach[1]} pixels, more than the {padded[0]}×"
+                          f"{padded[1]} of the padded input: no output pixel")
     return _run(DEFAULT_IMPL if impl is None else impl, x, w, strides, pads, dilation, groups)
 
 
@@ -343,6 +345,8 @@ def _pallas_forward(x, w, pads, *, interpret: bool):
     kh, kw, c, o = w.shape
     n, h, width, _ = x.shape
     oh, ow = h + sum(pads[0]) - kh + 1, width + sum(pads[1]) - kw + 1
+    if n == 0:  # an empty batch: a grid of no programs, with blocks larger than the arrays
+        return jnp.zeros((0, oh, ow, o), jnp.result_type(x, w))
     owp, cp = _pow2(ow), _pow2(c)
     bc, bo = min(cp, 64), min(_pow2(o), 64)
     op = -(-o // bo) * bo
