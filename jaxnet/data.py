@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxnet.cache import default_cache_dir
-from jaxnet.errors import ConfigError, DataError, check_values
+from jaxnet.errors import ConfigError, DataError, check_values, is_kind
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the CIFAR-10 training images, in [0, 1] units.
@@ -293,8 +293,8 @@ def subset(split: Split, size: int, seed: int) -> Split:
     """`size` examples drawn without replacement (deterministic in `seed`); the local layouts are sorted
     by class, so a prefix would hold one class only."""
     n = len(split["label"])
-    if not 0 < size <= n:
-        raise DataError(f"subset size must be in [1, {n}], got {size}")
+    if not (is_kind("positive integer", size) and size <= n):
+        raise DataError(f"subset size must be an integer in [1, {n}], got {size!r}")
     chosen = np.sort(np.random.default_rng(seed).permutation(n)[:size])
     return {k: v[chosen] for k, v in split.items()}
 
@@ -302,8 +302,8 @@ def subset(split: Split, size: int, seed: int) -> Split:
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """(train minus val, val): `val_size` examples drawn without replacement, deterministic in `seed`."""
     n = len(train["label"])
-    if not 0 <= val_size < n:
-        raise DataError(f"val_size must be in [0, {n}), got {val_size}")
+    if not (is_kind("non-negative integer", val_size) and val_size < n):
+        raise DataError(f"val_size must be an integer in [0, {n}), got {val_size!r}")
     order = np.random.default_rng(seed).permutation(n)
     return ({k: v[order[val_size:]] for k, v in train.items()}, {k: v[order[:val_size]] for k, v in train.items()})
 
@@ -360,7 +360,8 @@ def augment(key: jax.Array, images: jax.Array, *, translate: int = 2, flip: bool
 def color_jitter(key: jax.Array, images: jax.Array, strength: float) -> jax.Array:
     """Per image, contrast (about the image's mean) and then brightness scaled by factors drawn uniformly from
     [1 − `strength`, 1 + `strength`], rounded and clipped to [0, 255]: (N, H, W, C) uint8 → same shape and dtype
-    (hiverge's CIFAR-10 speedrun jitters both)."""
+    (hiverge's CIFAR-10 speedrun jitters both). ConfigError for a `strength` outside [0, 1)."""
+    check_values("color_jitter", strength=("in [0, 1)", strength))
     n = images.shape[0]
     k_contrast, k_brightness = jax.random.split(key)
     contrast, brightness = (jax.random.uniform(k, (n, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
@@ -398,7 +399,11 @@ def flip_schedule(kind: str, key: jax.Array) -> FlipSchedule:
 
 def resize(images: jax.Array, size: int) -> jax.Array:
     """(N, H, W, C) float images → (N, size, size, C): antialiased bilinear (a triangle filter as wide as the
-    scale, as PIL's and tf.image.resize's); the images themselves when they are size × size already."""
+    scale, as PIL's and tf.image.resize's); the images themselves when they are size × size already.
+    DataError for images of another rank, ConfigError for a `size` that is not a positive integer."""
+    if jnp.ndim(images) != 4:
+        raise DataError(f"resize needs (N, H, W, C) images, got shape {jnp.shape(images)}")
+    check_values("resize", size=("positive integer", size))
     n, h, w, c = images.shape
     if (h, w) == (size, size):
         return images
@@ -428,7 +433,13 @@ def normalized(split: Split, mean=MEAN, std=STD) -> dict[str, np.ndarray]:
 
 
 def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped."""
+    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped.
+    ConfigError unless both are positive integers and a batch fits in the examples."""
+    check_values("epoch_indices", num_examples=("positive integer", num_examples),
+                 batch_size=("positive integer", batch_size))
+    if batch_size > num_examples:
+        raise ConfigError(f"epoch_indices batch_size {batch_size} is more than the {num_examples} examples: "
+                          "no full batch")
     steps = num_examples // batch_size
     return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
 
@@ -441,7 +452,9 @@ def eval_batch_size(n: int, batch_size: int, multiple: int = 1) -> int:
 def eval_batches(split: Split, batch_size: int, multiple: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of one size (the last one padded, with "mask" False on the padding): `batch_size` rows, or,
     where the whole split fits in fewer, its row count rounded up to `multiple` (the devices a batch is split
-    over), so that a small split is not padded to a large batch and evaluated at the large batch's cost."""
+    over), so that a small split is not padded to a large batch and evaluated at the large batch's cost.
+    ConfigError (at the first batch) unless `batch_size` and `multiple` are positive integers."""
+    check_values("eval_batches", batch_size=("positive integer", batch_size), multiple=("positive integer", multiple))
     n = len(split["label"])
     batch_size = eval_batch_size(n, batch_size, multiple)
     for start in range(0, n, batch_size):

@@ -104,9 +104,9 @@ CONFIG_CASES = [  # (override(s), what the message must say)
     (["translate=-1"], "translate must be >= 0"),
     (["cutout=-2"], "cutout must be >= 0"),
     (["val_size=-1"], "val_size must be >= 0"),
-    (["val_size=512"], "val_size must be in [0, 512)"),  # the whole training subset
+    (["val_size=512"], "val_size must be an integer in [0, 512)"),  # the whole training subset
     (["train_subset=-5"], "train_subset must be >= 0"),
-    (["test_subset=100000"], "subset size must be in [1, 200]"),
+    (["test_subset=100000"], "subset size must be an integer in [1, 200]"),
     (["log_every=0"], "log_every must be > 0"),
     (["keep_checkpoints=0"], "keep_checkpoints must be > 0"),
     (["lookahead_every=-5"], "lookahead_every must be >= 0, got -5"),

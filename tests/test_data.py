@@ -182,6 +182,30 @@ def test_augment_and_normalize_refuse_what_they_cannot_take_in_one_line(images, 
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("call,error,message", [
+    (lambda x: data.color_jitter(jax.random.key(0), x, 1.5), "ConfigError",  # negative contrast factors
+     r"color_jitter strength must be in \[0, 1\), got 1.5"),
+    (lambda x: data.resize(x.astype(np.float32), 0), "ConfigError", "resize size must be a positive integer, got 0"),
+    (lambda x: data.resize(x.astype(np.float32), 4.5), "ConfigError", "resize size must be a positive integer"),
+    (lambda x: data.resize(x[0].astype(np.float32), 4), "DataError", r"resize needs \(N, H, W, C\) images"),
+    (lambda x: data.epoch_indices(jax.random.key(0), len(x), 0), "ConfigError",  # was a ZeroDivisionError
+     "epoch_indices batch_size must be a positive integer, got 0"),
+    (lambda x: data.epoch_indices(jax.random.key(0), len(x), len(x) + 1), "ConfigError",  # was (0, 17): no steps
+     "epoch_indices batch_size 17 is more than the 16 examples: no full batch"),
+    (lambda x: next(data.eval_batches({"image": x, "label": np.zeros(len(x), np.int32)}, 0)), "ConfigError",
+     "eval_batches batch_size must be a positive integer, got 0"),  # was range()'s "arg 3 must not be zero"
+    (lambda x: data.subset({"image": x, "label": np.zeros(len(x))}, 2.5, seed=0), "DataError",
+     r"subset size must be an integer in \[1, 16\], got 2.5"),  # was a slice's TypeError
+    (lambda x: data.split_validation({"image": x, "label": np.zeros(len(x))}, 4.0, seed=0), "DataError",
+     r"val_size must be an integer in \[0, 16\), got 4.0"),
+], ids=["jitter", "resize_0", "resize_float", "resize_rank", "epoch_batch_0", "epoch_batch_too_big", "eval_batch_0",
+        "subset_float", "val_size_float"])
+def test_the_data_functions_refuse_arguments_out_of_range_in_one_line(images, call, error, message):
+    with pytest.raises(getattr(errors, error), match=message) as err:
+        call(np.asarray(images))
+    assert "\n" not in str(err.value)
+
+
 def test_normalize_takes_one_value_or_one_per_channel(images):
     grey = images[..., :1]
     np.testing.assert_allclose(data.normalize(grey, mean=0.5, std=0.25), (grey / 255.0 - 0.5) / 0.25, rtol=1e-6)
