@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxnet import data as data_lib, parallel
 from jaxnet.checkpoint import Checkpointer
-from jaxnet.errors import ConfigError, TrainingDiverged
+from jaxnet.errors import ConfigError, TrainingDiverged, check_values
 from jaxnet.metrics import MetricWriter, progress
 from jaxnet.train import TrainState, merge_metrics
 
@@ -43,6 +43,9 @@ class TrainData:
     key: jax.Array
     image_size: Callable[[int], int | None] | None = None
 
+    def __post_init__(self):
+        check_values("TrainData", batch_size=("positive integer", self.batch_size))
+
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
@@ -60,6 +63,13 @@ class FitOptions:
     profile_dir: str | None = None
     profile_steps: int = 5
     checkpoint_interval: float = 0.0
+
+    def __post_init__(self):
+        check_values("FitOptions", log_every=("positive integer", self.log_every),
+                     patience=("non-negative integer or None", self.patience),
+                     min_delta=("non-negative", self.min_delta),
+                     profile_steps=("positive integer", self.profile_steps),
+                     checkpoint_interval=("non-negative", self.checkpoint_interval))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +169,7 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
       CheckpointError: `resume` with no usable checkpoint.
       ConfigError: a batch larger than the training set.
     """
+    check_values("fit", total_steps=("non-negative integer", total_steps))
     train_images, train_labels, make_batch, batch_size = data.images, data.labels, data.make_batch, data.batch_size
     log_every, patience, min_delta = options.log_every, options.patience, options.min_delta
     profile_dir, show_progress = options.profile_dir, options.show_progress

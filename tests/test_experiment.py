@@ -763,6 +763,21 @@ def test_the_progress_bar_counts_finished_steps_not_dispatched_ones(monkeypatch,
     assert [bar.updates for bar in bars] == [updates, updates] and all(bar.total == 28 for bar in bars)
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda data: loop.TrainData(**data, batch_size=0), "TrainData batch_size must be a positive integer, got 0"),
+    (lambda data: loop.FitOptions(log_every=0), "FitOptions log_every must be a positive integer, got 0"),
+    (lambda data: loop.FitOptions(patience=-1), "FitOptions patience must be an integer >= 0 or None, got -1"),
+    (lambda data: loop.FitOptions(checkpoint_interval=-60.0), "FitOptions checkpoint_interval must be >= 0"),
+    (lambda data: loop.fit(None, None, loop.TrainData(**data, batch_size=4), 2.5),
+     "fit total_steps must be an integer"),
+], ids=["batch_0", "log_every_0", "patience_negative", "interval_negative", "steps_float"])
+def test_the_loops_options_refuse_values_out_of_range_in_one_line(make, message):
+    """A batch of 0 was a ZeroDivisionError inside fit, log_every=0 a modulo by zero at the first step."""
+    with pytest.raises(ConfigError, match=message):
+        make({"images": jnp.zeros((8, 4, 4, 3), jnp.uint8), "labels": jnp.zeros((8,), jnp.int32),
+              "make_batch": lambda *args: None, "key": jax.random.key(0)})
+
+
 def test_progressive_resizing_feeds_each_step_its_size_and_compiles_once_per_size():
     """fit with `image_size`: of 7 steps the first 4 get 24 × 24 images, the rest 32 × 32; a user's model (global
     pooling, so any size) with Flax's own TrainState, stepped by jaxnet.train_step under jit, compiles once per
