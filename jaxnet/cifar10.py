@@ -20,26 +20,13 @@ import sys
 from pathlib import Path
 
 from jaxnet import configs
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as one line (no usage block): `error: argument --seed: invalid int value: 'x'`."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+from jaxnet.cli import Parser, positive
 
 
 def _train_parser() -> argparse.ArgumentParser:
     from jaxnet.cache import default_cache_dir
 
-    p = _Parser(
+    p = Parser(
         prog="jaxnet-cifar10",
         description="Train and evaluate on CIFAR-10. Subcommand: `predict --workdir W IMAGE...` classifies "
                     "images with a run's exported model.",
@@ -68,7 +55,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    "train and eval steps to DIR, with DIR/index.json")
     p.add_argument("--profile", metavar="DIR", help="profiler trace of 5 steps after warm-up into DIR (open with "
                    "xprof, extra 'profile', or summarize: python -m jaxnet.profiling summarize DIR)")
-    p.add_argument("--peak-tflops", type=_positive, help="the device's peak TFLOP/s in the compute dtype, for "
+    p.add_argument("--peak-tflops", type=positive(float), help="the device's peak TFLOP/s in the compute dtype, for "
                    "the MFU in the summary (e.g. 989 for an H100/H200 in bf16; default: no MFU)")
     p.add_argument("--compilation-cache", default=str(default_cache_dir() / "xla"), metavar="DIR",
                    help="persistent XLA compilation cache, so a second run starts without compiling "
@@ -77,7 +64,7 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jaxnet-cifar10 predict", description="Top-3 classes of each image, from WORKDIR/model.jaxexport.")
+    p = Parser(prog="jaxnet-cifar10 predict", description="Top-3 classes of each image, from WORKDIR/model.jaxexport.")
     p.add_argument("--workdir", required=True, help="a run's workdir, trained with --export jax")
     p.add_argument("images", nargs="+", help="image files (any size; resized to 32×32)")
     return p

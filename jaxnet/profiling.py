@@ -6,7 +6,6 @@ steps, profiler traces, and an offline summary of a trace.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import collections
 import gzip
@@ -18,6 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from jaxnet.cli import Parser, positive
+
 
 def compile_stats(fn: Callable, *args: Any) -> dict[str, float | None]:
     """Lower and compile `fn` (a jitted function) for `args` and report what XLA says about it.
@@ -161,11 +163,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxnet.profiling")
+    p = Parser(prog="python -m jaxnet.profiling")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summarize", help="top ops by time from a profile directory")
     s.add_argument("directory")
-    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--top", type=positive(int), default=20)
     args = p.parse_args(argv)
     try:
         rows = summarize_trace(args.directory, args.top)

@@ -73,6 +73,16 @@ def test_summarize_without_a_trace_is_exit_2(tmp_path, capsys):
     assert "no *.trace.json.gz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["summarize", ".", "--top", "-1"], "error: argument --top: must be > 0, got -1 (see --help)"),  # was taken
+    (["summarize"], "error: the following arguments are required: directory (see --help)"),
+], ids=["top_negative", "no_directory"])
+def test_summarize_with_bad_arguments_is_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profiling.main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == message + "\n"
+
+
 def test_exclusive_ms_shares_each_moment_among_the_ops_running_then():
     """Two ops overlapping for 10 ms of their 20 and 30: each gets half of the overlap, and the shares add up to
     the 40 ms in which any op ran (their own durations add up to 50)."""
