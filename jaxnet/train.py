@@ -73,9 +73,21 @@ def create_train_state(model: nn.Module, rng: jax.Array, sample_input: jax.Array
     `rng` is split into the init key and the dropout key kept in the state. The initialisation (model and
     optimizer) runs as one program compiled by `compiler.run_once`: op by op, JAX compiles every initializer
     and optimizer-state leaf on its own (154 compilations and ~25 s for the smoke experiment's tiny FastNet).
+
+    Raises:
+      ConfigError: `model` is not a linen Module instance, `rng` not one PRNG key (typed, or the raw (2,) uint32
+        of `jax.random.PRNGKey`), or `tx` not an optax GradientTransformation.
     """
     if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
         raise ConfigError(f"create_train_state needs an optax GradientTransformation as tx, got {tx!r}")
+    if not isinstance(model, nn.Module):
+        made = f" (the class: make one, {model.__name__}(...))" if isinstance(model, type) else ""
+        raise ConfigError(f"create_train_state needs a linen Module as model, got {reprlib.repr(model)}{made}")
+    dtype = getattr(rng, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    if not (jnp.shape(rng) == () if typed else jnp.shape(rng) == (2,) and dtype == np.uint32):  # raw: PRNGKey's
+        got = reprlib.repr(rng) if dtype is None else f"an array of shape {jnp.shape(rng)} and dtype {dtype}"
+        raise ConfigError(f"create_train_state needs one PRNG key as rng (jax.random.key(seed)), got {got}")
 
     def init(rng: jax.Array, sample_input: jax.Array) -> TrainState:
         init_rng, dropout_rng = jax.random.split(rng)

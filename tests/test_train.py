@@ -149,6 +149,26 @@ def test_create_train_state_refuses_a_tx_that_is_not_an_optax_transformation(tx)
         train.create_train_state(ScalingMlp(), jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), tx)
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda: (ScalingMlp, jax.random.key(0)),  # was Flax's InvalidInstanceModuleError
+     r"needs a linen Module as model, got .*ScalingMlp'> \(the class: make one, ScalingMlp\(...\)\)$"),
+    (lambda: (None, jax.random.key(0)), "needs a linen Module as model, got None$"),  # was an AttributeError
+    (lambda: (ScalingMlp(), 0), r"needs one PRNG key as rng \(jax.random.key\(seed\)\), got 0$"),  # JAX's TypeError
+    (lambda: (ScalingMlp(), jax.random.split(jax.random.key(0))),
+     r"needs one PRNG key as rng .*, got an array of shape \(2,\) and dtype key<fry>$"),
+], ids=["class", "none", "seed", "two_keys"])
+def test_create_train_state_refuses_what_is_not_a_model_or_a_key(make, message):
+    model, rng = make()
+    with pytest.raises(jaxnet.ConfigError, match="^create_train_state " + message):
+        train.create_train_state(model, rng, jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8), optax.sgd(0.1))
+
+
+def test_create_train_state_takes_a_raw_prng_key():
+    raw, typed = (train.create_train_state(ScalingMlp(), key, jnp.zeros((1, SIZE, SIZE, 3), jnp.uint8),
+                                           optax.sgd(0.1)) for key in (jax.random.PRNGKey(0), jax.random.key(0)))
+    chex.assert_trees_all_equal(raw.params, typed.params)
+
+
 def test_select_hardest_score_size_of_an_input_that_is_not_an_image_is_one_line(data):
     flat = {"image": data["image"].reshape(N, -1), "label": data["label"]}
     step = jax.jit(train.select_hardest(fraction=0.5, score_size=8))
