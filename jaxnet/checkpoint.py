@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxnet import parallel
-from jaxnet.errors import CheckpointError, ConfigError
+from jaxnet.errors import CheckpointError, ConfigError, check_values
 from jaxnet.train import TrainState
 
 
@@ -70,6 +70,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
+        check_values("Checkpointer", keep=("positive integer", keep))
         self.directory = Path(directory).resolve()
         self._multi = jax.process_count() > 1
         if self._multi and not parallel.is_main_process():
@@ -96,7 +97,12 @@ class Checkpointer:
                 raise ConfigError(f"unknown checkpoint kind {which!r}; valid: 'last', 'best'")
 
     def save(self, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
-        """Save `state` and JSON-able `meta` as the newest checkpoint (and as the best one if `best`)."""
+        """Save `state` and JSON-able `meta` as the newest checkpoint (and as the best one if `best`); ConfigError
+        for a `meta` that is not (orbax failed half-way, leaving a temporary directory behind)."""
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"checkpoint meta must be JSON-able: {e}") from None
         if self._last is None:  # not process 0 of a multi-process run
             return
         arrays = parallel.fetch(_arrays(state)) if self._multi else _arrays(state)

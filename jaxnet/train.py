@@ -382,8 +382,7 @@ def _plain_and_tta_logits(state: Any, images: jax.Array, tta: int, tta_fraction:
     plain = logits(images)
     if tta == 0:
         return plain, plain
-    if not 0 < tta_fraction <= 1:
-        raise ConfigError(f"tta_fraction must be in (0, 1], got {tta_fraction!r}")
+    check_values("predict_logits", tta_fraction=("in (0, 1]", tta_fraction))
     if tta_fraction == 1:
         return plain, augmented(images, plain)
     k = max(1, round(tta_fraction * images.shape[0]))

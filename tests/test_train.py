@@ -769,6 +769,22 @@ def test_flax_train_state_checkpoints_and_runs_on_a_mesh(data, tmp_path):
     chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
 
 
+def test_a_checkpointer_refuses_meta_it_cannot_save_and_a_keep_of_zero(data, tmp_path):
+    """Meta that JSON cannot hold failed inside orbax's save, leaving its temporary directory and a thread error
+    at exit; keep=0 was taken."""
+    from jaxnet import checkpoint
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+    state = _flax_state(ScalingMlp())
+    with pytest.raises(jaxnet.ConfigError, match="^checkpoint meta must be JSON-able: Object of type ndarray"):
+        ckpt.save(state, {"accuracy": np.zeros(2)})
+    ckpt.save(state, {"epoch": 0})
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "last").iterdir()) == ["0"]
+    with pytest.raises(jaxnet.ConfigError, match="^Checkpointer keep must be a positive integer, got 0$"):
+        checkpoint.Checkpointer(tmp_path / "other", keep=0)
+
+
 @pytest.mark.parametrize("tta", [1, 2])
 def test_selective_tta_augments_exactly_the_least_confident_images(data, tta):
     state = _state()
@@ -783,5 +799,6 @@ def test_selective_tta_augments_exactly_the_least_confident_images(data, tta):
     chex.assert_trees_all_close(chosen[least], full[least], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(chosen[rest], plain[rest])
     assert not np.allclose(full[rest], plain[rest])  # the augmentation does change the others' logits
-    with pytest.raises(ValueError, match=r"tta_fraction must be in \(0, 1\]"):
-        train.predict_logits(state, images, tta=tta, tta_fraction=0.0)
+    for fraction in (0.0, "0.5"):  # a string was a TypeError of the comparison
+        with pytest.raises(ValueError, match=r"predict_logits tta_fraction must be in \(0, 1\]"):
+            train.predict_logits(state, images, tta=tta, tta_fraction=fraction)
