@@ -5,6 +5,7 @@ is the one test of a numeric argument's range that the public functions share.""
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ class TrainingDiverged(JaxnetError, RuntimeError):
 
 # What a number must be, by kind (`is_kind`, `check_values`): (its test, as a message says it).
 KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "finite": (math.isfinite, "a finite number"),
     "positive": (lambda v: v > 0, "> 0"),
     "non-negative": (lambda v: v >= 0, ">= 0"),
     "in [0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),

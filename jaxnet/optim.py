@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxnet.errors import ConfigError, check_values
+from jaxnet.errors import ConfigError, check_values, is_kind
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -231,15 +231,22 @@ def airbench_muon(schedule: Schedule, *, batch_size: int, filter_lr: float = 0.2
 
 def piecewise_linear(steps: Sequence[float], values: Sequence[float]) -> Schedule:
     """Through the points (steps[i], values[i]), linear in between, flat outside (one-cycle, triangular).
-    Raises ConfigError unless there are ≥ 2 points with increasing steps."""
-    if len(steps) != len(values) or len(steps) < 2 or list(steps) != sorted(steps):
-        raise ConfigError(f"piecewise_linear needs ≥ 2 points with increasing steps, got {steps}, {values}")
+    Raises ConfigError unless there are ≥ 2 points, their steps and values finite numbers, the steps increasing."""
+    finite = all(is_kind("finite", v) for v in (*steps, *values))
+    if not finite or len(steps) != len(values) or len(steps) < 2 or list(steps) != sorted(steps):
+        raise ConfigError(f"piecewise_linear needs ≥ 2 points of finite numbers with increasing steps, got {steps}, "
+                          f"{values}")
     xs, ys = jnp.asarray(steps, jnp.float32), jnp.asarray(values, jnp.float32)
     return lambda step: jnp.interp(jnp.asarray(step, jnp.float32), xs, ys)
 
 
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int = 0, end: float = 0.0) -> Schedule:
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `end` at `total_steps`."""
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `end` at `total_steps`.
+    Raises ConfigError unless 0 <= warmup_steps < total_steps, both integers."""
+    check_values("warmup_cosine", total_steps=("positive integer", total_steps),
+                 warmup_steps=("non-negative integer", warmup_steps))
+    if warmup_steps >= total_steps:
+        raise ConfigError(f"warmup_cosine warmup_steps {warmup_steps} leaves none of the {total_steps} steps to decay")
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, end)
 
 

@@ -192,8 +192,12 @@ def test_renormalize_kernels_only_on_its_period():
     (lambda: optim.airbench_muon(optim.constant(1.0), batch_size=64, head_lr=0.0), "airbench_muon head_lr must be > 0"),
     (lambda: optim.scale_by_muon(0.6, ns_steps=2.5), "scale_by_muon ns_steps must be a positive integer, got 2.5"),
     (lambda: optim.renormalize_kernels(0), "renormalize_kernels every must be a positive integer, got 0"),
+    (lambda: optim.warmup_cosine(1.0, 0), "warmup_cosine total_steps must be a positive integer, got 0"),  # optax's
+    (lambda: optim.warmup_cosine(1.0, 10, 20), "warmup_cosine warmup_steps 20 leaves none of the 10 steps to decay"),
+    (lambda: optim.piecewise_linear([0, float("nan")], [1, 2]), "piecewise_linear needs ≥ 2 points of finite"),
 ], ids=["sgd_lr", "sgd_lr_str", "sgd_lr_nan", "sgd_momentum", "sgd_decay", "adamw_lr_jax", "adamw_b2", "airbench_batch",
-        "airbench_momentum_bool", "muon_renorm", "muon_head_lr", "ns_steps", "renorm_every"])
+        "airbench_momentum_bool", "muon_renorm", "muon_head_lr", "ns_steps", "renorm_every", "cosine_total_0",
+        "cosine_warmup_all", "piecewise_nan"])
 def test_an_optimizer_refuses_a_hyperparameter_out_of_range_in_one_line(make, message):
     """optax takes any of these (a negative rate ascends the loss, momentum 1 never forgets): jaxnet's refuse."""
     with pytest.raises(ConfigError, match=message) as err:
