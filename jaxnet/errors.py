@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -67,6 +67,17 @@ def check_values(where: str, **values: tuple[str, Any]) -> None:
             continue
         want = KINDS[base][1] + {"": "", "None": " or None", "schedule": " or a schedule (step → rate)"}[alternative]
         raise ConfigError(f"{where} {name} must be {want}, got {_number(value)!r}")
+
+
+def check_sizes(where: str, **sizes: Any) -> None:
+    """ConfigError (one line) unless each of `sizes` (a model's classes, widths, blocks) is a positive integer,
+    or, where a sequence is given, a non-empty sequence of them."""
+    for name, value in sizes.items():
+        many = isinstance(value, Sequence) and not isinstance(value, str)
+        items = list(value) if many else [value]
+        if not (items and all(is_kind("positive integer", v) for v in items)):
+            want = "a non-empty sequence of positive integers" if many else "a positive integer"
+            raise ConfigError(f"{where} {name} must be {want}, got {value!r}")
 
 
 def _number(value: Any) -> Any:

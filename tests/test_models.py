@@ -11,6 +11,7 @@ import pytest
 from fixtures import counting_conv
 
 from jaxnet import layers, models
+from jaxnet.errors import ConfigError
 
 TINY = {
     "resnet_cifar": partial(models.ResNetTiny, stem="cifar"),
@@ -179,6 +180,23 @@ def test_registry_rejects_an_unknown_name_naming_the_valid_ones():
 
     with pytest.raises(ConfigError, match="unknown model 'vgg'; valid: fastnet, "):
         models.get("vgg")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: models.ResNet20(num_classes=0), "ResNet num_classes must be a positive integer, got 0"),  # 1/0 in init
+    (lambda: models.ResNet20(num_classes=10.0), "ResNet num_classes must be a positive integer, got 10.0"),
+    (lambda: models.ResNet(stage_sizes=(), block_cls=models.BasicBlock), "ResNet stage_sizes must be a non-empty"),
+    (lambda: models.FastNet(widths=(0, 8, 8)), r"FastNet widths must be a non-empty sequence of positive integers, "
+                                               r"got \(0, 8, 8\)"),
+    (lambda: models.FastNet(widths=()), "FastNet widths must be a non-empty"),  # an IndexError
+    (lambda: models.FastNet(activation="relu"), r"FastNet activation must be a function .* got 'relu'"),
+    (lambda: models.PlainCNN(num_classes=-1), "PlainCNN num_classes must be a positive integer, got -1"),
+], ids=["resnet_classes_0", "resnet_classes_float", "resnet_no_stages", "fastnet_width_0", "fastnet_no_widths",
+        "fastnet_activation_name", "plain_classes_negative"])
+def test_a_model_with_a_size_it_cannot_have_is_one_line_at_init(make, message):
+    with pytest.raises(ConfigError, match="^" + message) as err:
+        make().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    assert "\n" not in str(err.value)  # (JAX adds a note of its own, which is not the message)
 
 
 def test_whitening_stem_sets_the_stem_kernel_from_data_only():

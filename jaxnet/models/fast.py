@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnet.errors import ConfigError, check_sizes
 from jaxnet.layers import BatchNorm, Conv, ModuleDef, max_pool
 
 # PyTorch's default conv init (kaiming-uniform, a=√5), which the airbench recipe was tuned with.
@@ -68,7 +69,7 @@ class ConvGroup(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.depth not in (2, 3):
-            raise ValueError(f"ConvGroup depth must be 2 or 3, got {self.depth}")
+            raise ConfigError(f"ConvGroup depth must be 2 or 3, got {self.depth!r}")
         x = self.conv(self.features, (3, 3))(x)
         x = max_pool(widened(x), 2)
         x = shortcut = self.activation(self.norm()(x))
@@ -101,6 +102,10 @@ class FastNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        check_sizes("FastNet", num_classes=self.num_classes, widths=self.widths, stem_width=self.stem_width)
+        if not callable(self.activation):
+            raise ConfigError(f"FastNet activation must be a function (e.g. jax.nn.gelu, or jaxnet.models.ACTIVATIONS"
+                              f"[name] for one of {', '.join(ACTIVATIONS)}), got {self.activation!r}")
         conv = partial(self.conv, use_bias=False, dtype=self.dtype, kernel_init=dirac_init())
         # airbench's BN: no learnable scale, eps 1e-12, fast-moving running statistics.
         norm = partial(self.norm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-12,

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnet.errors import check_sizes
 from jaxnet.layers import BatchNorm, Conv, ModuleDef, max_pool
 
 
@@ -31,6 +32,7 @@ class PlainCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        check_sizes("PlainCNN", num_classes=self.num_classes, widths=self.widths)
         conv = partial(self.conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype)
         # PyTorch's BatchNorm2d defaults: running stats move by 0.1 per step, eps 1e-5.
         norm = partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxnet.errors import ConfigError
+from jaxnet.errors import ConfigError, check_sizes
 from jaxnet.layers import BatchNorm, Conv, ModuleDef
 
 
@@ -79,6 +79,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        check_sizes("ResNet", num_classes=self.num_classes, num_filters=self.num_filters, stage_sizes=self.stage_sizes)
         conv = partial(self.conv, use_bias=False, dtype=self.dtype)
         norm = partial(self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
         match self.stem:
