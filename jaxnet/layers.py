@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnet.errors import ConfigError
+from jaxnet.errors import ConfigError, check_sizes
 from jaxnet.ops import channel as channel_ops
 from jaxnet.ops import conv as conv_ops
 
@@ -29,7 +29,7 @@ class Conv(nn.Module):
     """
 
     features: int
-    kernel_size: Sequence[int]
+    kernel_size: int | Sequence[int]  # an int k: k × k (this conv is 2-D only)
     strides: int | Sequence[int] = 1
     padding: conv_ops.Padding = "SAME"
     kernel_dilation: int | Sequence[int] = 1
@@ -43,7 +43,11 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
+        kernel_size = self.kernel_size if isinstance(self.kernel_size, Sequence) else (self.kernel_size,) * 2
+        check_sizes("Conv", features=self.features, kernel_size=kernel_size)
+        if len(kernel_size) != 2:
+            raise ConfigError(f"Conv is 2-D: kernel_size must be an int or (KH, KW), got {self.kernel_size!r}")
+        kh, kw = kernel_size
         in_features = x.shape[-1]
         if in_features % self.feature_group_count:
             raise ConfigError(

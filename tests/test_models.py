@@ -123,6 +123,18 @@ def test_conv_layer_matches_flax_conv():
     chex.assert_trees_all_close(ours.apply(v_ours, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-5)
 
 
+def test_conv_layer_takes_an_int_kernel_size_as_a_square_and_refuses_what_is_not_2d():
+    """`Conv(4, 3)` (PyTorch's spelling) was "cannot unpack non-iterable int"; a 3-D kernel a ValueError."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = nn.Conv(4, (3, 3)).init(jax.random.key(1), x)
+    chex.assert_trees_all_close(layers.Conv(4, 3).apply(variables, x), nn.Conv(4, (3, 3)).apply(variables, x),
+                                rtol=1e-5, atol=1e-5)
+    for conv, message in ((layers.Conv(4, (3, 3, 3)), r"Conv is 2-D: kernel_size must be an int or \(KH, KW\)"),
+                          (layers.Conv(0, 3), "Conv features must be a positive integer, got 0")):
+        with pytest.raises(ConfigError, match=message):
+            conv.init(jax.random.key(1), x)
+
+
 def test_patch_covariance_matches_float64_on_the_host():
     """The device's float32 covariance of every 2×2 (and 3×3) patch against numpy's in float64, patches stacked
     in (h, w, c) order: within 1e-6 of the largest entry on 2 000 CIFAR-sized images."""
