@@ -161,10 +161,10 @@ def _mode(model: Any, train: bool, *, layer: bool = False) -> dict[str, bool]:
     needed = [name for name, p in list(params.items())[1:] if p.default is inspect.Parameter.empty
               and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) and name not in mode]
     if needed:
+        name = f"{type(model).__name__}.__call__" if isinstance(model, nn.Module) else getattr(model, "__name__", model)
+        defaults = "it a default" if len(needed) == 1 else "them defaults"
         raise ConfigError(f"jaxnet calls a model as model(x, train=...), model(x, deterministic=...) or model(x); "
-                          f"{f'{type(model).__name__}.__call__' if isinstance(model, nn.Module) else model.__name__} "
-                          f"also needs {', '.join(needed)}: give "
-                          f"{'it a default' if len(needed) == 1 else 'them defaults'}")
+                          f"{name} also needs {', '.join(needed)}: give {defaults}")
     return mode
 
 
