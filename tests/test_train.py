@@ -769,7 +769,7 @@ def test_flax_train_state_checkpoints_and_runs_on_a_mesh(data, tmp_path):
     chex.assert_trees_all_equal(jax.device_get(restored.opt_state), jax.device_get(state.opt_state))
 
 
-def test_a_checkpointer_refuses_meta_it_cannot_save_and_a_keep_of_zero(data, tmp_path):
+def test_a_checkpointer_refuses_meta_it_cannot_save_and_a_keep_of_zero(tmp_path):
     """Meta that JSON cannot hold failed inside orbax's save, leaving its temporary directory and a thread error
     at exit; keep=0 was taken."""
     from jaxnet import checkpoint
