@@ -19,10 +19,12 @@ import orbax.checkpoint as ocp
 
 from jaxnet import parallel
 from jaxnet.errors import CheckpointError, ConfigError, check_values
-from jaxnet.train import TrainState
+from jaxnet.train import TrainState, check_state
 
 
-# Fields of jaxnet's TrainState that Flax's TrainState lacks: saved and restored where the state has them.
+# The fields every state saved has (any object with them: a TrainState, Flax's or jaxnet's, or the user's own), and
+# those of jaxnet's TrainState that Flax's TrainState lacks: saved and restored where the state has them.
+_SAVED = ("params", "opt_state", "step")
 _OPTIONAL = ("batch_stats", "rng", "ema", "proxy")
 
 
@@ -98,7 +100,9 @@ class Checkpointer:
 
     def save(self, state: TrainState, meta: dict[str, Any], *, best: bool = False) -> None:
         """Save `state` and JSON-able `meta` as the newest checkpoint (and as the best one if `best`); ConfigError
-        for a `meta` that is not (orbax failed half-way, leaving a temporary directory behind)."""
+        for a `meta` that is not (orbax failed half-way, leaving a temporary directory behind) or a `state` that is
+        not a TrainState (`train.check_state`)."""
+        check_state("Checkpointer.save", state, _SAVED)
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -125,8 +129,9 @@ class Checkpointer:
 
         Raises CheckpointError (naming the directory) if there is none, it is unreadable, its arrays do
         not fit `template`, or its metadata differs from `expect` (naming the fields) — on every process of a
-        multi-process run.
+        multi-process run; ConfigError for a `template` that is not a TrainState (`train.check_state`).
         """
+        check_state("Checkpointer.restore", template, _SAVED)
         target = _arrays(template)
         if not self._multi:
             arrays, meta = self._read(jax.tree.map(ocp.utils.to_shape_dtype_struct, target), which, expect)

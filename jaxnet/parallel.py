@@ -116,14 +116,6 @@ def fetch(tree: Any) -> Any:
 
 # ---- compiled steps ----
 
-def _check_batch_spec(where: str, num_classes: Any, image_shape: Any) -> None:
-    """ConfigError unless `num_classes` is None or a positive integer and `image_shape` None or (H, W, C)."""
-    errors.check_values(where, num_classes=("positive integer or None", num_classes))
-    if image_shape is not None and not (isinstance(image_shape, Sequence) and len(image_shape) == 3
-                                        and all(errors.is_kind("positive integer", d) for d in image_shape)):
-        raise ConfigError(f"{where} image_shape must be (H, W, C), 3 positive integers, got {image_shape!r}")
-
-
 def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[int] | None,
              mesh: Mesh | None) -> Callable:
     """`compiled(state, batch)` behind `train.validate_batch` (a user mistake is a one-line ValueError), with
@@ -169,7 +161,7 @@ def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = 
     `image_shape`: see `train.validate_batch`). The state passed in is donated: its buffers are reused for
     the new state and must not be used again.
     """
-    _check_batch_spec("jit_train_step", num_classes, image_shape)
+    train.check_batch_spec("jit_train_step", num_classes, image_shape)
     if mesh is None:
         compiled = jax.jit(step_fn, donate_argnums=(0,))
     else:
@@ -181,7 +173,7 @@ def jit_train_step(step_fn: Callable = train.train_step, *, mesh: Mesh | None = 
 def jit_eval_step(step_fn: Callable = train.eval_step, *, mesh: Mesh | None = None, num_classes: int | None = None,
                   image_shape: Sequence[int] | None = None) -> Callable[[Any, Batch], Metrics]:
     """Compile `step_fn(state, batch)` once (no donation: the state lives on); the batch is validated first."""
-    _check_batch_spec("jit_eval_step", num_classes, image_shape)
+    train.check_batch_spec("jit_eval_step", num_classes, image_shape)
     if mesh is None:
         compiled = jax.jit(step_fn)
     else:
@@ -242,7 +234,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
     """pmap of `step_fn(..., axis_name=axis_name)` with the jit path's interface: `step(state, batch)` on an
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
-    _check_batch_spec("pmap_train_step", num_classes, image_shape)
+    train.check_batch_spec("pmap_train_step", num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
                         donate_argnums=(0,))
@@ -259,7 +251,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
 def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | None = None, axis_name: str = AXIS,
                    num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
     """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
-    _check_batch_spec("pmap_eval_step", num_classes, image_shape)
+    train.check_batch_spec("pmap_eval_step", num_classes, image_shape)
     devices = _first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 

@@ -27,7 +27,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxnet import compiler, data
-from jaxnet.errors import ConfigError, DataError, check_values
+from jaxnet.errors import ConfigError, DataError, check_values, is_kind
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -135,6 +135,18 @@ def _metrics(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.
     return {"loss": sums["loss"] / count, "accuracy": sums["correct"] / count, "count": sums["count"]}
 
 
+STEP_FIELDS = ("apply_fn", "params", "step", "opt_state", "apply_gradients")
+
+
+def check_state(where: str, state: Any, fields: Sequence[str] = STEP_FIELDS) -> None:
+    """ConfigError (one line) unless `state` has the TrainState `fields` that `where` uses (by default those of
+    `train_step`): jaxnet's TrainState, Flax's, a subclass, or any object with them. A dict of variables, the
+    model itself or None fails here instead of at an attribute deep inside the step."""
+    if missing := [name for name in fields if not hasattr(state, name)]:
+        raise ConfigError(f"{where}: state must be a TrainState (jaxnet.create_train_state, or Flax's "
+                          f"TrainState.create); got {type(state).__name__}, without {', '.join(missing)}")
+
+
 def _batch_stats(state: Any) -> Any:
     """The state's BatchNorm statistics, or {} for a state without the field (Flax's TrainState)."""
     return getattr(state, "batch_stats", None) or {}
@@ -222,7 +234,9 @@ def train_step(state: Any, batch: Batch, *, label_smoothing: float = 0.0, dropou
     Raises:
       DataError: `batch` is not a mapping with "image" and "label", the labels are not (N,) integers (one per
         input), or the model's output is not (N, K) logits — at trace time, from shapes and dtypes alone.
+      ConfigError: `state` is not a TrainState (`check_state`).
     """
+    check_state("train_step", state)
     images, labels = _step_batch(batch)
     stats = _batch_stats(state)
     rngs = _dropout_rngs(state, dropout_rng)
@@ -352,6 +366,7 @@ def predict_logits(state: Any, images: jax.Array, *, tta: int = 0, tta_fraction:
     of least confident plain prediction (lowest top softmax probability) get the augmented views; the others
     keep their plain logits. At 0.25 with tta=2, 2.25 forward passes per image instead of 6.
     """
+    check_state("predict_logits", state, ("apply_fn", "params"))
     return _plain_and_tta_logits(state, images, tta, tta_fraction)[1]
 
 
@@ -401,6 +416,7 @@ def eval_step(state: Any, batch: Batch, *, tta: int = 0, tta_fraction: float = 1
     `axis_name` (pmap only): metrics over all devices of that axis. Bad input as for `train_step` (and a "mask" of
     another shape than the labels') raises DataError.
     """
+    check_state("eval_step", state, ("apply_fn", "params"))
     images, labels = _step_batch(batch)
     mask = batch.get("mask", jnp.ones(jnp.shape(labels), bool))
     if jnp.shape(mask) != jnp.shape(labels):
@@ -415,11 +431,15 @@ def eval_step(state: Any, batch: Batch, *, tta: int = 0, tta_fraction: float = 1
 
 def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Count-weighted means over batches of each scalar metric ("loss", "accuracy", ...; others are left out),
-    and the total "count" (host floats)."""
+    and the total "count" (host floats). Batches that hold no image (a count of 0 in all: every row masked) have
+    no mean: NaN. DataError for no batches at all (an empty split, or an iterator used up already)."""
+    if not metrics:
+        raise DataError("merge_metrics: no metrics to merge (no batches were evaluated)")
     counts = np.array([float(m["count"]) for m in metrics])
     total = counts.sum()
-    keys = [k for k, v in metrics[0].items() if k != "count" and np.ndim(v) == 0] if metrics else ["loss", "accuracy"]
-    merged = {k: float(np.dot(counts, [float(m[k]) for m in metrics]) / max(total, 1)) for k in keys}
+    keys = [k for k, v in metrics[0].items() if k != "count" and np.ndim(v) == 0]
+    merged = {k: float(np.dot(counts, [float(m[k]) for m in metrics]) / total) if total else float("nan")
+              for k in keys}
     return {**merged, "count": int(total)}
 
 
@@ -481,6 +501,14 @@ def _step_batch(batch: Batch) -> tuple[Any, jax.Array]:
     return images, jnp.asarray(labels)
 
 
+def check_batch_spec(where: str, num_classes: Any, image_shape: Any) -> None:
+    """ConfigError unless `num_classes` is None or a positive integer and `image_shape` None or (H, W, C)."""
+    check_values(where, num_classes=("positive integer or None", num_classes))
+    if image_shape is not None and not (isinstance(image_shape, Sequence) and len(image_shape) == 3
+                                        and all(is_kind("positive integer", d) for d in image_shape)):
+        raise ConfigError(f"{where} image_shape must be (H, W, C), 3 positive integers, got {image_shape!r}")
+
+
 def validate_batch(batch: Batch, *, num_classes: int | None = None,
                    image_shape: Sequence[int] | None = None) -> None:
     """Raise DataError (a ValueError; one line: expected vs received) if `batch` cannot be an (images,
@@ -489,8 +517,9 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
     Checks: "image" and "label" present; images rank 4 NHWC, float or uint8, non-empty, of `image_shape`
     (H, W, C) when given; labels rank 1 integer with one per image; label values in [0, num_classes) when
     `num_classes` is given and the labels are host (NumPy) arrays — device arrays are not read back, which
-    would cost a host sync per step.
+    would cost a host sync per step. ConfigError for a `num_classes` or `image_shape` it cannot check against.
     """
+    check_batch_spec("validate_batch", num_classes, image_shape)
     images, labels = _images_and_labels(batch)
     shape, dtype = _shape_dtype(images, "batch['image']")
     if len(shape) != 4:

@@ -15,7 +15,7 @@ from fixtures import eight_devices, onednn_platform, require_onednn_bfloat16
 from flax.training import train_state as flax_train_state
 
 import jaxnet
-from jaxnet import models, optim, train
+from jaxnet import models, optim, parallel, train
 
 N, SIZE, CLASSES = 64, 16, 10
 
@@ -783,6 +783,77 @@ def test_a_checkpointer_refuses_meta_it_cannot_save_and_a_keep_of_zero(tmp_path)
     assert sorted(p.name for p in (tmp_path / "ckpt" / "last").iterdir()) == ["0"]
     with pytest.raises(jaxnet.ConfigError, match="^Checkpointer keep must be a positive integer, got 0$"):
         checkpoint.Checkpointer(tmp_path / "other", keep=0)
+
+
+@pytest.mark.parametrize("wrong", ["variables", "params", "model", "none"])
+def test_what_is_not_a_train_state_is_one_line_in_the_steps_and_the_checkpointer(data, tmp_path, wrong):
+    """The variables dict, the params, the module or None in place of the state failed at an attribute deep
+    inside the step (AttributeError: 'dict' object has no attribute 'step') or inside orbax."""
+    from jaxnet import checkpoint
+
+    model = ScalingMlp()
+    variables = model.init(jax.random.key(0), data["image"][:1], train=False)
+    state = {"variables": variables, "params": variables["params"], "model": model, "none": None}[wrong]
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    calls = [("train_step", lambda: jaxnet.train_step(state, data)),
+             ("eval_step", lambda: jaxnet.eval_step(state, data)),
+             ("predict_logits", lambda: train.predict_logits(state, data["image"])),
+             ("Checkpointer.save", lambda: ckpt.save(state, {})),
+             ("Checkpointer.restore", lambda: ckpt.restore(state))]
+    if wrong != "model":  # jit and pmap take pytrees of arrays: a module is refused by JAX before any step runs
+        calls += [("train_step", lambda: jax.jit(jaxnet.train_step)(state, data)),
+                  ("eval_step", lambda: jaxnet.jit_eval_step()(state, data)),
+                  ("train_step", lambda: parallel.pmap_train_step(num_devices=1)(state, data))]
+    for where, call in calls:
+        with pytest.raises(jaxnet.ConfigError) as err:
+            call()
+        assert str(err.value).startswith(f"{where}: state must be a TrainState (jaxnet.create_train_state, or "
+                                         f"Flax's TrainState.create); got {type(state).__name__}, without "), err.value
+        assert "\n" not in str(err.value)
+    ckpt.close()
+
+
+def test_a_users_own_step_may_take_any_state_through_jit_train_step(data):
+    """The state check is train_step's own: jit_train_step compiles any step, whatever its state is."""
+    model = ScalingMlp()
+    params = model.init(jax.random.key(0), data["image"][:1], train=False)["params"]
+    tx = optax.sgd(0.1)
+
+    def my_step(state, batch):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(lambda p: train.cross_entropy(
+            model.apply({"params": p}, batch["image"], train=True), batch["label"]).mean())(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
+
+    state = (params, tx.init(params))
+    step = jaxnet.jit_train_step(my_step)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, data)
+        losses.append(float(metrics["loss"]))
+    assert losses[2] < losses[0]
+
+
+def test_merge_metrics_of_no_batches_is_one_line_and_of_no_images_is_nan():
+    """An empty list gave loss and accuracy 0 (a perfect loss for nothing evaluated)."""
+    with pytest.raises(jaxnet.DataError, match="^merge_metrics: no metrics to merge") as err:
+        jaxnet.merge_metrics([])
+    assert "\n" not in str(err.value)
+    merged = jaxnet.merge_metrics([{"loss": 2.0, "accuracy": 0.5, "count": 0}, {"loss": 1.0, "accuracy": 1.0,
+                                                                              "count": 0}])
+    assert merged["count"] == 0 and np.isnan(merged["loss"]) and np.isnan(merged["accuracy"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_classes": 0}, "^validate_batch num_classes must be a positive integer or None, got 0"),
+    ({"num_classes": True}, "^validate_batch num_classes must be a positive integer or None, got True"),
+    ({"image_shape": (16, 16)}, r"^validate_batch image_shape must be \(H, W, C\), 3 positive integers"),
+])
+def test_validate_batch_refuses_a_spec_no_batch_can_meet(data, kwargs, message):
+    """validate_batch(num_classes=0) refused every label as out of [0, 0) rather than the 0 itself."""
+    with pytest.raises(jaxnet.ConfigError, match=message):
+        jaxnet.validate_batch(data, **kwargs)
 
 
 @pytest.mark.parametrize("tta", [1, 2])
