@@ -164,6 +164,8 @@ def conv2d(
         fit together, or a kernel that spans more than the padded input (no output pixel).
     """
     _check(x, w, groups)
+    dtype = jnp.promote_types(x.dtype, w.dtype)  # every impl computes in one dtype, as `conv2d_reference` does
+    x, w = x.astype(dtype), w.astype(dtype)
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], strides, dilation, x.shape[1:3])
     reach = [(k - 1) * d + 1 for k, d in zip(w.shape[:2], dilation)]  # the kernel's extent, dilation included
@@ -194,10 +196,10 @@ def _run(impl, x, w, strides, pads, dilation, groups):
                                  f"dilation={dilation}; use impl='xla'")
             return _pallas(x, w, strides, pads)
         case "onednn":
-            if groups != 1 or dilation != (1, 1) or x.dtype != w.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
-                raise ConfigError(f"conv impl 'onednn' supports float32 or bfloat16 (both operands alike), groups=1 "
-                                 f"and dilation 1 only, got "
-                                 f"{x.dtype}/{w.dtype}, groups={groups}, dilation={dilation}; use impl='xla'")
+            if groups != 1 or dilation != (1, 1) or x.dtype not in (jnp.float32, jnp.bfloat16):
+                raise ConfigError(f"conv impl 'onednn' supports float32 or bfloat16 (x and w promoted to one), "
+                                 f"groups=1 and dilation 1 only, got {x.dtype}, groups={groups}, dilation={dilation}; "
+                                 f"use impl='xla'")
             out = jax.eval_shape(partial(_xla, strides=strides, pads=pads, dilation=dilation, groups=groups), x, w)
             try:
                 onednn.check_dtype(x.dtype)
@@ -212,7 +214,7 @@ def _run(impl, x, w, strides, pads, dilation, groups):
         case "auto":
             layer = Layer(tuple(x.shape[1:3]), tuple(w.shape[:2]), strides,
                           onednn=(_FFI_ALLOWED.get() and jax.default_backend() == "cpu" and groups == 1
-                                  and dilation == (1, 1) and x.dtype == w.dtype and onednn.available(x.dtype)),
+                                  and dilation == (1, 1) and onednn.available(x.dtype)),
                           in_channels=int(x.shape[3]), dtype=jnp.dtype(x.dtype).name)
 
             def on(platform):
