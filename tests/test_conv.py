@@ -1,6 +1,7 @@
 """Every conv impl equals conv2d_reference, forward and in gradient, and lowers to what it claims."""
 
 import functools
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -435,6 +436,10 @@ def test_mixed_dtypes_compute_in_the_promoted_one_as_the_reference_does(impl):
     assert (value.dtype, gx.dtype, gw.dtype) == (jnp.float32, jnp.bfloat16, jnp.float32)
     chex.assert_trees_all_close((value, gw), (ref_value, ref_gw), rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_close(gx, ref_gx.astype(jnp.bfloat16), rtol=1e-2, atol=1e-2)  # one rounding apart
+    with warnings.catch_warnings():  # NumPy's float64 is JAX's float32 (x64 off), with no warning of truncation
+        warnings.simplefilter("error")
+        out = conv2d(np.asarray(x, np.float64), w, impl=impl)
+    assert out.dtype == jnp.float32
 
 
 @onednn_platform

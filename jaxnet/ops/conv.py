@@ -164,7 +164,7 @@ def conv2d(
         fit together, or a kernel that spans more than the padded input (no output pixel).
     """
     _check(x, w, groups)
-    dtype = jnp.promote_types(x.dtype, w.dtype)  # every impl computes in one dtype, as `conv2d_reference` does
+    dtype = jnp.result_type(x, w)  # every impl computes in one dtype, as `conv2d_reference` does (JAX's: no float64)
     x, w = x.astype(dtype), w.astype(dtype)
     strides, dilation = _pair(strides, "strides"), _pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], strides, dilation, x.shape[1:3])
