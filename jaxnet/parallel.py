@@ -124,7 +124,7 @@ def _checked(compiled: Callable, num_classes: int | None, image_shape: Sequence[
     (SIGSEGV) when one reached a program over several devices; jax 0.12 raises "Array has been deleted"."""
 
     def step(state: Any, batch: Batch):
-        train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        train.check_batch(batch, num_classes, image_shape)
         if _donated(state):
             raise ConfigError("the state's arrays were donated to an earlier train step (their buffers hold the "
                               "new state): continue from the state that step returned")
@@ -240,7 +240,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
                         donate_argnums=(0,))
 
     def step(state: Any, batch: Batch):
-        train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        train.check_batch(batch, num_classes, image_shape)
         new_state, metrics = compiled(replicate(_unreplicated(state, "pmap_train_step"), devices, axis_name),
                                       _split_batch(batch, devices, axis_name))
         return unreplicate(new_state), unreplicate(metrics)
@@ -256,7 +256,7 @@ def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | No
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 
     def step(state: Any, batch: Batch):
-        train.validate_batch(batch, num_classes=num_classes, image_shape=image_shape)
+        train.check_batch(batch, num_classes, image_shape)
         return unreplicate(compiled(replicate(_unreplicated(state, "pmap_eval_step"), devices, axis_name),
                                     _split_batch(batch, devices, axis_name)))
 

@@ -520,6 +520,12 @@ def validate_batch(batch: Batch, *, num_classes: int | None = None,
     would cost a host sync per step. ConfigError for a `num_classes` or `image_shape` it cannot check against.
     """
     check_batch_spec("validate_batch", num_classes, image_shape)
+    check_batch(batch, num_classes, image_shape)
+
+
+def check_batch(batch: Batch, num_classes: int | None, image_shape: Sequence[int] | None) -> None:
+    """`validate_batch` against a spec checked already (`check_batch_spec`): the compiled steps check theirs once
+    when built, not on every step."""
     images, labels = _images_and_labels(batch)
     shape, dtype = _shape_dtype(images, "batch['image']")
     if len(shape) != 4:

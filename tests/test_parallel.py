@@ -151,6 +151,25 @@ def test_the_compiled_steps_refuse_a_batch_spec_that_no_batch_can_meet(make):
             make(**kwargs)
 
 
+@pytest.mark.parametrize("make", [parallel.jit_train_step, parallel.jit_eval_step, parallel.pmap_train_step,
+                                  parallel.pmap_eval_step])
+def test_the_compiled_steps_check_their_spec_once_and_every_batch_against_it(make, monkeypatch):
+    """The spec is checked when the step is built, not again on every step; each batch still is."""
+    checked = []
+    spec_check = train.check_batch_spec
+    monkeypatch.setattr(train, "check_batch_spec", lambda *args: checked.append(args) or spec_check(*args))
+    step = make(num_classes=10, image_shape=(32, 32, 3), **({"num_devices": 8} if "pmap" in make.__name__ else {}))
+    assert len(checked) == 1
+    batch = global_batch()
+    state = initial_state()
+    for _ in range(2):
+        out = step(state, batch)
+        state = out[0] if "train" in make.__name__ else state
+    assert len(checked) == 1
+    with pytest.raises(errors.DataError, match=r"labels must be in \[0, 10\), got values in \[\d, 10\]"):
+        step(state, {**batch, "label": np.where(np.arange(len(batch["label"])) == 0, 10, batch["label"])})
+
+
 @pytest.mark.parametrize("make", [parallel.pmap_train_step, parallel.pmap_eval_step])
 def test_the_pmap_steps_refuse_a_state_replicated_already(make):
     """The Flax idiom replicates the state before a pmapped step; jaxnet's pmap steps replicate it themselves, and
