@@ -54,7 +54,7 @@ FASTNET_FIELDS = {"widths": ((), "FastNet's blocks"), "activation": ("gelu", "Fa
 # out (checkpoint saves, metric fetches, the plots, steps slower than the timed ones): with 5 %, `quick` given 4 min
 # on a Zen 4 ended at 4 min 6 s; with 10 %, at 3 min 50 s (benchmarks/RESULTS.md, "ablation of budget3").
 BUDGET_MARGIN = 0.1
-# The reserve of the time left when a budgeted run is planned again after its first epoch from its own pace.
+# The reserve of the time left when a budgeted run is planned again from its own pace (`replan_window`).
 REPLAN_MARGIN = 0.05
 log = logging.getLogger(__name__)
 
@@ -486,17 +486,38 @@ def _steps_in_budget(config, t0: float, total_steps: int, times: RunTimes) -> in
 
 
 def replanned_steps(config, times: RunTimes, *, left: float, step: int, pace: float, total_steps: int,
-                    most: int) -> tuple[int, float]:
+                    most: int, since: int = 1) -> tuple[int, float]:
     """(new length, scale) of `config`'s budgeted run of `total_steps` steps, planned again at `step` with `left`
-    seconds of its budget to go, from its own `pace` (seconds a step since its first, evaluation and saves
-    included): the estimate `times` scaled by how the run's steps compare with it (the scale), the test kept out
-    of what is left and `REPLAN_MARGIN` of the rest in reserve; at most `most` steps (the config's own), at least
-    one more (its schedule's end)."""
-    scale = pace * (step - 1) / plan_seconds(config, times, total_steps, 1, step)
+    seconds of its budget to go, from its own `pace` (seconds a step over steps `since` to `step` - 1, evaluation
+    and saves included): the estimate `times` scaled by how those steps compare with it (the scale), the test
+    kept out of what is left and `REPLAN_MARGIN` of the rest in reserve; at most `most` steps (the config's own),
+    at least one more (its schedule's end); past its low-resolution steps, at most as many as keep them past (a
+    longer run resizes for longer)."""
+    scale = pace * (step - since) / plan_seconds(config, times, total_steps, since, step)
+    if low_res_steps(config, total_steps) <= step:
+        most = next(n for n in range(most, step, -1) if low_res_steps(config, n) <= step)
     steps = budget_steps((left - times.test) * (1 - REPLAN_MARGIN),
                          cost=lambda n: scale * plan_seconds(config, times, n, step, n), planned=total_steps,
                          most=most, recompile=times.compile, least=step + 1)
     return max(step + 1, steps), scale
+
+
+def replan_window(config, total_steps: int, ends: list[tuple[int, float]], replans: int) -> tuple[int, float] | None:
+    """Whether a budgeted run of `config` and `total_steps` plans again at the last of its epochs' `ends` — (steps
+    done, seconds since its first step ended) at each — having planned again `replans` times: None, or (since,
+    pace) for `replanned_steps`. The first epoch's end does, from the pace of the steps after the first (which
+    compiled). With progressive resizing, so does the first end after a whole epoch of full-size steps, from that
+    epoch's pace alone: the first plan's full-size steps were costed at an estimate that pace never measured (a
+    timed step that faulted its pages in again makes it 10-20 % high), and that epoch ran no compilation (the
+    first full-size step, after the switch, compiles when a plan changed the run's length)."""
+    if replans == 0:
+        step, seconds = ends[-1]
+        return 1, seconds / (step - 1)
+    if (replans == 1 and config.low_res and len(ends) >= 3
+            and ends[-2][0] > low_res_steps(config, total_steps)):
+        (since, start), (step, end) = ends[-2:]
+        return since, (end - start) / (step - since)
+    return None
 
 
 @parallel.peer_failures()
@@ -591,26 +612,33 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
     data = loop.TrainData(*train_arrays, batch_fn, config.batch_size, data_key,
                           image_size=image_sizes(config, total_steps))
     identity = {"seed": seed, "data": data_fingerprint(train_set, val_set, test_set)}
-    replanned = []  # the run's config once its budget planned it again (its new length, or the same)
+    replanned = []  # (config, steps) of the run each time its budget planned it again (a new length, or the same)
+    ends = []  # (steps done, seconds since the first step ended) at each epoch's end
 
     def replan(state, step: int, pace: float) -> loop.Plan | None:
-        """Once, at the end of the first epoch: the run's length from its own pace (`replanned_steps`)."""
-        if replanned:
+        """The run's length from its own pace (`replanned_steps`), where `replan_window` says."""
+        current, current_steps = replanned[-1] if replanned else (config, total_steps)
+        ends.append((step, pace * (step - 1)))
+        window = replan_window(current, current_steps, ends, len(replanned))
+        if window is None:
             return None
+        since, window_pace = window
 
         def decide() -> int:  # process 0's answer for all
-            steps, scale = replanned_steps(config, times, left=60 * config.time_budget - (time.perf_counter() - t0),
-                                           step=step, pace=pace, total_steps=total_steps, most=configured_steps)
-            if steps != total_steps:
-                log.info("time_budget %g min: %d steps instead of %d, planned again at step %d from the run's "
-                         "pace (%.2f× the estimate)", config.time_budget, steps, total_steps, step, scale)
+            steps, scale = replanned_steps(current, times, left=60 * config.time_budget - (time.perf_counter() - t0),
+                                           step=step, pace=window_pace, total_steps=current_steps,
+                                           most=configured_steps, since=since)
+            if steps != current_steps:
+                log.info("time_budget %g min: %d steps instead of %d, planned again at step %d from the pace of "
+                         "steps %d to %d (%.2f× the estimate)", config.time_budget, steps, current_steps, step,
+                         since, step - 1, scale)
             return steps
 
         steps = parallel.broadcast_from_main(decide)
-        new = config if steps == total_steps else _with_epochs(config, steps / (len(train_set["label"]) //
-                                                                                 config.batch_size))
-        replanned.append(new)
-        if new is config:
+        new = current if steps == current_steps else _with_epochs(current, steps / (len(train_set["label"]) //
+                                                                                    config.batch_size))
+        replanned.append((new, steps))
+        if new is current:
             return None
         _, tx, proxy_tx = optimizers(new)
         state = state.replace(tx=tx, proxy=state.proxy.replace(tx=proxy_tx) if proxy_tx else state.proxy)
@@ -625,7 +653,7 @@ def train_and_evaluate(config, workdir, *, data_dir=None, seed: int = 0, resume:
                                 replan=replan if times else None, show_progress=show_progress, profile=profile)
         if "interrupted" in outcome:
             return outcome
-        config = replanned[0] if replanned else config
+        config = replanned[-1][0] if replanned else config
         outcome["phase_seconds"] = {"data": t_data - t0, "setup": t_setup - t_data, **outcome["phase_seconds"]}
         return _finish(config, workdir, outcome, export=export, export_platforms=export_platforms, t0=t0,
                        flops=flops, peak_flops=peak_flops, parallel_mode=parallel_mode, n_dev=n_dev, seed=seed)

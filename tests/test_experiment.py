@@ -941,6 +941,37 @@ def test_a_run_planned_again_compares_its_pace_with_the_steps_it_ran():
     assert experiment.plan_seconds(config, times, 10, 8, 10) == 2 * 2.0  # 5 low steps, all run: the rest full
 
 
+def test_a_resized_run_plans_again_after_its_first_epoch_and_its_first_whole_full_size_epoch():
+    """40 steps, 8 an epoch, the first 20 at 16 px; an epoch's end is (steps done, seconds since the first step
+    ended). The first end plans from the steps after the first; the second plan waits for an epoch whose steps
+    were all full size (24 to 31: the one from 16 to 23 resized, and compiled the full-size step) and takes that
+    epoch's pace alone; there is no third. A run that does not resize plans once."""
+    config = smoke(val_size=0, low_res=16)
+    ends = [(8, 14.0), (16, 30.0), (24, 60.0), (32, 100.0)]
+    window = partial(experiment.replan_window, config, 40)
+    assert window(ends[:1], 0) == (1, 2.0)
+    assert window(ends[:2], 1) is None and window(ends[:3], 1) is None
+    assert window(ends, 1) == (24, 5.0)
+    assert window(ends, 2) is None
+    assert experiment.replan_window(smoke(val_size=0), 40, ends, 1) is None
+
+
+def test_a_run_planned_again_past_its_resizing_costs_only_full_size_steps_and_does_not_resize_again():
+    """At step 32 of 40 (the first 20 at 16 px, estimated 1 s; full size 2 s), steps 24 to 31 took 3 s each:
+    1.5× the estimate. With room for many more, the run lengthens only as far as keeps its resized steps behind
+    it (65: 32 of them resize, round half to even; 66 would resize 33, one at 16 px again after the switch); before
+    the switch it lengthens to its most. With 20 s left (19 after the reserve) 6 more steps fit: 38."""
+    times = experiment.RunTimes(step={None: 2.0, 16: 1.0}, validation=0.0, test=0.0, compile=0.0)
+    config = smoke(val_size=0, low_res=16)
+    steps, scale = experiment.replanned_steps(config, times, left=1000.0, step=32, pace=3.0, total_steps=40,
+                                              most=100, since=24)
+    assert scale == 1.5 and steps == 65 and experiment.low_res_steps(config, 65) == 32
+    assert experiment.replanned_steps(config, times, left=1000.0, step=8, pace=1.5, total_steps=40,
+                                      most=100) == (100, 1.5)
+    assert experiment.replanned_steps(config, times, left=20.0, step=32, pace=3.0, total_steps=40, most=100,
+                                      since=24) == (38, 1.5)
+
+
 def test_time_run_parts_times_a_train_step_past_its_slow_first_runs(monkeypatch):
     """A fake clock: the compiling call takes 10 s, the train step's next runs 3, then 2 and 2 s; the eval step
     runs 4 s. A train step is the median of three runs (2 s, not the first run's 3), compile what the first calls
@@ -1054,6 +1085,29 @@ def test_a_budgeted_run_is_planned_again_from_its_own_pace_and_a_resume_keeps_th
     whole = experiment.train_and_evaluate(config, tmp_path / "whole", data_dir=dataset, show_progress=False)
     assert whole["steps"] == 32 and whole["config"]["epochs"] == 4.0
     chex.assert_trees_all_equal(_last_arrays(tmp_path / "w"), _last_arrays(tmp_path / "whole"))
+
+
+def test_a_resized_budgeted_run_plans_again_after_its_first_whole_full_size_epoch(tmp_path, dataset, monkeypatch):
+    """48 steps configured, 8 an epoch, the first half at 16 px; the estimate (30 s a step) cuts them to fit 10
+    minutes. Planned again at the first epoch's end (a scripted plan: 40 steps, so 20 resized), the run plans once
+    more at step 32, the first end after a whole full-size epoch (24 to 31), from that epoch (a scripted plan: 36),
+    and trains those 36 steps, its summary saying so."""
+    def fake_times(train_step, eval_steps, state, train_batches, eval_batch, **repeats):
+        return {"compile": 1.0, "step": {size: 30.0 for size in train_batches}, "eval": dict.fromkeys(eval_steps, 0.01)}
+
+    plans, calls = iter([40, 36]), []
+
+    def scripted(config, times, *, left, step, pace, total_steps, most, since=1):
+        calls.append((step, since, total_steps, most, config.epochs))
+        return next(plans), 1.0
+
+    monkeypatch.setattr(experiment, "time_run_parts", fake_times)
+    monkeypatch.setattr(experiment, "replanned_steps", scripted)
+    summary = experiment.train_and_evaluate(smoke(time_budget=10.0, val_size=0, low_res=16, epochs=6.0),
+                                            tmp_path / "w", data_dir=dataset, show_progress=False)
+    first = calls[0][2]
+    assert 8 < first < 40 and calls == [(8, 1, first, 48, first / 8), (32, 24, 40, 48, 5.0)]
+    assert summary["steps"] == 36 and summary["config"]["epochs"] == 4.5
 
 
 def test_a_time_budget_too_short_for_one_step_is_one_line_before_training(tmp_path, dataset):
