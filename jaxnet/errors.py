@@ -37,9 +37,18 @@ class TrainingDiverged(JaxnetError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+def finite(value: Any) -> bool:
+    """Whether every number in `value` (a number, or a sequence of them, nested or not) is finite: False for an
+    infinite or NaN one (an overflowing literal such as 1e400 reads as infinite). Non-numbers pass."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return all(finite(v) for v in value)
+    value = _number(value)
+    return not isinstance(value, numbers.Real) or isinstance(value, numbers.Integral) or math.isfinite(value)
+
+
 # What a number must be, by kind (`is_kind`, `check_values`): (its test, as a message says it).
 KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "finite": (math.isfinite, "a finite number"),
+    "finite": (finite, "a finite number"),
     "positive": (lambda v: v > 0, "> 0"),
     "non-negative": (lambda v: v >= 0, ">= 0"),
     "in [0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -51,9 +60,10 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def is_kind(kind: str, value: Any) -> bool:
     """Whether `value` (a Python, NumPy or JAX number; booleans are not numbers here) is of `kind`, a key of
-    `KINDS`. A concrete value only: a traced one cannot be read."""
+    `KINDS`; an infinite or NaN value is of none. A concrete value only: a traced one cannot be read."""
     value = _number(value)
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and KINDS[kind][0](value)
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real) and finite(value)
+            and KINDS[kind][0](value))
 
 
 def check_values(where: str, **values: tuple[str, Any]) -> None:
@@ -66,6 +76,8 @@ def check_values(where: str, **values: tuple[str, Any]) -> None:
                 or isinstance(value, jax.core.Tracer) or is_kind(base, value)):
             continue
         want = KINDS[base][1] + {"": "", "None": " or None", "schedule": " or a schedule (step → rate)"}[alternative]
+        if not finite(value):
+            want = KINDS["finite"][1]
         raise ConfigError(f"{where} {name} must be {want}, got {_number(value)!r}")
 
 

@@ -35,7 +35,7 @@ from jaxnet import checkpoint, data as data_lib, export as export_lib, layers, l
 from jaxnet import train
 from jaxnet.cache import check_directory, hold_directory
 from jaxnet.configs.default import LOW_RES_FRACTION, PROXY_EVERY
-from jaxnet.errors import KINDS, CheckpointError, ConfigError, is_kind
+from jaxnet.errors import KINDS, CheckpointError, ConfigError, finite, is_kind
 from jaxnet.metrics import MetricWriter, plot_curves
 from jaxnet.ops import IMPLS, onednn
 
@@ -80,7 +80,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "whiten_bias_epochs": non_negative, "lookahead_every": non_negative, "warmup_fraction": below_one,
         "label_smoothing": below_one, "mean": triple,
         "std": (lambda v: triple[0](v) and all(x > 0 for x in v), "3 positive numbers (R, G, B)"),
-        "translate": non_negative, "cutout": non_negative, "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+        "translate": (lambda v: 0 <= v < 32, "0 to 31 (pixels; CIFAR-10's images are 32)"),
+        "cutout": (lambda v: 0 <= v <= 32, "0 (off) to 32 (pixels; CIFAR-10's images are 32)"),
+        "tta_level": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
         "jitter": below_one,
         "low_res": (lambda v: v == 0 or 16 <= v < 32, "0 (off) or 16 to 31 (pixels; CIFAR-10's images are 32)"),
         "low_res_fraction": (lambda v: 0 < v < 1, "in (0, 1)"), "tta_fraction": up_to_one, "hard_fraction": up_to_one,
@@ -96,6 +98,9 @@ def _rules() -> dict[str, tuple[Callable[[Any], bool], str]]:
 
 def validate_config(config) -> None:
     """Raise ConfigError (one line) for the first field of `config` whose value cannot work."""
+    for key, value in config.items():
+        if not finite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
     for key, (check, wanted) in _rules().items():
         if key in config and not check(config[key]):
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")

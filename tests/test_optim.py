@@ -180,7 +180,9 @@ def test_renormalize_kernels_only_on_its_period():
 @pytest.mark.parametrize("make,message", [
     (lambda: optim.sgd(-0.1), r"sgd learning_rate must be > 0 or a schedule \(step → rate\), got -0.1"),
     (lambda: optim.sgd("fast"), "sgd learning_rate must be > 0 or a schedule"),  # was an indexing TypeError at init
-    (lambda: optim.sgd(float("nan")), "sgd learning_rate must be > 0"),
+    (lambda: optim.sgd(float("nan")), "sgd learning_rate must be a finite number, got nan"),
+    (lambda: optim.sgd(float("inf")), "sgd learning_rate must be a finite number, got inf"),
+    (lambda: optim.adamw(1e-3, weight_decay=jnp.float32(jnp.inf)), "adamw weight_decay must be a finite number"),
     (lambda: optim.sgd(0.1, momentum=1.0), r"sgd momentum must be in \[0, 1\), got 1.0"),
     (lambda: optim.sgd(0.1, weight_decay=-5e-4), "sgd weight_decay must be >= 0, got -0.0005"),
     (lambda: optim.adamw(jnp.float32(-1.0)), "adamw learning_rate must be > 0 or a schedule"),  # a JAX scalar
@@ -195,9 +197,9 @@ def test_renormalize_kernels_only_on_its_period():
     (lambda: optim.warmup_cosine(1.0, 0), "warmup_cosine total_steps must be a positive integer, got 0"),  # optax's
     (lambda: optim.warmup_cosine(1.0, 10, 20), "warmup_cosine warmup_steps 20 leaves none of the 10 steps to decay"),
     (lambda: optim.piecewise_linear([0, float("nan")], [1, 2]), "piecewise_linear needs ≥ 2 points of finite"),
-], ids=["sgd_lr", "sgd_lr_str", "sgd_lr_nan", "sgd_momentum", "sgd_decay", "adamw_lr_jax", "adamw_b2", "airbench_batch",
-        "airbench_momentum_bool", "muon_renorm", "muon_head_lr", "ns_steps", "renorm_every", "cosine_total_0",
-        "cosine_warmup_all", "piecewise_nan"])
+], ids=["sgd_lr", "sgd_lr_str", "sgd_lr_nan", "sgd_lr_inf", "adamw_decay_inf", "sgd_momentum", "sgd_decay",
+        "adamw_lr_jax", "adamw_b2", "airbench_batch", "airbench_momentum_bool", "muon_renorm", "muon_head_lr",
+        "ns_steps", "renorm_every", "cosine_total_0", "cosine_warmup_all", "piecewise_nan"])
 def test_an_optimizer_refuses_a_hyperparameter_out_of_range_in_one_line(make, message):
     """optax takes any of these (a negative rate ascends the loss, momentum 1 never forgets): jaxnet's refuse."""
     with pytest.raises(ConfigError, match=message) as err:

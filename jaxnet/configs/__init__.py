@@ -28,22 +28,33 @@ def get_config(name: str):
 
 
 def override(config, items: list[str]):
-    """`key=value` pairs onto `config`. Each value is read as a Python literal (else as a string) and set
-    through ml_collections' type-safe assignment: an int goes into a float field, a list into a tuple
-    field, anything else of another type is a ConfigError (one line, naming the field and its type)."""
+    """`key=value` pairs onto `config`. Each value is read as a Python literal (else, for a float field, as
+    float() reads it: inf, nan; else as a string) and set through ml_collections' type-safe assignment: an int
+    goes into a float field, a list into a tuple field, anything else of another type is a ConfigError (one
+    line, naming the field and its type). Whether a value is in range is `experiment.validate_config`'s to say."""
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in config:
             raise ConfigError(f"override {item!r} is not key=value with a known key; keys: {', '.join(config)}")
+        old = config[key]
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text
-        old = config[key]
+            value = _float(text) if isinstance(old, float) else text
+        kind = type(old).__name__
+        expected = f"override {key}={text}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         if isinstance(value, bool) != isinstance(old, bool):  # bool is an int to Python and ml_collections
-            raise ConfigError(f"override {key}={text}: expected a {type(old).__name__}")
+            raise ConfigError(expected)
         try:
             config[key] = value
         except TypeError:
-            raise ConfigError(f"override {key}={text}: expected a {type(old).__name__}") from None
+            raise ConfigError(expected) from None
     return config
+
+
+def _float(text: str) -> float | str:
+    """`text` as float() reads it (inf, nan: not Python literals), else the text itself."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
