@@ -100,7 +100,8 @@ def validate_config(config) -> None:
     """Raise ConfigError (one line) for the first field of `config` whose value cannot work."""
     for key, value in config.items():
         if not finite(value):
-            raise ConfigError(f"{key} must be finite, got {value!r}")
+            wanted = "finite numbers" if isinstance(value, tuple) else KINDS["finite"][1]
+            raise ConfigError(f"{key} must be {wanted}, got {value!r}")
     for key, (check, wanted) in _rules().items():
         if key in config and not check(config[key]):
             raise ConfigError(f"{key} must be {wanted}, got {config[key]!r}")

@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+from typing import Any
 
 from jaxnet.errors import ConfigError
 
@@ -28,19 +29,20 @@ def get_config(name: str):
 
 
 def override(config, items: list[str]):
-    """`key=value` pairs onto `config`. Each value is read as a Python literal (else, for a float field, as
-    float() reads it: inf, nan; else as a string) and set through ml_collections' type-safe assignment: an int
-    goes into a float field, a list into a tuple field, anything else of another type is a ConfigError (one
-    line, naming the field and its type). Whether a value is in range is `experiment.validate_config`'s to say."""
+    """`key=value` pairs onto `config`. Each value is read as a Python literal — in a field that is not a string,
+    one where inf and nan (float()'s words, any case) are numbers too, as in `lr=inf` or `widths=(inf, 64, 64)` —
+    else as a string, and set through ml_collections' type-safe assignment: an int goes into a float field, a list
+    into a tuple field, anything else of another type is a ConfigError (one line, naming the field and its type).
+    Whether a value is in range (finite, to begin with) is `experiment.validate_config`'s to say."""
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in config:
             raise ConfigError(f"override {item!r} is not key=value with a known key; keys: {', '.join(config)}")
         old = config[key]
         try:
-            value = ast.literal_eval(text)
+            value = _literal(text, float_words=not isinstance(old, str))
         except (ValueError, SyntaxError):
-            value = _float(text) if isinstance(old, float) else text
+            value = text
         kind = type(old).__name__
         expected = f"override {key}={text}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
         if isinstance(value, bool) != isinstance(old, bool):  # bool is an int to Python and ml_collections
@@ -52,9 +54,15 @@ def override(config, items: list[str]):
     return config
 
 
-def _float(text: str) -> float | str:
-    """`text` as float() reads it (inf, nan: not Python literals), else the text itself."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
+class _FloatWords(ast.NodeTransformer):
+    """inf, infinity and nan (float()'s words, any case) as the floats they name: not Python literals."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(float(node.id)) if node.id.lower() in ("inf", "infinity", "nan") else node
+
+
+def _literal(text: str, *, float_words: bool) -> Any:
+    """`text` as `ast.literal_eval` reads it, with float()'s words for infinite and NaN numbers as numbers where
+    `float_words` (`_FloatWords`); ValueError or SyntaxError where it is no literal."""
+    tree = ast.parse(text.lstrip(" \t"), mode="eval")
+    return ast.literal_eval(_FloatWords().visit(tree) if float_words else tree)
