@@ -3,7 +3,7 @@ PYTHON ?= python3
 # One virtual environment per interpreter: .venv for python3, .venv-python3.12 for `make test PYTHON=python3.12`.
 VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 BIN    := $(VENV)/bin
-# make run's recipe: `quick` is a real one (87 % with TTA in 4-8 min on 2 cores; its time_budget of 9.5 min cuts the epochs on slower ones); CONFIG=smoke checks the pipeline in ~30 s.
+# make run's recipe: `quick` is a real one (86-87 % with TTA in 4-8 min on 2 cores; its time_budget of 9.5 min cuts the epochs on slower ones); CONFIG=smoke checks the pipeline in ~30 s.
 CONFIG ?= quick
 ARGS   ?=
 # Extras installed for the tests: add bench (PyTorch, CPU build) to run the benchmarks' PyTorch peers too.

@@ -12,7 +12,7 @@ SUMMARIES = {
     "muon": "FastNet, the record's airbench94_muon recipe (Muon, batch 2000, 8 epochs of 50 000 images)",
     "muon10": "the muon recipe for 10 epochs: with conv_impl=onednn dtype=bfloat16, ~8 min on a 2-core Xeon (AMX)",
     "quick": ("the muon recipe on a half-width FastNet, 4.67 epochs of 1536, half at 24 px: make run's default, "
-              "87 % in 4-8 min (fewer epochs where 9.5 min would not hold them)"),
+              "86-87 % in 4-8 min (fewer epochs where 9.5 min would not hold them)"),
     "resnet18": "ResNet-18, SGD one-cycle, 30 epochs: a GPU recipe (~12 h on a 2-core CPU)",
     "resnet20": "CIFAR ResNet-20, SGD cosine, 40 epochs: a GPU recipe (hours on a CPU)",
     "plain": "the reference PyTorch script's PlainCNN and Adam, 10 epochs: ~67 % after one; ~25 min on 2 cores",
