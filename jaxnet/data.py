@@ -310,11 +310,9 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
 
 # ---- device side: pure functions for jit ----
 
-@partial(jax.jit, static_argnames="dtype")
 def normalize(images: jax.Array, mean=MEAN, std=STD, dtype=jnp.float32) -> jax.Array:
     """uint8 (..., C) → (x/255 − mean)/std in `dtype`; `mean` and `std` hold one value, or one per channel
-    (DataError otherwise: CIFAR-10's three would broadcast a 1-channel batch into 3 channels). One program
-    (jit): called on a whole split outside a step, op by op it would compile one per op and shape."""
+    (DataError otherwise: CIFAR-10's three would broadcast a 1-channel batch into 3 channels)."""
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     per_channel = (1,) * (x.ndim - 1) + (-1,)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "std": jnp.asarray(std, jnp.float32)}
@@ -435,18 +433,13 @@ def normalized(split: Split, mean=MEAN, std=STD) -> dict[str, np.ndarray]:
 
 
 def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped; one
-    program per size. ConfigError unless both are positive integers and a batch fits in the examples."""
+    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped.
+    ConfigError unless both are positive integers and a batch fits in the examples."""
     check_values("epoch_indices", num_examples=("positive integer", num_examples),
                  batch_size=("positive integer", batch_size))
     if batch_size > num_examples:
         raise ConfigError(f"epoch_indices batch_size {batch_size} is more than the {num_examples} examples: "
                           "no full batch")
-    return _epoch_order(key, int(num_examples), int(batch_size))
-
-
-@partial(jax.jit, static_argnums=(1, 2))
-def _epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
     steps = num_examples // batch_size
     return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
 
