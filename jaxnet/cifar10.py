@@ -59,7 +59,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    "the MFU in the summary (e.g. 989 for an H100/H200 in bf16; default: no MFU)")
     p.add_argument("--compilation-cache", default=str(default_cache_dir() / "xla"), metavar="DIR",
                    help="persistent XLA compilation cache, so a second run starts without compiling "
-                   "(default: %(default)s; '' turns it off)")
+                   "(default: %(default)s; '' turns it off). Not used by a run of several processes on CPU, whose "
+                   "processes could not share it")
     return p
 
 
@@ -103,8 +104,10 @@ def train(args, stop: dict) -> dict:
     parallel.start_backend()
     for signum in (signal.SIGINT, signal.SIGTERM):  # after JAX's runtime, whose preemption notifier takes SIGTERM
         signal.signal(signum, lambda signum, _frame: stop.update(signal=signum))
-    if args.compilation_cache:
+    if args.compilation_cache and compiler.compilation_cache_serves():
         compiler.enable_compilation_cache(args.compilation_cache)
+    elif args.compilation_cache and parallel.is_main_process():
+        print("note: no compilation cache in a run of several processes on CPU (see --help)", file=sys.stderr)
     from jaxnet import experiment
 
     if parallel.is_main_process():  # the experiment's notes (a time budget's epochs) as plain lines on stderr

@@ -134,6 +134,16 @@ def enable_compilation_cache(directory: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def compilation_cache_serves() -> bool:
+    """Whether XLA's persistent cache can serve this run (ask once the backend has started): not in a run of
+    several processes on CPU. There each process's cache keys differ (they hold its devices) and only process 0
+    writes entries, so the others compile every program anyway, and process 0 gains nothing by loading them: it
+    waits for its peers at the first collective. And jaxlib 0.12.1 hangs (0.12.0.1 did not) when process 0 runs
+    a collective it loaded from the cache, compiled in an earlier run at another point of that run, against a
+    peer's fresh compile of it."""
+    return jax.process_count() == 1 or jax.default_backend() != "cpu"
+
+
 # XLA's backend optimisation level for programs that run once. On CPU the default level spends most of the
 # compile time in LLVM: the initialisation of the tiny PlainCNN (random initializers, one forward pass)
 # compiles in 16 s at the default level and 1.1 s at 0 (2-core Zen 3, 2026-11-26).
