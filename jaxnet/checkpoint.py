@@ -192,7 +192,7 @@ def read_arrays(step_dir: str | os.PathLike) -> dict[str, Any]:
     rng (as key data), ema, proxy — on this process's first device, whatever devices saved them and without a
     template state: for inspecting or comparing checkpoints."""
     path = Path(step_dir) / "state"
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     checkpointer = ocp.StandardCheckpointer()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             checkpointer.metadata(path).item_metadata)
