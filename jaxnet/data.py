@@ -433,13 +433,18 @@ def normalized(split: Split, mean=MEAN, std=STD) -> dict[str, np.ndarray]:
 
 
 def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
-    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped.
-    ConfigError unless both are positive integers and a batch fits in the examples."""
+    """(num_examples // batch_size, batch_size) int32 indices: one random order, the ragged tail dropped; one
+    program per size. ConfigError unless both are positive integers and a batch fits in the examples."""
     check_values("epoch_indices", num_examples=("positive integer", num_examples),
                  batch_size=("positive integer", batch_size))
     if batch_size > num_examples:
         raise ConfigError(f"epoch_indices batch_size {batch_size} is more than the {num_examples} examples: "
                           "no full batch")
+    return _epoch_order(key, int(num_examples), int(batch_size))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _epoch_order(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
     steps = num_examples // batch_size
     return jax.random.permutation(key, num_examples)[: steps * batch_size].reshape(steps, batch_size)
 

@@ -123,11 +123,17 @@ def _done(metrics: Any) -> bool:
     return all(leaf.is_ready() for leaf in jax.tree.leaves(metrics) if isinstance(leaf, jax.Array))
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array in `tree` is finite: one program, not an op per leaf and shape."""
+    finite = [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+
+
 def _check_finite(state: TrainState, step: int) -> None:
     """TrainingDiverged if a parameter is NaN or infinite: such a state is never saved, so the newest
     checkpoint stays the last good one. One scalar fetched per save."""
-    finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda p: jnp.isfinite(p).all(), state.params))
-    if not bool(parallel.fetch(finite)):
+    if not bool(parallel.fetch(_all_finite(state.params))):
         raise TrainingDiverged(f"parameters are not finite after step {step}")
 
 

@@ -50,9 +50,13 @@ class TrainState(train_state.TrainState):
 
     def with_params(self, params: Any) -> TrainState:
         """This state with new `params` (e.g. a kernel set from data), the optimizer state and the EMA (if
-        any) restarted from them."""
-        state = self.replace(params=params, opt_state=self.tx.init(params))
-        return state if self.ema is None else _restart_ema(state)
+        any) restarted from them: one program (`compiler.run_once`), not an op per leaf."""
+        return compiler.run_once(_with_params, self, params)
+
+
+def _with_params(state: TrainState, params: Any) -> TrainState:
+    state = state.replace(params=params, opt_state=state.tx.init(params))
+    return state if state.ema is None else _restart_ema(state)
 
 
 def _model_variables(state: Any) -> dict[str, Any]:
