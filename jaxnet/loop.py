@@ -47,6 +47,13 @@ class TrainData:
         check_values("TrainData", batch_size=("positive integer", self.batch_size))
 
 
+# Steps dispatched and not yet finished, at most. JAX's async dispatch would let the loop run `log_every` steps
+# ahead and then block fetching them all, and a signal's handler runs only when that fetch returns: a SIGTERM to a
+# run of 10-s steps took 73 s to be acted on (10 steps in flight), past a scheduler's usual 30-s grace before SIGKILL.
+# Two keep the device fed (the next step is queued while one runs) and bound that wait to about two steps.
+IN_FLIGHT = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
     """log_every: steps between metric fetches (the only host syncs of the loop, with evaluation);
@@ -226,6 +233,8 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
                     jax.block_until_ready(metrics)
                     jax.profiler.stop_trace()
                 pending.append(metrics)
+                if len(pending) > IN_FLIGHT:  # a wait, not a transfer: the steps queued behind it keep the device busy
+                    jax.block_until_ready(pending[-1 - IN_FLIGHT])
                 if first_step is None or recompiling:  # compile + one step: kept out of the steady-state timing
                     jax.block_until_ready(metrics)
                     if first_step is None:

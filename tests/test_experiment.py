@@ -840,6 +840,39 @@ def test_progressive_resizing_feeds_each_step_its_size_and_compiles_once_per_siz
     assert int(result.state.step) == 7 and isinstance(result.state, train_state.TrainState)
 
 
+def test_the_loop_keeps_at_most_two_steps_in_flight():
+    """JAX dispatches steps asynchronously: unchecked, fit ran `log_every` steps ahead of the device and then
+    blocked fetching them, and a SIGTERM's handler waited for all of them (73 s for 10-s steps, 2026-12-06).
+    With slow steps (a chain of matmuls) and a long log interval, each step is dispatched with at most
+    `loop.IN_FLIGHT` (2) earlier ones unfinished; the spy counts them at every dispatch."""
+    from jaxnet import loop
+
+    @jax.jit
+    def slow_step(state, batch):
+        m = jnp.full((384, 384), 1e-3, jnp.float32) + batch["image"][0, 0, 0, 0]
+        loss = jax.lax.fori_loop(0, 200, lambda _, x: x @ m, m).sum()
+        return state.replace(step=state.step + 1), {"loss": loss * 0, "accuracy": loss * 0, "count": jnp.int32(4)}
+
+    dispatched = []
+
+    def spy_step(state, batch):
+        dispatched.append(sum(not m["loss"].is_ready() for m in outputs))
+        out = slow_step(state, batch)
+        outputs.append(out[1])
+        return out
+
+    outputs = []
+    images, labels = jnp.zeros((64, 32, 32, 3), jnp.uint8), jnp.zeros((64,), jnp.int32)
+    # Jitted, as the experiment's batch function is: op by op, CPU ops run inline wait for the queued steps.
+    gather = jax.jit(lambda key, images, labels, indices, epoch: {"image": images[indices].astype(jnp.float32),
+                                                                  "label": labels[indices]})
+    data = loop.TrainData(images, labels, gather, 4, jax.random.key(0))
+    slow_step(jaxnet_state(), gather(None, images, labels, jnp.arange(4), 0))  # compiled outside the count
+    result = loop.fit(jaxnet_state(), spy_step, data, 14, options=loop.FitOptions(show_progress=False, log_every=14))
+    assert int(result.state.step) == 14
+    assert max(dispatched) == loop.IN_FLIGHT, dispatched  # 2: the device is kept fed, and no more (5 unbounded)
+
+
 def test_the_steady_step_time_spans_the_image_sizes_and_leaves_compilation_out(monkeypatch):
     """With progressive resizing a step's steady time (so the summary's img/s and FLOP/s) is the run's: each
     size's median window weighted by its steps, not the median of all windows (the size with more of them);
