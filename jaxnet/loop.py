@@ -49,14 +49,15 @@ class TrainData:
 
 # Steps dispatched and not yet finished, at most. JAX's async dispatch would let the loop run `log_every` steps
 # ahead and then block fetching them all, and a signal's handler runs only when that fetch returns: a SIGTERM to a
-# run of 10-s steps took 73 s to be acted on (10 steps in flight), past a scheduler's usual 30-s grace before SIGKILL.
+# run of 9-s steps took 73 s to be acted on (10 steps in flight), past a scheduler's usual 30-s grace before SIGKILL.
 # Two keep the device fed (the next step is queued while one runs) and bound that wait to about two steps.
 IN_FLIGHT = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
-    """log_every: steps between metric fetches (the only host syncs of the loop, with evaluation);
+    """log_every: steps between metric fetches (the loop's only transfers to the host, with evaluation; besides
+    them it only waits, each step, on the step `IN_FLIGHT` behind);
     patience, min_delta: early stopping after `patience` epochs without a gain of more than `min_delta` in
     validation accuracy (None: never); profile_dir: a `jax.profiler` trace (Perfetto included) of
     `profile_steps` steps after two warm-up steps, each marked with a StepTraceAnnotation;
