@@ -20,14 +20,30 @@ def default_cache_dir() -> Path:
 
 def check_directory(path: str | os.PathLike, what: str) -> None:
     """ConfigError (one line) unless `path` is a directory this process can write into, or can be made one:
-    checked before a run starts, so that it never fails (or loses its work) when it first writes there."""
+    checked before a run starts, so that it never fails (or loses its work) when it first writes there. A
+    directory still to be made is made and removed again, as a place that looks writable can refuse one (/proc)."""
     path = Path(path)
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    missing = [p for p in (path, *path.absolute().parents) if not p.exists()]
+    existing = path.absolute().parents[len(missing) - 1] if missing else path
     if not existing.is_dir():
         raise ConfigError(f"{what} {path} exists and is not a directory" if existing == path else
                           f"{what} {path} cannot be made: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: {existing} is not writable")
+    made = []
+    try:
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except FileExistsError:  # made meanwhile, by another process of the run
+                continue
+            made.append(p)
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be made: {e.strerror or e}") from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):  # another process may be writing into it by now
+                p.rmdir()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fixtures import synthetic, write_binary
 
-from jaxnet import cifar10, compiler, configs
+from jaxnet import cache, cifar10, compiler, configs
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,8 @@ FLAG_CASES = [
     (["--num-devices", "0"], "0 devices asked for, but 8 are available"),
     (["--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),
+    (["--parallel", "pmap", "--num-devices", "0"], "0 devices asked for, but 8 are available"),  # was a traceback
+    (["--parallel", "pmap", "--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--dump-hlo", "h"], "--dump-hlo and --profile work with --parallel jit only"),
     (["--export", "tflite"], "--export takes jax and/or onnx, got tflite"),
     (["--export", "jax,svg"], "--export takes jax and/or onnx, got svg"),
@@ -177,6 +179,7 @@ FLAG_CASES = [
     (["--export-platforms", ""], "export platforms are one or more of cpu, cuda, rocm, tpu, got none"),
     (["--resume"], "--resume: no checkpoints in"),
     (["--coordinator", "127.0.0.1:1"], "give all three"),
+    (["--num-processes", "0"], "give all three"),  # was taken for no flag at all: one process, and the run went on
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "process id 2 is not in [0, 2)"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "1"], "coordinator address must be HOST:PORT"),
     # on process 0 these reached JAX's runtime, which crashed (SIGSEGV); on the others they waited 60 s
@@ -244,16 +247,41 @@ def test_an_output_directory_with_a_file_in_its_way_is_one_line_before_training(
     assert file.read_text() == "a user's file"
 
 
-def test_a_compilation_cache_that_cannot_be_a_directory_is_one_line(tmp_path, dataset):
+@pytest.mark.parametrize("flag,what", [("--workdir", "workdir"), ("--dump-hlo", "--dump-hlo"),
+                                       ("--profile", "--profile")])
+def test_an_output_directory_that_cannot_be_made_is_one_line_before_training(tmp_path, dataset, flag, what):
+    """/proc passes the access check (as root) and refuses a new directory: the profile's was a traceback once
+    training had started, the HLO dump's one after compiling."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    workdir = [] if flag == "--workdir" else ["--workdir", str(tmp_path / "w")]
+    _check(tmp_path, ["--config", "smoke", "--data-dir", str(dataset), *workdir, flag, "/proc/jaxnet-out"],
+           f"{what} /proc/jaxnet-out")
+
+
+def test_checking_a_directory_to_be_made_leaves_nothing_behind(tmp_path):
+    cache.check_directory(tmp_path / "a" / "b", "workdir")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where,message", [
+    ("{tmp}/file", ("exists and is not a directory",)),
+    ("/proc/jaxnet-xla", ("cannot be made: No such file or directory",  # /proc looks writable to root
+                          ": /proc is not writable")),  # and is not to others
+])
+def test_a_compilation_cache_that_cannot_be_a_directory_is_one_line(tmp_path, dataset, where, message):
     """Through the real entry point (the in-process runs above turn the cache off): JAX only warned, then compiled
     every program again."""
+    if where.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
     (tmp_path / "file").write_text("")
+    where = where.format(tmp=tmp_path)
     result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--data-dir",
-                             str(dataset), "--workdir", str(tmp_path / "w"), "--compilation-cache",
-                             str(tmp_path / "file")], cwd=Path(__file__).parents[1], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        f"error: compilation cache {tmp_path / 'file'} exists and is not a directory"], result.stderr
+                             str(dataset), "--workdir", str(tmp_path / "w"), "--compilation-cache", where],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: compilation cache {where}") and any(m in lines[0] for m in message), lines
     assert not (tmp_path / "w").exists()
 
 
