@@ -96,7 +96,7 @@ def train(args, stop: dict) -> dict:
     config = configs.override(configs.get_config(args.config), args.overrides)
     compiler.set_cpu_conv(config.xla_cpu_conv)
     compiler.set_host_memory(config.host_memory)
-    if args.coordinator or args.num_processes or args.process_id is not None:
+    if any(a is not None for a in (args.coordinator, args.num_processes, args.process_id)):
         parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
         parallel.assert_same_across_processes(
             {"config": config.to_dict(), "seed": args.seed, "processes": args.num_processes, "parallel": args.parallel,

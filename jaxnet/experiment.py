@@ -243,7 +243,7 @@ def _devices(parallel_mode: str, num_devices: int | None, config) -> tuple[Any, 
             mesh = parallel.make_mesh(num_devices)
             n_dev = mesh.size
         case "pmap":
-            mesh, n_dev = None, len(jax.local_devices()) if num_devices is None else num_devices
+            mesh, n_dev = None, len(parallel.first_devices(jax.local_devices(), num_devices))
         case other:
             raise ConfigError(f"parallel mode must be jit or pmap, got {other!r}")
     for name in ("batch_size", "eval_batch_size"):

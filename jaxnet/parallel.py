@@ -43,7 +43,7 @@ PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer",
 
 # ---- meshes and shardings ----
 
-def _first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
+def first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
     """The first `num_devices` of `devices` (all of them for None); ParallelError for another number."""
     n = len(devices) if num_devices is None else num_devices
     if not (errors.is_kind("positive integer", n) and n <= len(devices)):
@@ -54,7 +54,7 @@ def _first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
 def make_mesh(num_devices: int | None = None, axis: str = AXIS) -> Mesh:
     """A 1-D mesh over the first `num_devices` devices of all processes (default: all of them)."""
     devices = jax.devices()
-    n = len(_first_devices(devices, num_devices))
+    n = len(first_devices(devices, num_devices))
     if jax.process_count() > 1 and n != len(devices):
         raise ParallelError(f"with {jax.process_count()} processes every device takes part: "
                             f"num_devices must be {len(devices)}, got {n}")
@@ -235,7 +235,7 @@ def pmap_train_step(step_fn: Callable = train.train_step, *, num_devices: int | 
     ordinary state and a global batch, split evenly over the devices. The state is replicated in and the
     first copy taken out on every call — a per-step copy this compatibility path accepts."""
     train.check_batch_spec("pmap_train_step", num_classes, image_shape)
-    devices = _first_devices(jax.local_devices(), num_devices)
+    devices = first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices,
                         donate_argnums=(0,))
 
@@ -252,7 +252,7 @@ def pmap_eval_step(step_fn: Callable = train.eval_step, *, num_devices: int | No
                    num_classes: int | None = None, image_shape: Sequence[int] | None = None) -> Callable:
     """pmap of `step_fn(..., axis_name=axis_name)`: `step(state, batch)`, metrics over the global batch."""
     train.check_batch_spec("pmap_eval_step", num_classes, image_shape)
-    devices = _first_devices(jax.local_devices(), num_devices)
+    devices = first_devices(jax.local_devices(), num_devices)
     compiled = jax.pmap(partial(step_fn, axis_name=axis_name), axis_name=axis_name, devices=devices)
 
     def step(state: Any, batch: Batch):
