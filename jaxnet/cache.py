@@ -23,7 +23,7 @@ def check_directory(path: str | os.PathLike, what: str) -> None:
     checked before a run starts, so that it never fails (or loses its work) when it first writes there. A
     directory still to be made is made and removed again, as a place that looks writable can refuse one (/proc)."""
     path = Path(path)
-    missing = [p for p in (path, *path.absolute().parents) if not p.exists()]
+    missing = [p for p in (path, *path.absolute().parents) if not os.path.exists(p)]  # False where stat is refused
     existing = path.absolute().parents[len(missing) - 1] if missing else path
     if not existing.is_dir():
         raise ConfigError(f"{what} {path} exists and is not a directory" if existing == path else

@@ -16,6 +16,7 @@ import pytest
 from fixtures import synthetic, write_binary
 
 from jaxnet import cache, cifar10, compiler, configs
+from jaxnet.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +263,24 @@ def test_an_output_directory_that_cannot_be_made_is_one_line_before_training(tmp
 def test_checking_a_directory_to_be_made_leaves_nothing_behind(tmp_path):
     cache.check_directory(tmp_path / "a" / "b", "workdir")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_inside_one_this_process_cannot_search_is_one_line(tmp_path, monkeypatch):
+    """Not as root, stat of a path in a directory without search permission is EACCES, which pathlib's exists()
+    raised (a traceback); the tests run as root, so the refusal is simulated."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    stat = os.stat
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(f"{locked}{os.sep}"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(ConfigError, match=f"^workdir {locked}/run: {locked} is not writable$"):
+        cache.check_directory(locked / "run", "workdir")
 
 
 @pytest.mark.parametrize("where,message", [
