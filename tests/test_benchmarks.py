@@ -418,6 +418,19 @@ def test_gpu_check_script_dry_runs_its_cpu_parts(tmp_path):
     assert "Peer, torch_record (float32):" in report and "jaxnet / peer, mean over seeds" in report
 
 
+@pytest.mark.skipif(not SHARED_CIFAR10.exists(),
+                    reason=f"the script's recipe runs on the shared CIFAR-10 copy, not at {SHARED_CIFAR10}")
+def test_gpu_check_script_dry_runs_the_hours_recipe_alone(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "GPU_CHECK_DRY": "1", "GPU_CHECK_ONLY": "hour", "GPU_CHECK_EPOCHS": "0.5", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "- the hour's recipe for 0.5 epochs: ok," in report and report.count(": ok,") == 1, report
+    assert "/hour0.5/jaxnet-seed0/summary.json: fastnet_muon / float32" in report, report
+
+
 @pytest.mark.parametrize("impl", ["xla", "onednn"])
 def test_step_ops_classes_every_conv_of_a_train_step_by_direction(impl):
     """plain32 has 5 convs: 5 forward, 5 weight gradients, and 4 input gradients (the first conv's is not
