@@ -85,13 +85,13 @@ DATA=${CIFAR10:-$CARRY/cifar10-jpeg.tar.gz}
 
 if [ "${GPU_CHECK_ONLY:-}" = hour ]; then
     # Instead of the steps above: issue 19's question that a GPU answers in minutes and 2 CPU cores in hours — how
-    # many epochs the hour's recipe (airbench96's net with `quick`'s recipe; 12.1 epochs fitted the hour on a Zen 4,
+    # many epochs the `hour` recipe (airbench96's net with `quick`'s recipe; 12.1 epochs fitted the hour on a Zen 4,
     # 92.52 % with TTA, two seeds) needs on the JPEG copy for 93 % with TTA (docs/performance.md: 2.5-5 times the
     # hour's 1.04 PFLOP by the published records' accuracy per FLOP). Its first run autotunes the net's convs.
-    HOUR=("widths=(128, 384, 512)" depth=3 time_budget=0)
-    [ -n "$DRY" ] && HOUR=("widths=(8, 16, 16)" depth=3 time_budget=0 batch_size=100 train_subset=200 test_subset=100)
+    HOUR=(time_budget=0)
+    [ -n "$DRY" ] && HOUR=(time_budget=0 "widths=(8, 16, 16)" batch_size=100 train_subset=200 test_subset=100)
     for epochs in ${GPU_CHECK_EPOCHS:-12 40}; do
-        step "the hour's recipe for $epochs epochs" 240 $PY -m benchmarks.time_to_accuracy --config quick --seeds 0 \
+        step "the hour's recipe for $epochs epochs" 240 $PY -m benchmarks.time_to_accuracy --config hour --seeds 0 \
             --data-dir "$DATA" --workdir "$OUT_DIR/hour$epochs" --no-record "${HOUR[@]}" epochs=$epochs
     done
 elif [ -n "$DRY" ]; then
