@@ -455,6 +455,8 @@ def _run_times(config, state, train_step, eval_step_for, example: Callable, test
     """`config`'s run timed on this machine (`time_run_parts`; the train steps on `example(size)`, a batch made
     as the loop makes it; the eval steps on a batch of `test_norm`, the test split, beside which `num_val`
     validation images are evaluated after each epoch)."""
+    log.info("time_budget %g min: timing this machine's train and eval steps first (a few of each; minutes where "
+             "a step takes many seconds)", config.time_budget)
     steps_per_epoch = num_train // config.batch_size
     n_test, n_val = (-(-n // data_lib.eval_batch_size(n, config.eval_batch_size, n_dev)) if n else 0
                      for n in (len(test_norm["label"]), num_val))

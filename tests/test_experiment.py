@@ -1125,7 +1125,9 @@ def test_a_budgeted_run_is_planned_again_from_its_own_pace_and_a_resume_keeps_th
         out = experiment.train_and_evaluate(config, tmp_path / "w", data_dir=dataset,
                                             should_stop=stop_after_the_first_epoch, show_progress=False)
     assert out == {"interrupted": True, "step": 8}
-    first = int(caplog.text.split("time_budget 10 min: ")[1].split(" of 32 steps fit")[0])
+    timing = caplog.text.index("time_budget 10 min: timing this machine's train and eval steps first")
+    assert timing < caplog.text.index(" of 32 steps fit")  # said before the silent minutes, not after
+    first = int(caplog.text.split("time_budget 10 min: ")[2].split(" of 32 steps fit")[0])
     assert 8 < first < 32 and f"32 steps instead of {first}, planned again at step 8" in caplog.text
     saved = json.loads((tmp_path / "w" / "checkpoints" / "last" / "8" / "meta" / "metadata").read_text())
     assert saved["config"]["epochs"] == 4.0
