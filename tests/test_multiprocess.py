@@ -163,7 +163,8 @@ def test_two_processes_with_a_time_budget_train_the_steps_process_0_timed(tmp_pa
     results = finish(_start(dataset, [tmp_path / "p0", tmp_path / "p1"], "epochs=1000.0", "val_size=0",
                              "time_budget=2.0"))
     assert [r[0] for r in results] == [0, 0], [_why(r[2]) for r in results]
-    fit = int(results[0][2].split("time_budget 2 min: ")[1].split(" of 8000 steps fit")[0])
+    assert "time_budget 2 min: timing this machine's train and eval steps first" in results[0][2]
+    fit = int(results[0][2].split(" of 8000 steps fit")[0].rsplit("time_budget 2 min: ", 1)[1])
     # After the first epoch process 0 plans the run again from its pace, for both, unless the plan stands.
     again = results[0][2].split(f" steps instead of {fit}, planned again at step 8")
     steps = int(again[0].rsplit("time_budget 2 min: ", 1)[1]) if len(again) > 1 else fit
