@@ -7,6 +7,11 @@ a fixed per-device batch (weak scaling), with no overlap of communication and co
 XLA's async collectives hide part of it). Link bandwidths are per device, one direction.
 
     python -m benchmarks.scaling_model --model resnet50 --batch-per-device 256 --device-tflops 100
+
+Its first line, the train step's GFLOP per example, is also the count docs/performance.md prices a recipe in
+(fastnet, airbench95, airbench96: the records' nets; `--image-size 24` for the smaller images of progressive resizing):
+
+    python -m benchmarks.scaling_model --model airbench96 --image-size 24
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxnet import models, train
+from jaxnet.cli import positive
+from jaxnet.errors import ConfigError
 
 LINKS = {"NVLink-class (450 GB/s)": 450e9, "100 Gb/s-class (12.5 GB/s)": 12.5e9}
 DEVICES = (1, 2, 4, 8, 16, 32, 64)
@@ -26,7 +33,9 @@ DEVICES = (1, 2, 4, 8, 16, 32, 64)
 # name → (jaxnet.models registry name, its arguments, image size)
 MODELS = {"resnet18": ("resnet18", {"num_classes": 10}, 32),
           "resnet50": ("resnet50", {"num_classes": 1000, "stem": "imagenet"}, 224),
-          "fastnet": ("fastnet", {}, 32)}
+          "fastnet": ("fastnet", {}, 32),
+          "airbench95": ("fastnet_muon", {"widths": (128, 384, 384)}, 32),
+          "airbench96": ("fastnet_muon", {"widths": (128, 384, 512), "depth": 3}, 32)}
 
 
 def build(name: str):
@@ -48,19 +57,24 @@ def step_cost(model, size: int, batch: int) -> tuple[int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50", choices=tuple(MODELS))
+    p.add_argument("--image-size", type=positive(int), default=None, help="pixels a side (default: the model's own)")
     p.add_argument("--batch-per-device", type=int, default=256)
     p.add_argument("--device-tflops", type=float, default=100.0,
                    help="achieved (not peak) TFLOP/s per device; ~100 is ResNet-50 bf16 training on a recent GPU")
     p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
     args = p.parse_args()
     model, size = build(args.model)
-    cost_batch = 8  # FLOPs scale linearly with the batch; a small one lowers fast
-    params, flops = step_cost(model, size, cost_batch)
+    size = args.image_size or size
+    cost_batch = 64  # per-example FLOPs from a batch, so the per-step optimizer update weighs little (no run)
+    try:
+        params, flops = step_cost(model, size, cost_batch)
+    except ConfigError as e:  # the net does not fit the image size
+        p.error(f"--model {args.model} --image-size {size}: {e}")
     flops_per_example = flops / cost_batch
     compute_s = flops_per_example * args.batch_per_device / (args.device_tflops * 1e12)
     grad_bytes = params * args.grad_bytes
-    print(f"model {args.model}: {params / 1e6:.2f} M parameters, {flops_per_example / 1e9:.2f} GFLOP per example "
-          f"(train step, XLA cost analysis); {args.batch_per_device} examples per device → compute "
+    print(f"model {args.model} at {size} px: {params / 1e6:.2f} M parameters, {flops_per_example / 1e9:.3f} GFLOP "
+          f"per example (train step, XLA cost analysis); {args.batch_per_device} examples per device → compute "
           f"{compute_s * 1e3:.2f} ms per step at {args.device_tflops:g} TFLOP/s")
     header = "| devices | all-reduce MB sent per device | " + " | ".join(
         f"comm ms, {name} | efficiency, {name}" for name in LINKS) + " |"

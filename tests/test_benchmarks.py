@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("args,expect", [
     (["benchmarks.augment", "--batch", "64", "--repeats", "2", "--no-record"], "median ms"),
-    (["benchmarks.scaling_model", "--model", "fastnet", "--batch-per-device", "64"], "| 64 |"),
+    (["benchmarks.scaling_model", "--model", "airbench96", "--image-size", "24", "--batch-per-device", "64"],
+     "| 64 |"),
     (["benchmarks.parallel_step", "--model", "fastnet_tiny", "--batch", "16", "--steps", "1", "--no-record"],
      "pmap, 8"),
     (["benchmarks.conv_impls", "--batch", "2", "--repeats", "1", "--impls", "xla,im2col,onednn", "--layers",
