@@ -16,12 +16,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    """An argparse `type`: the argument read as `kind` (int, float), refused unless > 0."""
+    """An argparse `type`: the argument read as `kind` (int, float), refused unless > 0 and finite."""
 
     def parse(text: str) -> float:
         value = kind(text)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value"

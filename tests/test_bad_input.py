@@ -168,6 +168,7 @@ FLAG_CASES = [
     (["--parallel", "mpi"], "argument --parallel: invalid choice"),
     (["--peak-tflops", "-1"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0"),
+    (["--peak-tflops", "inf"], "argument --peak-tflops: must be finite, got inf"),  # an MFU of 0 %
     (["--num-devices", "0"], "0 devices asked for, but 8 are available"),
     (["--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),
