@@ -13,6 +13,7 @@ import numpy as np
 
 from benchmarks.common import append_results, median_seconds
 from jaxnet import data, parallel
+from jaxnet.cli import positive
 
 
 def pipeline(key, images, indices, *, cutout):
@@ -22,8 +23,8 @@ def pipeline(key, images, indices, *, cutout):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--batch", type=positive(int), default=1024)
+    p.add_argument("--repeats", type=positive(int), default=50)
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
     images = jax.device_put(np.random.default_rng(0).integers(0, 256, (45_000, 32, 32, 3), dtype=np.uint8))

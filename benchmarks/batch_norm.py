@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 
+from jaxnet.cli import positive
+
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=positive(int), default=10)
     p.add_argument("--shapes", default="", help="only shapes whose label contains this text")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"),
                    help="XLA CPU library choice, as in the experiment (ynnpack also takes the reductions)")

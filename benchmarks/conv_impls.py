@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import re
 
+from jaxnet.cli import positive
+
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=positive(int), default=64)
+    p.add_argument("--repeats", type=positive(int), default=5)
     p.add_argument("--impls", default="xla,im2col,pallas")
     p.add_argument("--layers", default="", help="only layers whose label contains this text, e.g. 1x1")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))

@@ -28,6 +28,7 @@ import optax  # noqa: E402
 
 from benchmarks.common import append_results  # noqa: E402
 from jaxnet import layers, models, parallel, train  # noqa: E402
+from jaxnet.cli import positive  # noqa: E402
 
 MODELS = ("fastnet_tiny", "fastnet")
 
@@ -49,8 +50,8 @@ def make(kind: str, model_name: str, batch):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="fastnet", choices=MODELS)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 2 warm-up steps)")
+    p.add_argument("--batch", type=positive(int), default=256)
+    p.add_argument("--steps", type=positive(int), default=5, help="timed steps per variant (after 2 warm-up steps)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.batch % 8:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxnet import models, train
-from jaxnet.cli import positive
+from jaxnet.cli import Parser, positive
 from jaxnet.errors import ConfigError
 
 LINKS = {"NVLink-class (450 GB/s)": 450e9, "100 Gb/s-class (12.5 GB/s)": 12.5e9}
@@ -55,13 +55,13 @@ def step_cost(model, size: int, batch: int) -> tuple[int, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50", choices=tuple(MODELS))
     p.add_argument("--image-size", type=positive(int), default=None, help="pixels a side (default: the model's own)")
-    p.add_argument("--batch-per-device", type=int, default=256)
-    p.add_argument("--device-tflops", type=float, default=100.0,
+    p.add_argument("--batch-per-device", type=positive(int), default=256)
+    p.add_argument("--device-tflops", type=positive(float), default=100.0,
                    help="achieved (not peak) TFLOP/s per device; ~100 is ResNet-50 bf16 training on a recent GPU")
-    p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
+    p.add_argument("--grad-bytes", type=positive(int), default=4, help="bytes per gradient element (4 fp32, 2 bf16)")
     args = p.parse_args()
     model, size = build(args.model)
     size = args.image_size or size

@@ -23,6 +23,8 @@ import statistics
 import time
 from functools import partial
 
+from jaxnet.cli import positive
+
 TORCH_MODES = ("eager", "compile", "eager-bf16", "compile-bf16")
 
 
@@ -36,7 +38,8 @@ def _torch_modes(text: str) -> tuple[str, ...]:
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,fastnet,plain32,plain256")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per framework and model (≥ 5 for a median)")
+    p.add_argument("--steps", type=positive(int), default=5,
+                   help="timed steps per framework and model (≥ 5 for a median)")
     p.add_argument("--xla-cpu-conv", default="eigen", choices=("eigen", "ynnpack"))
     p.add_argument("--host-memory", default="keep", choices=("keep", "system"),
                    help="malloc's settings for the process, both frameworks (jaxnet.compiler.set_host_memory; "
@@ -50,7 +53,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--torch-modes", type=_torch_modes, default=None,
                    help="PyTorch runners to compare with, comma-separated, of: " + ", ".join(TORCH_MODES)
                    + " (default: eager,compile; with --dtype bfloat16 all four: PyTorch's best of fp32 and bf16)")
-    p.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    p.add_argument("--torch-threads", type=positive(int), default=os.cpu_count())
     p.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = p.parse_args()
     if args.torch_modes is None:

@@ -43,6 +43,34 @@ def test_benchmark_prints_its_table(args, expect):
     assert expect in result.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--batch-per-device", "0"], "argument --batch-per-device: must be > 0, got 0"),  # was a ZeroDivisionError
+    (["--device-tflops", "inf"], "argument --device-tflops: must be finite, got inf"),  # the same
+    (["--grad-bytes", "-4"], "argument --grad-bytes: must be > 0, got -4"),  # was a table of negative bytes
+    (["--model", "airbench96", "--image-size", "4"], "--model airbench96 --image-size 4: conv2d: the kernel spans"),
+])
+def test_scaling_model_refuses_bad_arguments_in_one_line(args, message, monkeypatch, capsys):
+    from benchmarks import scaling_model
+
+    monkeypatch.setattr(sys, "argv", ["scaling_model", *args])
+    with pytest.raises(SystemExit) as exited:
+        scaling_model.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("args", [["benchmarks.augment", "--repeats", "0"],
+                                  ["benchmarks.batch_norm", "--repeats", "0"],
+                                  ["benchmarks.conv_impls", "--batch", "0"],
+                                  ["benchmarks.parallel_step", "--steps", "0"],
+                                  ["benchmarks.train_step", "--steps", "-1"]])
+def test_benchmarks_refuse_counts_below_one_before_they_start(args):
+    """Each was a StatisticsError ("no median for empty data") after its compilations."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: argument {args[1]}: must be > 0, got {args[2]}")
+
+
 def test_recorded_section_names_the_versions_and_environment_that_change_the_numbers(tmp_path, monkeypatch):
     from importlib import metadata
 
