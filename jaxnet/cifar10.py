@@ -14,6 +14,7 @@ error is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -110,20 +111,34 @@ def train(args, stop: dict) -> dict:
         print("note: no compilation cache in a run of several processes on CPU (see --help)", file=sys.stderr)
     from jaxnet import experiment
 
-    if parallel.is_main_process():  # the experiment's notes (a time budget's epochs) as plain lines on stderr
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        experiment.log.addHandler(handler)
-        experiment.log.setLevel(logging.INFO)
-        experiment.log.propagate = False  # not again through a root handler another library set up
+    with _plain_notes() if parallel.is_main_process() else contextlib.nullcontext():
+        return experiment.train_and_evaluate(
+            config, args.workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
+            export=tuple(f for f in args.export.split(",") if f),
+            export_platforms=tuple(p for p in args.export_platforms.split(",") if p),
+            should_stop=lambda: stop["signal"] is not None,
+            parallel_mode=args.parallel, num_devices=args.num_devices, dump_hlo=args.dump_hlo, profile=args.profile,
+            peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
 
-    return experiment.train_and_evaluate(
-        config, args.workdir, data_dir=args.data_dir, seed=args.seed, resume=args.resume,
-        export=tuple(f for f in args.export.split(",") if f),
-        export_platforms=tuple(p for p in args.export_platforms.split(",") if p),
-        should_stop=lambda: stop["signal"] is not None,
-        parallel_mode=args.parallel, num_devices=args.num_devices, dump_hlo=args.dump_hlo, profile=args.profile,
-        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None)
+
+@contextlib.contextmanager
+def _plain_notes():
+    """jaxnet's notes (a time budget's epochs, a data source passed over) as plain lines on stderr, and not
+    again through a root handler another library set up; logging as it was afterwards (main may be called
+    in a process that goes on)."""
+    package_log = logging.getLogger("jaxnet")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = package_log.level, package_log.propagate
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+    try:
+        yield
+    finally:
+        package_log.removeHandler(handler)
+        package_log.setLevel(saved[0])
+        package_log.propagate = saved[1]
 
 
 def main(argv: list[str] | None = None) -> int:

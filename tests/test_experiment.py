@@ -2,6 +2,7 @@
 predict, and every bad-input path (one line, exit code 2, nothing lost)."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -283,6 +284,29 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, dataset):
     with pytest.raises(ValueError, match="an internal bug"):
         cifar10.main(["--config", "smoke", "xla_cpu_conv=ynnpack", "host_memory=system",
                       "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), "--compilation-cache", ""])
+
+
+def test_the_cli_prints_jaxnets_notes_as_plain_lines_and_leaves_logging_as_it_was(monkeypatch, tmp_path, dataset,
+                                                                                  capsys):
+    """The notes of the experiment and of the data loader (a tfds copy passed over) are plain lines on stderr
+    during main; afterwards the `jaxnet` logger is as it was (main may run in a process that goes on)."""
+    from jaxnet import cifar10, data
+
+    loggers = [logging.getLogger("jaxnet"), experiment.log, data.log]
+    before = [(list(log.handlers), log.level, log.propagate) for log in loggers]
+
+    def noting(*args, **kwargs):
+        experiment.log.info("a note of the experiment")
+        data.log.warning("a note of the data")
+        return {"process": 0, "processes": 1, "test_accuracy": 0.5, "tta_level": 0, "test_accuracy_tta": 0.5,
+                "wall_seconds": 1.0}
+
+    monkeypatch.setattr(experiment, "train_and_evaluate", noting)
+    code = cifar10.main(["--config", "smoke", "xla_cpu_conv=ynnpack", "host_memory=system",
+                         "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset), "--compilation-cache", ""])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 0 and err.count("a note of the experiment") == 1 and err.count("a note of the data") == 1
+    assert [(list(log.handlers), log.level, log.propagate) for log in loggers] == before
 
 
 def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, dataset):
