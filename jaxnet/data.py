@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.util
 import io
+import logging
 import os
 import pickle
 import re
@@ -43,6 +45,7 @@ OFFICIAL_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c00
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 Split = dict[str, np.ndarray]  # {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}
+log = logging.getLogger(__name__)
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
@@ -50,7 +53,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
     """CIFAR-10 as {"train": split, "test": split}, each {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}.
 
     Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10; the official archive
-    downloaded earlier into `cache_dir`; tensorflow-datasets' `cifar10` where it is prepared; else the official
+    downloaded earlier into `cache_dir`; tensorflow-datasets' `cifar10` where it is prepared (tfrecord, its
+    default format, where TensorFlow is installed; else passed over with a warning); else the official
     archive (`cifar-10-python.tar.gz`, 163 MiB) is downloaded from JAXNET_CIFAR10_URL (default: its Toronto home,
     with its published SHA-256; a URL of your own names its checksum as `URL#sha256=HEX`), verified and kept.
     A local source is a directory or a .tar/.tar.gz archive in one of three layouts: image folders
@@ -272,21 +276,33 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout_s: float
 # ---- tensorflow-datasets ----
 
 def _prepared_tfds(data_dir: str | None) -> dict[str, Split] | None:
-    """tensorflow-datasets' cifar10 if tfds is installed and has it prepared, else None."""
+    """tensorflow-datasets' cifar10 if tfds is installed and has it prepared, else None. Its random-access
+    formats are read without TensorFlow; its default, tfrecord, only through TensorFlow: without it, the copy
+    is passed over with a warning that says how to use it."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         return None
-    builder = tfds.builder("cifar10", data_dir=data_dir)
-    if not builder.is_prepared():
+    try:  # finds a prepared copy only; tfds.builder would also query GCS and leave a temporary folder
+        builder = tfds.core.read_only_builder.builder_from_files("cifar10", data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
         return None
-    out = {}
-    for split in SPLITS:
-        source = builder.as_data_source(split=split)
-        records = [source[i] for i in range(len(source))]
-        out[split] = {"image": np.stack([r["image"] for r in records]).astype(np.uint8),
-                      "label": np.asarray([r["label"] for r in records], np.int32)}
-    return out
+    if builder.info.available_file_formats() & set(tfds.core.FileFormat.with_random_access()):
+        out = {}
+        for split in SPLITS:
+            source = builder.as_data_source(split=split)
+            records = [source[i] for i in range(len(source))]
+            out[split] = {"image": np.stack([r["image"] for r in records]).astype(np.uint8),
+                          "label": np.asarray([r["label"] for r in records], np.int32)}
+        return out
+    if importlib.util.find_spec("tensorflow") is None:  # tfds reads tfrecord through tf.data
+        log.warning(f"tensorflow-datasets' cifar10 in {builder.data_dir} is in {builder.info.file_format.value} "
+                    f"format, which only TensorFlow reads: passed over (install tensorflow to read it, or "
+                    f"prepare it again with file_format='array_record')")
+        return None
+    arrays = {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1)) for split in SPLITS}
+    return {split: {"image": a["image"].astype(np.uint8), "label": a["label"].astype(np.int32)}
+            for split, a in arrays.items()}
 
 
 def subset(split: Split, size: int, seed: int) -> Split:

@@ -3,17 +3,23 @@ starts (never the network), downloaded, verified, kept, and every way it can fai
 
 import hashlib
 import http.server
+import importlib.util
 import json
+import logging.handlers
 import os
+import re
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tfds_fixtures
 from fixtures import synthetic, tar_gz, write_pickles
 
 from jaxnet import data
@@ -115,6 +121,67 @@ def test_no_source_and_no_network_names_the_options_quickly(tmp_path, monkeypatc
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
+def _tfds_copy(tmp_path: Path, file_format: str) -> str:
+    """A data_dir of tensorflow-datasets holding cifar10 prepared by tfds itself in `file_format`."""
+    with tarfile.open(tfds_fixtures.DATA / f"tfds-cifar10-{file_format}.tar.gz") as tar:
+        tar.extractall(tmp_path / "tfds", filter="data")
+    return str(tmp_path / "tfds")
+
+
+def _assert_holds_the_fixture(got: dict) -> None:
+    """tfds stores the examples shuffled: compare in the order of the images' values (each its own)."""
+    for split, want in tfds_fixtures.expected().items():
+        for key in ("image", "label"):
+            in_order = [a[key][np.argsort(a["image"][:, 0, 0, 0])] for a in (got[split], want)]
+            assert in_order[0].dtype == in_order[1].dtype
+            np.testing.assert_array_equal(*in_order)
+
+
+def test_a_prepared_tfds_copy_in_a_random_access_format_is_read_without_downloading(tmp_path, monkeypatch,
+                                                                                   no_local_copy):
+    monkeypatch.setenv(data.URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/cifar.tar.gz#sha256={'0' * 64}")
+    got = data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=_tfds_copy(tmp_path, "array_record"),
+                            show_progress=False)
+    _assert_holds_the_fixture(got)
+
+
+def test_a_tfrecord_tfds_copy_without_tensorflow_is_passed_over_with_a_warning_that_says_why(
+        tmp_path, monkeypatch, server, archive, no_local_copy):
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed here: it reads the tfrecord copy (test_..._read_through_tensorflow)")
+    monkeypatch.setenv(data.URL_ENV_VAR, _url(server, archive))
+    captured = logging.handlers.BufferingHandler(capacity=100)
+    data.log.addHandler(captured)  # on the module's logger itself: the CLI stops propagation above "jaxnet"
+    try:
+        got = data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=_tfds_copy(tmp_path, "tfrecord"),
+                                show_progress=False)
+    finally:
+        data.log.removeHandler(captured)
+    np.testing.assert_array_equal(got["test"]["image"], archive[1]["test"]["image"])  # the download instead
+    [record] = captured.buffer
+    assert record.levelname == "WARNING" and "\n" not in record.getMessage()
+    assert re.search(r"cifar10 in .*tfds/cifar10/3\.0\.2 is in tfrecord format, which only TensorFlow reads: "
+                     r"passed over \(install tensorflow .* file_format='array_record'\)", record.getMessage())
+
+
+def test_a_tfrecord_tfds_copy_is_read_through_tensorflow(tmp_path, monkeypatch, no_local_copy):
+    pytest.importorskip("tensorflow", reason="TensorFlow reads tfds' tfrecord format; not installed here")
+    monkeypatch.setenv(data.URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/cifar.tar.gz#sha256={'0' * 64}")
+    got = data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=_tfds_copy(tmp_path, "tfrecord"),
+                            show_progress=False)
+    _assert_holds_the_fixture(got)
+
+
+def test_looking_for_a_tfds_copy_leaves_no_temporary_folder(tmp_path, monkeypatch, no_local_copy):
+    """tfds.builder on a data_dir without the dataset makes a temporary folder it never removes."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv(data.URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/cifar.tar.gz#sha256={'0' * 64}")
+    with pytest.raises(data.DataError, match="cannot download CIFAR-10"):
+        data.load_cifar10(tfds_data_dir=str(tmp_path / "tfds"), cache_dir=tmp_path / "cache", show_progress=False)
+    assert not list((tmp_path / "tmp").iterdir())
+
+
 @pytest.mark.parametrize("value", ["http://127.0.0.1/x.tar.gz", "http://127.0.0.1/x.tar.gz#sha256=xyz"])
 def test_a_url_without_its_checksum_is_refused(tmp_path, monkeypatch, no_local_copy, value):
     monkeypatch.setenv(data.URL_ENV_VAR, value)
@@ -123,14 +190,18 @@ def test_a_url_without_its_checksum_is_refused(tmp_path, monkeypatch, no_local_c
 
 
 def test_the_experiment_with_no_local_copy_downloads_and_trains(tmp_path, server, archive):
-    """The real entry point as a new user with a network runs it: no --data-dir, no JAXNET_CIFAR10."""
+    """The real entry point as a new user with a network runs it: no --data-dir, no JAXNET_CIFAR10, and a
+    tfds copy in tfds' default format that an environment without TensorFlow cannot read."""
+    unreadable_tfds = importlib.util.find_spec("tensorflow") is None
     env = {k: v for k, v in os.environ.items() if k != data.ENV_VAR} | {
         "XDG_CACHE_HOME": str(tmp_path / "cache"), data.URL_ENV_VAR: _url(server, archive),
-        "TFDS_DATA_DIR": str(tmp_path / "tfds")}
+        "TFDS_DATA_DIR": _tfds_copy(tmp_path, "tfrecord") if unreadable_tfds else str(tmp_path / "tfds")}
     result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--workdir",
                              str(tmp_path / "run"), "train_subset=80", "val_size=16", "test_subset=32",
                              "epochs=1.0", "batch_size=16"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cache" / "jaxnet" / "downloads" / "cifar-10-python.tar.gz").read_bytes() == archive[0]
+    if unreadable_tfds:
+        assert result.stderr.count("is in tfrecord format, which only TensorFlow reads: passed over") == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
