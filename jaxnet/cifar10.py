@@ -48,7 +48,7 @@ def _train_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s; also rocm, tpu)")
     p.add_argument("--parallel", default="jit", choices=("jit", "pmap"),
                    help="data parallelism: jit over a device mesh (default) or pmap (compatibility path)")
-    p.add_argument("--num-devices", type=int, help="devices to train on (default: all)")
+    p.add_argument("--num-devices", type=positive(int), help="devices to train on (default: all)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: the coordinator (process 0)")
     p.add_argument("--num-processes", type=int, help="multi-process run: number of processes")
     p.add_argument("--process-id", type=int, help="multi-process run: this process's index")

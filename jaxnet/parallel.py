@@ -46,7 +46,9 @@ PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer",
 def first_devices(devices: Sequence, num_devices: int | None) -> Sequence:
     """The first `num_devices` of `devices` (all of them for None); ParallelError for another number."""
     n = len(devices) if num_devices is None else num_devices
-    if not (errors.is_kind("positive integer", n) and n <= len(devices)):
+    if not errors.is_kind("positive integer", n):
+        raise ParallelError(f"num_devices must be a positive integer, got {n!r}")
+    if n > len(devices):
         raise ParallelError(f"{n!r} devices asked for, but {len(devices)} are available")
     return devices[:n]
 

@@ -169,10 +169,10 @@ FLAG_CASES = [
     (["--peak-tflops", "-1"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "inf"], "argument --peak-tflops: must be finite, got inf"),  # an MFU of 0 %
-    (["--num-devices", "0"], "0 devices asked for, but 8 are available"),
+    (["--num-devices", "0"], "argument --num-devices: must be > 0, got 0"),  # was said after reading the data
     (["--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),
-    (["--parallel", "pmap", "--num-devices", "0"], "0 devices asked for, but 8 are available"),  # was a traceback
+    (["--parallel", "pmap", "--num-devices", "-1"], "argument --num-devices: must be > 0, got -1"),
     (["--parallel", "pmap", "--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--dump-hlo", "h"], "--dump-hlo and --profile work with --parallel jit only"),
     (["--export", "tflite"], "--export takes jax and/or onnx, got tflite"),
