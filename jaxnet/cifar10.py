@@ -37,8 +37,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     p.add_argument("--config", default="default", choices=configs.NAMES, help="recipe (default: %(default)s)")
     p.add_argument("--workdir", help="where checkpoints, logs, plots and the summary go (default: runs/CONFIG)")
-    p.add_argument("--data-dir", help="local CIFAR-10 (directory or .tar.gz; default: $JAXNET_CIFAR10, else the "
-                   "official archive, downloaded once and verified)")
+    p.add_argument("--data-dir", help="local CIFAR-10 (directory, .tar.gz or tensorflow-datasets folder; default: "
+                   "$JAXNET_CIFAR10, else the official archive, downloaded once and verified)")
     p.add_argument("--seed", type=int, default=0, help="the one seed all randomness derives from")
     p.add_argument("--resume", action="store_true", help="continue from the workdir's latest checkpoint")
     p.add_argument("--export", default="", metavar="FORMATS",

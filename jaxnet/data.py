@@ -58,7 +58,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
     archive (`cifar-10-python.tar.gz`, 163 MiB) is downloaded from JAXNET_CIFAR10_URL (default: its Toronto home,
     with its published SHA-256; a URL of your own names its checksum as `URL#sha256=HEX`), verified and kept.
     A local source is a directory or a .tar/.tar.gz archive in one of three layouts: image folders
-    `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`. Decoded arrays
+    `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`; or a data_dir
+    of tensorflow-datasets with cifar10 prepared (DataError for tfrecord without TensorFlow). Decoded arrays
     are cached in `cache_dir` (default ~/.cache/jaxnet) under a key of the source's path, sizes and mtimes, so
     later loads read one .npz.
 
@@ -111,6 +112,10 @@ def _fingerprint(path: Path) -> str:
 # ---- local layouts: a tree of named byte blobs, from a directory or an archive ----
 
 def _read_local(path: Path) -> dict[str, Split]:
+    if path.is_dir() and any(path.glob("cifar10/*/dataset_info.json")):  # a data_dir of tensorflow-datasets
+        builder = _tfds_builder(str(path))
+        if builder is not None:
+            return _read_tfds(builder)
     files = _archive_files(path) if path.is_file() else _dir_files(path)
     names = list(files)
     for layout, reader in (("cifar-10-batches-py", _read_pickles), ("cifar-10-batches-bin", _read_binary),
@@ -118,8 +123,8 @@ def _read_local(path: Path) -> dict[str, Split]:
         root = _find_root(names, layout)
         if root is not None:
             return reader(files, root, path)
-    raise DataError(f"{path}: unknown layout; expected train|test/<class>/*.jpg|png, cifar-10-batches-py or "
-                    f"cifar-10-batches-bin")
+    raise DataError(f"{path}: unknown layout; expected train|test/<class>/*.jpg|png, cifar-10-batches-py, "
+                    f"cifar-10-batches-bin or a tensorflow-datasets folder holding cifar10")
 
 
 class _Files(dict):
@@ -276,17 +281,36 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str, timeout_s: float
 # ---- tensorflow-datasets ----
 
 def _prepared_tfds(data_dir: str | None) -> dict[str, Split] | None:
-    """tensorflow-datasets' cifar10 if tfds is installed and has it prepared, else None. Its random-access
-    formats are read without TensorFlow; its default, tfrecord, only through TensorFlow: without it, the copy
-    is passed over with a warning that says how to use it."""
+    """tensorflow-datasets' cifar10 if tfds is installed and has it prepared (in `data_dir`, else in its
+    default folders), else None; a copy that cannot be read here is passed over with a warning."""
+    builder = _tfds_builder(data_dir)
+    if builder is None:
+        return None
+    try:
+        return _read_tfds(builder)
+    except DataError as e:
+        log.warning(f"{e}: passed over")
+        return None
+
+
+def _tfds_builder(data_dir: str | None):
+    """tfds' reader of a prepared cifar10, or None. Not tfds.builder, which also asks GCS for metadata and
+    leaves a temporary folder behind."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
         return None
-    try:  # finds a prepared copy only; tfds.builder would also query GCS and leave a temporary folder
-        builder = tfds.core.read_only_builder.builder_from_files("cifar10", data_dir=data_dir)
+    try:
+        return tfds.core.read_only_builder.builder_from_files("cifar10", data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         return None
+
+
+def _read_tfds(builder) -> dict[str, Split]:
+    """The splits of a prepared tfds copy: its random-access formats directly; its default, tfrecord, through
+    TensorFlow (DataError where it is not installed)."""
+    import tensorflow_datasets as tfds
+
     if builder.info.available_file_formats() & set(tfds.core.FileFormat.with_random_access()):
         out = {}
         for split in SPLITS:
@@ -296,10 +320,9 @@ def _prepared_tfds(data_dir: str | None) -> dict[str, Split] | None:
                           "label": np.asarray([r["label"] for r in records], np.int32)}
         return out
     if importlib.util.find_spec("tensorflow") is None:  # tfds reads tfrecord through tf.data
-        log.warning(f"tensorflow-datasets' cifar10 in {builder.data_dir} is in {builder.info.file_format.value} "
-                    f"format, which only TensorFlow reads: passed over (install tensorflow to read it, or "
-                    f"prepare it again with file_format='array_record')")
-        return None
+        raise DataError(f"tensorflow-datasets' cifar10 in {builder.data_dir} is in {builder.info.file_format.value} "
+                        f"format, which only TensorFlow reads (install tensorflow, or prepare it again with "
+                        f"file_format='array_record')")
     arrays = {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1)) for split in SPLITS}
     return {split: {"image": a["image"].astype(np.uint8), "label": a["label"].astype(np.int32)}
             for split, a in arrays.items()}

@@ -160,16 +160,41 @@ def test_a_tfrecord_tfds_copy_without_tensorflow_is_passed_over_with_a_warning_t
     np.testing.assert_array_equal(got["test"]["image"], archive[1]["test"]["image"])  # the download instead
     [record] = captured.buffer
     assert record.levelname == "WARNING" and "\n" not in record.getMessage()
-    assert re.search(r"cifar10 in .*tfds/cifar10/3\.0\.2 is in tfrecord format, which only TensorFlow reads: "
-                     r"passed over \(install tensorflow .* file_format='array_record'\)", record.getMessage())
+    assert re.fullmatch(r"tensorflow-datasets' cifar10 in .*tfds/cifar10/3\.0\.2 is in tfrecord format, which only "
+                        r"TensorFlow reads \(install tensorflow, or prepare it again with file_format='array_record'\)"
+                        r": passed over", record.getMessage())
 
 
 def test_a_tfrecord_tfds_copy_is_read_through_tensorflow(tmp_path, monkeypatch, no_local_copy):
     pytest.importorskip("tensorflow", reason="TensorFlow reads tfds' tfrecord format; not installed here")
     monkeypatch.setenv(data.URL_ENV_VAR, f"http://127.0.0.1:{_closed_port()}/cifar.tar.gz#sha256={'0' * 64}")
-    got = data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=_tfds_copy(tmp_path, "tfrecord"),
-                            show_progress=False)
-    _assert_holds_the_fixture(got)
+    folder = _tfds_copy(tmp_path, "tfrecord")
+    _assert_holds_the_fixture(data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=folder,
+                                                show_progress=False))
+    _assert_holds_the_fixture(data.load_cifar10(folder, cache_dir=tmp_path / "cache2", show_progress=False))
+
+
+def test_a_tfds_folder_given_as_the_data_dir_is_read_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "elsewhere"))  # the folder given is the one read
+    folder = _tfds_copy(tmp_path, "array_record")
+    _assert_holds_the_fixture(data.load_cifar10(folder, cache_dir=tmp_path / "cache", show_progress=False))
+    [cached] = (tmp_path / "cache").glob("cifar10-*.npz")
+    _assert_holds_the_fixture(data.load_cifar10(folder, cache_dir=tmp_path / "cache", show_progress=False))
+    assert list((tmp_path / "cache").glob("cifar10-*.npz")) == [cached]
+
+
+def test_a_tfrecord_tfds_folder_given_as_the_data_dir_without_tensorflow_is_one_line(tmp_path):
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed here: it reads the tfrecord copy (test_..._read_through_tensorflow)")
+    result = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--config", "smoke", "--workdir",
+                             str(tmp_path / "run"), "--data-dir", _tfds_copy(tmp_path, "tfrecord")], cwd=ROOT,
+                            env=os.environ | {"XDG_CACHE_HOME": str(tmp_path / "cache")}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert re.fullmatch(r"error: tensorflow-datasets' cifar10 in .*/tfds/cifar10/3\.0\.2 is in tfrecord format, "
+                        r"which only TensorFlow reads \(install tensorflow, or prepare it again with "
+                        r"file_format='array_record'\)\n", result.stderr)
+    assert not (tmp_path / "run").exists()
 
 
 def test_looking_for_a_tfds_copy_leaves_no_temporary_folder(tmp_path, monkeypatch, no_local_copy):
@@ -203,5 +228,5 @@ def test_the_experiment_with_no_local_copy_downloads_and_trains(tmp_path, server
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cache" / "jaxnet" / "downloads" / "cifar-10-python.tar.gz").read_bytes() == archive[0]
     if unreadable_tfds:
-        assert result.stderr.count("is in tfrecord format, which only TensorFlow reads: passed over") == 1
+        assert result.stderr.count("is in tfrecord format, which only TensorFlow reads (") == 1
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
