@@ -52,11 +52,12 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
                  tfds_data_dir: str | None = None, show_progress: bool = True) -> dict[str, Split]:
     """CIFAR-10 as {"train": split, "test": split}, each {"image": (N, 32, 32, 3) uint8, "label": (N,) int32}.
 
-    Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10; the official archive
-    downloaded earlier into `cache_dir`; tensorflow-datasets' `cifar10` where it is prepared (tfrecord, its
-    default format, where TensorFlow is installed; else passed over with a warning); else the official
-    archive (`cifar-10-python.tar.gz`, 163 MiB) is downloaded from JAXNET_CIFAR10_URL (default: its Toronto home,
-    with its published SHA-256; a URL of your own names its checksum as `URL#sha256=HEX`), verified and kept.
+    Sources, first found wins: `data_dir`; the environment variable JAXNET_CIFAR10 (unless empty); the
+    official archive downloaded earlier into `cache_dir`; tensorflow-datasets' `cifar10` where it is prepared
+    (tfrecord, its default format, where TensorFlow is installed; else passed over with a warning); else the
+    official archive (`cifar-10-python.tar.gz`, 163 MiB) is downloaded from JAXNET_CIFAR10_URL (default: its
+    Toronto home, with its published SHA-256; a URL of your own names its checksum as `URL#sha256=HEX`),
+    verified and kept.
     A local source is a directory or a .tar/.tar.gz archive in one of three layouts: image folders
     `train|test/<class>/*.jpg|png`, `cifar-10-batches-py` (pickles) or `cifar-10-batches-bin`; or a data_dir
     of tensorflow-datasets with cifar10 prepared (DataError for tfrecord without TensorFlow). Decoded arrays
@@ -69,7 +70,9 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, cache_dir: str | 
         a cache folder that cannot be written. Nothing is written in that case.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    source = data_dir if data_dir is not None else os.environ.get(ENV_VAR)
+    if data_dir is not None and not os.fspath(data_dir):  # Path("") is the working directory
+        raise DataError("the CIFAR-10 source is an empty path: give a local copy's path, or no path at all")
+    source = data_dir if data_dir is not None else os.environ.get(ENV_VAR) or None  # set but empty: unset
     if source is None:
         url, sha256 = _download_source()
         downloaded = cache / "downloads" / Path(urllib.parse.urlsplit(url).path).name

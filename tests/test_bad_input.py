@@ -169,6 +169,7 @@ FLAG_CASES = [
     (["--peak-tflops", "-1"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "0"], "argument --peak-tflops: must be > 0"),
     (["--peak-tflops", "inf"], "argument --peak-tflops: must be finite, got inf"),  # an MFU of 0 %
+    (["--data-dir", ""], "the CIFAR-10 source is an empty path: give a local copy's path"),  # read the cwd
     (["--num-devices", "0"], "argument --num-devices: must be > 0, got 0"),  # was said after reading the data
     (["--num-devices", "9"], "9 devices asked for, but 8 are available"),
     (["--parallel", "pmap", "--num-devices", "3"], "batch_size 64 does not divide over 3 devices"),

@@ -97,6 +97,14 @@ def test_the_archive_is_downloaded_verified_kept_and_read(tmp_path, monkeypatch,
     assert len(server[1]) == before + 1  # the second load reads the kept archive (and its decoded cache)
 
 
+def test_an_empty_environment_variable_counts_as_unset(tmp_path, monkeypatch, server, archive):
+    """JAXNET_CIFAR10= was read as the working directory, all of it, before an error about its folders."""
+    monkeypatch.setenv(data.ENV_VAR, "")
+    monkeypatch.setenv(data.URL_ENV_VAR, _url(server, archive))
+    got = data.load_cifar10(cache_dir=tmp_path / "cache", tfds_data_dir=str(tmp_path / "tfds"), show_progress=False)
+    np.testing.assert_array_equal(got["test"]["image"], archive[1]["test"]["image"])
+
+
 @pytest.mark.parametrize("name,sha256,message", [
     ("truncated", None, r"cut short|IncompleteRead"),
     ("corrupt", None, r"has SHA-256 [0-9a-f]{64}, expected [0-9a-f]{64}: not the CIFAR-10 archive"),
