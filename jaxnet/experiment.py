@@ -357,6 +357,8 @@ def _check_options(config, seed: int, export: tuple[str, ...], export_platforms:
     if unknown := [f for f in export if f not in export_lib.FORMATS]:
         raise ConfigError(f"--export takes {' and/or '.join(export_lib.FORMATS)}, got {', '.join(unknown)}")
     export_lib.check_platforms(export_platforms)
+    if "onnx" in export:
+        export_lib.onnx_converter()
     if parallel_mode == "pmap" and traced:
         raise ConfigError("--dump-hlo and --profile work with --parallel jit only")
     if config.conv_impl == "onednn" and jax.default_backend() == "cpu":  # installed, built, kernels in this dtype

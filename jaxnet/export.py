@@ -88,6 +88,16 @@ def load_jax(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
     return exported.call
 
 
+def onnx_converter() -> Callable:
+    """jax2onnx's `to_onnx`; ConfigError (one line) where the `onnx` extra is not installed — asked before a run
+    trains, so that a run given `--export onnx` does not end in it."""
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as e:
+        raise ConfigError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
+    return to_onnx
+
+
 def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int] = (32, 32, 3)) -> Path:
     """Convert `fn` to ONNX at `path` with a dynamic batch dimension (needs the `onnx` extra).
 
@@ -95,10 +105,7 @@ def export_onnx(fn: Callable, path: str | os.PathLike, image_shape: Sequence[int
       ConfigError: the extra is missing, or `fn` holds an op jax2onnx cannot convert — among them the
         platform switch of conv impl "auto": export a model built with a fixed impl (same parameters).
     """
-    try:
-        from jax2onnx import to_onnx
-    except ImportError as e:
-        raise ConfigError(f"ONNX export needs the onnx extra: pip install 'jaxnet[onnx]' ({e})") from None
+    to_onnx = onnx_converter()
     spec = jax.ShapeDtypeStruct((jax.export.symbolic_shape("B")[0], *image_shape), jnp.uint8)
     try:
         model = to_onnx(fn, [spec], model_name="jaxnet")

@@ -233,6 +233,14 @@ def test_bad_flag(tmp_path, dataset, flags, message):
            message)
 
 
+def test_an_onnx_export_without_the_onnx_extra_is_one_line_before_training(tmp_path, dataset, monkeypatch):
+    """Was said after the whole run had trained (and without its summary). jax2onnx is hidden from the import
+    system where the extra is installed (CI's Python 3.11), as it is missing in a plain install (CI's 3.12)."""
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)
+    _check(tmp_path, ["--config", "smoke", "--workdir", str(tmp_path / "w"), "--data-dir", str(dataset),
+                      "--export", "jax,onnx"], "ONNX export needs the onnx extra: pip install 'jaxnet[onnx]'")
+
+
 @pytest.mark.parametrize("flag,where,message", [
     ("--workdir", "file/run", "workdir {file}/run cannot be made: {file} is not a directory"),
     ("--dump-hlo", "file", "--dump-hlo {file} exists and is not a directory"),
