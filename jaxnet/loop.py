@@ -97,7 +97,9 @@ class Plan:
 class FitResult:
     """first_step_seconds: compilation and the first step; steady_step_seconds: a step's time after
     compilation, over the run's image sizes (`_steady`); compile_seconds: the first minus a steady step of its
-    size (None until a logging window at that size was timed); checkpoint_seconds: the time spent saving."""
+    size, 0 where the first was no slower (a step compiled before the run: a time budget's timing, the persistent
+    compilation cache); None until a logging window at that size was timed; checkpoint_seconds: the time spent
+    saving."""
 
     state: TrainState
     best_val_accuracy: float | None
@@ -299,5 +301,5 @@ def fit(state: TrainState, train_step: Callable, data: TrainData, total_steps: i
     return FitResult(state=state, best_val_accuracy=best, epochs_completed=epoch, stopped_early=stopped_early,
                      interrupted=interrupted, first_step_seconds=first_step,
                      steady_step_seconds=_steady(window_times, steps_at), train_seconds=time.perf_counter() - t_start,
-                     compile_seconds=first_step - float(np.median(first_rate)) if first_rate else None,
+                     compile_seconds=max(0.0, first_step - float(np.median(first_rate))) if first_rate else None,
                      checkpoint_seconds=saving)

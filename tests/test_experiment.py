@@ -929,6 +929,31 @@ def test_the_steady_step_time_spans_the_image_sizes_and_leaves_compilation_out(m
     assert result.first_step_seconds == 101.0 and result.compile_seconds == pytest.approx(100.0)
 
 
+
+def test_a_step_compiled_before_the_run_reports_no_compilation_rather_than_a_negative_one(monkeypatch):
+    """A step compiled before `fit` (a time budget's timing, the persistent compilation cache) makes a first call no
+    slower than the rest: `make run`'s summary said compile_seconds -0.29. A fake clock: the first step 0.9 s, then
+    1.0 s each."""
+    from types import SimpleNamespace
+
+    from jaxnet import loop
+
+    now, calls = [0.0], []
+
+    def step(state, batch):
+        now[0] += 0.9 if not calls else 1.0
+        calls.append(1)
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0), "accuracy": jnp.float32(0.5),
+                                                     "count": jnp.int32(4)}
+
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    images, labels = jnp.zeros((40, 32, 32, 3), jnp.uint8), jnp.zeros((40,), jnp.int32)
+    data = loop.TrainData(images, labels, lambda key, im, lb, idx, epoch: {"image": im[idx], "label": lb[idx]}, 4,
+                          jax.random.key(0))
+    result = loop.fit(jaxnet_state(), step, data, 10, options=loop.FitOptions(show_progress=False, log_every=5))
+    assert result.first_step_seconds == pytest.approx(0.9) and result.steady_step_seconds == pytest.approx(1.0)
+    assert result.compile_seconds == 0.0
+
 def test_a_plan_from_replan_changes_the_run_from_the_next_step(tmp_path, monkeypatch):
     """fit asks `replan` at the end of each epoch but the last (2 steps an epoch, 6 steps planned): the first
     answer makes it a run of 9 steps with another train step, whose first call (it compiles: 100 s on a fake
