@@ -929,7 +929,6 @@ def test_the_steady_step_time_spans_the_image_sizes_and_leaves_compilation_out(m
     assert result.first_step_seconds == 101.0 and result.compile_seconds == pytest.approx(100.0)
 
 
-
 def test_a_step_compiled_before_the_run_reports_no_compilation_rather_than_a_negative_one(monkeypatch):
     """A step compiled before `fit` (a time budget's timing, the persistent compilation cache) makes a first call no
     slower than the rest: `make run`'s summary said compile_seconds -0.29. A fake clock: the first step 0.9 s, then
@@ -953,6 +952,7 @@ def test_a_step_compiled_before_the_run_reports_no_compilation_rather_than_a_neg
     result = loop.fit(jaxnet_state(), step, data, 10, options=loop.FitOptions(show_progress=False, log_every=5))
     assert result.first_step_seconds == pytest.approx(0.9) and result.steady_step_seconds == pytest.approx(1.0)
     assert result.compile_seconds == 0.0
+
 
 def test_a_plan_from_replan_changes_the_run_from_the_next_step(tmp_path, monkeypatch):
     """fit asks `replan` at the end of each epoch but the last (2 steps an epoch, 6 steps planned): the first
